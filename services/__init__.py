@@ -1,0 +1,1 @@
+"""The six CDP services. None imports another; they share only the `shared` package."""

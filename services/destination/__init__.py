@@ -1,0 +1,1 @@
+"""Destination: activates audiences and profile attributes to external systems."""

@@ -1,0 +1,1 @@
+"""Scheduler: runs the daily batch segmentation job and scheduled exports, keeps job records."""

@@ -1,0 +1,1 @@
+"""Segmentation: evaluates audiences on profile changes (streaming) and in batch jobs."""

@@ -1,0 +1,1 @@
+"""The `cdp` command line: a client of the platform, and the process supervisor of `cdp up`."""

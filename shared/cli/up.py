@@ -1,0 +1,149 @@
+"""`cdp up`: the embedded default. Starts nats-server (unless CDP_NATS_URL names one),
+creates the streams, runs the six services under the supervisor, waits for every
+/readyz, prints the endpoints, and stops everything cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import nats
+from rich.console import Console
+from rich.table import Table
+
+from shared.cli.supervisor import ProcessSpec, Supervisor
+from shared.config import SERVICES, load_settings
+from shared.natsd import NatsServer
+from shared.streams import ensure_streams
+
+
+def probe_host(bind: str) -> str:
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
+def health_urls(env: dict[str, str] | None = None) -> dict[str, str]:
+    urls = {}
+    for name in SERVICES:
+        s = load_settings(name, env)
+        urls[name] = f"http://{probe_host(s.bind)}:{s.port}"
+    return urls
+
+
+async def readiness(
+    session: aiohttp.ClientSession, base: str, timeout: float = 2.0
+) -> tuple[bool, str]:
+    try:
+        async with session.get(
+            f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status == 200:
+                return True, "ready"
+            return False, str(body.get("reason", resp.status))
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        return False, f"unreachable ({type(exc).__name__})"
+
+
+async def wait_ready(urls: dict[str, str], timeout: float) -> dict[str, tuple[bool, str]]:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            states = dict(
+                zip(
+                    urls,
+                    await asyncio.gather(*(readiness(session, u) for u in urls.values())),
+                    strict=True,
+                )
+            )
+            if all(ok for ok, _ in states.values()) or time.monotonic() > deadline:
+                return states
+            await asyncio.sleep(0.1)
+
+
+async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
+    data_dir = data_dir.resolve()  # noqa: ASYNC240 - start-up only
+    data_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    env: dict[str, str] = {"CDP_DATA_DIR": str(data_dir)}
+    server: NatsServer | None = None
+    external = os.environ.get("CDP_NATS_URL")
+    if external:
+        nats_url = external
+        console.print(f"using NATS at [bold]{nats_url}[/]")
+    else:
+        server = NatsServer(
+            data_dir / "nats", port=nats_port, log_file=data_dir / "logs" / "nats.log"
+        )
+        (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        await server.start()
+        nats_url = server.url
+        console.print(
+            f"nats-server with JetStream on [bold]{nats_url}[/] (data in {data_dir / 'nats'})"
+        )
+    env["CDP_NATS_URL"] = nats_url
+
+    nc = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        await ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+
+    specs = [
+        ProcessSpec(
+            name,
+            [sys.executable, "-m", f"services.{name}"],
+            env={**env, "CDP_LOG_FORMAT": os.environ.get("CDP_LOG_FORMAT", "json")},
+            log_file=data_dir / "logs" / f"{name}.log",
+        )
+        for name in SERVICES
+    ]
+
+    def on_event(name: str, what: str) -> None:
+        if what != "started":
+            console.print(f"[yellow]{name}[/] {what}")
+
+    sup = Supervisor(specs, on_event=on_event)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        await sup.start()
+        urls = health_urls({**os.environ, **env})
+        waiting = asyncio.create_task(wait_ready(urls, timeout=60))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            states = waiting.result()
+            table = Table(title=f"CDP up in {time.monotonic() - started:.1f}s")
+            table.add_column("service")
+            table.add_column("health")
+            table.add_column("state")
+            for name, (ok, why) in states.items():
+                table.add_row(
+                    name, f"{urls[name]}/readyz", "[green]ready[/]" if ok else f"[red]{why}[/]"
+                )
+            console.print(table)
+            console.print(f"logs in {data_dir / 'logs'}; press Ctrl-C to stop")
+        else:
+            waiting.cancel()
+        await stopped
+    finally:
+        console.print("stopping…")
+        codes = await sup.stop()
+        bad = {n: c for n, c in codes.items() if c not in (0, None)}
+        if bad:
+            console.print(f"[red]services exited with errors: {bad}[/]")
+            code = 1
+        if server is not None:
+            await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    console.print("stopped")
+    return code

@@ -1,0 +1,108 @@
+"""Settings read from the environment. Every variable is documented in the README."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+SERVICES: tuple[str, ...] = (
+    "ingest",
+    "identity",
+    "profile",
+    "segmentation",
+    "scheduler",
+    "destination",
+)
+
+DEFAULT_PORTS: dict[str, int] = {
+    "ingest": 8081,
+    "identity": 8082,
+    "profile": 8083,
+    "segmentation": 8084,
+    "scheduler": 8085,
+    "destination": 8086,
+}
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the platform cannot use."""
+
+    def __init__(self, variable: str, value: str, expected: str) -> None:
+        super().__init__(f"{variable}={value!r}: expected {expected}")
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """What one service process needs to know about its environment."""
+
+    service: str
+    nats_url: str = DEFAULT_NATS_URL
+    data_dir: Path = Path("var")
+    bind: str = "127.0.0.1"
+    port: int = 0
+    log_level: str = "info"
+    log_format: str = "auto"
+    fetch_batch: int = 256
+    partitions: int = 8
+    ack_wait: float = 30.0
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / f"{self.service}.db"
+
+
+def port_variable(service: str) -> str:
+    return f"CDP_{service.upper()}_PORT"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "an integer") from None
+    if value < minimum:
+        raise ConfigError(name, raw, f"an integer >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(name, raw, "a positive number of seconds")
+    return value
+
+
+def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings of `service` from `env` (the process environment by default)."""
+    env = os.environ if env is None else env
+    log_format = env.get("CDP_LOG_FORMAT", "auto")
+    if log_format not in ("auto", "json", "console"):
+        raise ConfigError("CDP_LOG_FORMAT", log_format, "one of auto, json, console")
+    return Settings(
+        service=service,
+        nats_url=env.get("CDP_NATS_URL", DEFAULT_NATS_URL),
+        data_dir=Path(env.get("CDP_DATA_DIR", "var")),
+        bind=env.get("CDP_BIND", "127.0.0.1"),
+        port=_int(env, port_variable(service), DEFAULT_PORTS.get(service, 0)),
+        log_level=env.get("CDP_LOG_LEVEL", "info").lower(),
+        log_format=log_format,
+        fetch_batch=_int(env, "CDP_FETCH_BATCH", 256, minimum=1),
+        partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
+        ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
+    )

@@ -1,0 +1,114 @@
+"""SQLite helpers: open a service's database (WAL), apply its migrations, batch writes.
+
+Each service owns one SQLite file. Migrations are numbered per component (the runtime's
+own tables and the service's tables are separate components), applied in order, once.
+A `Tx` collects the writes of one batch so that they reach SQLite in a handful of calls
+(one `executemany` per statement), never one await per record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+
+class Migration(msgspec.Struct, frozen=True):
+    component: str
+    version: int
+    sql: str
+
+
+async def open_db(path: Path | str, migrations: Sequence[Migration] = ()) -> aiosqlite.Connection:
+    """Open (creating if needed) a SQLite file in WAL mode and bring its schema up to date."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(str(path), isolation_level=None)
+    try:
+        await db.executescript(
+            """
+            PRAGMA journal_mode=WAL;
+            PRAGMA synchronous=NORMAL;
+            PRAGMA foreign_keys=ON;
+            PRAGMA busy_timeout=5000;
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                component TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                PRIMARY KEY (component, version)
+            );
+            """
+        )
+        await migrate(db, migrations)
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def migrate(db: aiosqlite.Connection, migrations: Sequence[Migration]) -> list[Migration]:
+    """Apply the migrations not applied yet, each in its own transaction. Returns them."""
+    rows = await db.execute_fetchall("SELECT component, version FROM schema_migrations")
+    done = {(str(r[0]), int(r[1])) for r in rows}
+    applied: list[Migration] = []
+    for m in sorted(migrations, key=lambda m: (m.component, m.version)):
+        if (m.component, m.version) in done:
+            continue
+        statements = [s for s in m.sql.split(";") if s.strip()]
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                await db.execute(statement)
+            await db.execute(
+                "INSERT INTO schema_migrations (component, version) VALUES (?, ?)",
+                (m.component, m.version),
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        applied.append(m)
+    return applied
+
+
+class Tx:
+    """The writes of one batch, applied atomically by `apply`.
+
+    Statements keep the order in which they were first added; rows added to the same
+    statement are sent in one `executemany`.
+    """
+
+    __slots__ = ("_ops",)
+
+    def __init__(self) -> None:
+        self._ops: dict[str, list[Sequence[Any]]] = {}
+
+    def add(self, sql: str, row: Sequence[Any]) -> None:
+        self._ops.setdefault(sql, []).append(row)
+
+    def add_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._ops.setdefault(sql, []).extend(rows)
+
+    def __bool__(self) -> bool:
+        return bool(self._ops)
+
+    @property
+    def statements(self) -> int:
+        return len(self._ops)
+
+
+async def apply(db: aiosqlite.Connection, tx: Tx) -> None:
+    """Run every write of `tx` in one transaction: all of them or none."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in tx._ops.items():
+            if len(rows) == 1:
+                await db.execute(sql, rows[0])
+            else:
+                await db.executemany(sql, rows)
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise

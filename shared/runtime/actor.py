@@ -1,0 +1,399 @@
+"""What a handler sees (`Batch`, `Delivery`), what a service declares (`ConsumerSpec`),
+and the loop that feeds one durable consumer to its handler (`ConsumerRunner`).
+
+The effect of each message is applied exactly once:
+- the stream sequence of the last applied message (the consumer's offset) is committed in
+  the same SQLite transaction as the handler's writes and its outgoing messages (outbox);
+- at start-up, after a reconnect, or when a delivery is missing (a gap in the consumer
+  sequence), the durable consumer is re-created to start right after the committed offset;
+- a redelivered message at or below the offset is acknowledged and skipped;
+- outgoing messages are published from the outbox after the commit, with a deterministic
+  Nats-Msg-Id, so a re-publish after a crash is de-duplicated by JetStream;
+- the batch is acknowledged (AckAll, one ack) only after commit and publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiosqlite
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from shared.db import Migration, Tx, apply
+from shared.metrics import ServiceMetrics
+from shared.runtime.puller import Puller
+from shared.subjects import StreamSpec
+
+RUNTIME_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "runtime",
+        1,
+        """
+        CREATE TABLE rt_offsets (
+            consumer TEXT PRIMARY KEY,
+            stream_seq INTEGER NOT NULL
+        );
+        CREATE TABLE rt_outbox (
+            msg_id TEXT PRIMARY KEY,
+            subject TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE rt_failed (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            consumer TEXT NOT NULL,
+            stream_seq INTEGER NOT NULL,
+            subject TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            error TEXT NOT NULL,
+            failed_at REAL NOT NULL
+        )
+        """,
+    ),
+)
+
+_SET_OFFSET = (
+    "INSERT INTO rt_offsets (consumer, stream_seq) VALUES (?, ?) "
+    "ON CONFLICT (consumer) DO UPDATE SET stream_seq = excluded.stream_seq"
+)
+_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
+_OUTBOX_DELETE = "DELETE FROM rt_outbox WHERE msg_id = ?"
+_FAILED_INSERT = (
+    "INSERT INTO rt_failed (consumer, stream_seq, subject, payload, error, failed_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """One message from a stream, as a handler sees it."""
+
+    subject: str
+    data: bytes
+    seq: int
+    msg_id: str | None = None
+
+
+class Outgoing(msgspec.Struct, frozen=True):
+    msg_id: str
+    subject: str
+    payload: bytes
+
+
+class Batch:
+    """The messages of one fetch, the writes they cause and the messages they emit.
+
+    A handler reads what it needs from `db` (one query per batch, not per record), adds
+    its writes to `tx`, calls `emit` for downstream messages and registers in-memory
+    updates with `after_commit`: nothing of it takes effect unless the batch commits.
+    """
+
+    __slots__ = ("_after", "_out", "consumer", "db", "deliveries", "tx")
+
+    def __init__(self, consumer: str, deliveries: list[Delivery], db: aiosqlite.Connection):
+        self.consumer = consumer
+        self.deliveries = deliveries
+        self.db = db
+        self.tx = Tx()
+        self._out: list[tuple[str, bytes]] = []
+        self._after: list[Callable[[], None]] = []
+
+    def emit(self, subject: str, payload: bytes) -> None:
+        self._out.append((subject, payload))
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        self._after.append(fn)
+
+
+Handler = Callable[[Batch], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable consumer of a service: which stream and subjects, and its handler."""
+
+    name: str
+    stream: StreamSpec
+    handler: Handler
+    filter_subjects: tuple[str, ...] = ()
+    max_batch: int | None = None
+    max_wait: float = 5.0
+    description: str = field(default="")
+
+
+class _Stop(Exception):
+    pass
+
+
+class ConsumerRunner:
+    """Feeds one durable pull consumer to its handler, batch by batch, in stream order."""
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        *,
+        service: str,
+        nc: Client,
+        js: JetStreamContext,
+        db: aiosqlite.Connection,
+        metrics: ServiceMetrics,
+        fetch_batch: int,
+        ack_wait: float,
+    ) -> None:
+        self.spec = spec
+        self._service = service
+        self._nc = nc
+        self._js = js
+        self._db = db
+        self._metrics = metrics
+        self._max_batch = spec.max_batch or fetch_batch
+        self._ack_wait = ack_wait
+        self._offset = 0
+        self._expect_cseq = 1
+        self._puller: Puller | None = None
+        self._resync_needed = True
+        self._busy = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._log = structlog.get_logger(service=service, consumer=spec.name)
+        self._labels = (service, spec.name)
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    async def prepare(self) -> None:
+        """Load the committed offset and (re)create the durable consumer right after it."""
+        rows = await self._db.execute_fetchall(
+            "SELECT stream_seq FROM rt_offsets WHERE consumer = ?", (self.spec.name,)
+        )
+        self._offset = int(next(iter(rows))[0]) if rows else 0
+        await self._resync()
+
+    def request_resync(self) -> None:
+        """Re-create the consumer from the committed offset before the next fetch."""
+        self._resync_needed = True
+
+    async def _resync(self) -> None:
+        if self._puller is not None:
+            await self._puller.close()
+        spec = self.spec
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(spec.stream.name, spec.name)
+        subjects = list(spec.filter_subjects)
+        config = ConsumerConfig(
+            durable_name=spec.name,
+            description=spec.description or None,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=self._ack_wait,
+            max_ack_pending=max(10_000, self._max_batch * 4),
+            max_waiting=64,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self._offset else DeliverPolicy.ALL,
+            opt_start_seq=self._offset + 1 if self._offset else None,
+        )
+        if len(subjects) == 1:
+            config.filter_subject = subjects[0]
+        elif subjects:
+            config.filter_subjects = subjects
+        await self._js.add_consumer(spec.stream.name, config)
+        self._puller = Puller(self._nc, spec.stream.name, spec.name)
+        await self._puller.start()
+        self._expect_cseq = 1
+        self._resync_needed = False
+        self._log.info("consumer ready", stream=spec.stream.name, from_seq=self._offset + 1)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.spec.name}")
+
+    async def stop(self) -> None:
+        """Stop fetching, let the batch in flight finish, then return. Idempotent."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not self._busy:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if self._puller is not None:
+            await self._puller.close()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            try:
+                if self._resync_needed:
+                    await self._resync()
+                assert self._puller is not None
+                msgs = await self._puller.fetch(self._max_batch, self.spec.max_wait)
+            except (TimeoutError, nats.errors.Error) as exc:
+                # Disconnected, or the server is restarting: try again from the offset.
+                self._log.warning("fetch failed", error=repr(exc), retry_in=backoff)
+                self._resync_needed = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if not msgs:
+                continue
+            self._busy = True
+            try:
+                await self._process(msgs)
+            except _Stop:
+                return
+            finally:
+                self._busy = False
+
+    async def _process(self, msgs: list[Msg]) -> None:
+        started = time.perf_counter()
+        fresh: list[Delivery] = []
+        last: Msg | None = None
+        skipped = 0
+        for msg in msgs:
+            meta = msg.metadata
+            if meta.sequence.consumer != self._expect_cseq:
+                # A delivery went missing (lost in a reconnect): start over from the offset.
+                self._log.warning(
+                    "delivery gap", expected=self._expect_cseq, got=meta.sequence.consumer
+                )
+                self._resync_needed = True
+                break
+            self._expect_cseq += 1
+            last = msg
+            seq = meta.sequence.stream
+            if seq <= self._offset:
+                skipped += 1
+                continue
+            headers = msg.headers
+            fresh.append(
+                Delivery(
+                    msg.subject, msg.data, seq, headers.get("Nats-Msg-Id") if headers else None
+                )
+            )
+        if last is None:
+            return
+        if skipped:
+            self._metrics.skipped.labels(*self._labels).inc(skipped)
+        if fresh:
+            await self._commit(fresh)
+        await self._ack(last)
+        self._metrics.lag.labels(*self._labels).set(last.metadata.num_pending)
+        self._metrics.batch_size.labels(*self._labels).observe(len(msgs))
+        self._metrics.latency.labels(*self._labels).observe(time.perf_counter() - started)
+
+    async def _commit(self, deliveries: list[Delivery]) -> None:
+        batch = Batch(self.spec.name, deliveries, self._db)
+        failed: list[tuple[Delivery, str]] = []
+        try:
+            await self.spec.handler(batch)
+            batches = [batch]
+        except Exception:
+            # Isolate the message(s) that fail; the others are applied in order.
+            self._log.warning("batch failed, retrying message by message", size=len(deliveries))
+            batches = []
+            for d in deliveries:
+                single = Batch(self.spec.name, [d], self._db)
+                try:
+                    await self.spec.handler(single)
+                    batches.append(single)
+                except Exception as exc:
+                    self._log.exception("message failed", seq=d.seq, subject=d.subject)
+                    failed.append((d, f"{type(exc).__name__}: {exc}"))
+        tx = Tx()
+        out: list[Outgoing] = []
+        last_seq = deliveries[-1].seq
+        for b in batches:
+            for sql, rows in b.tx._ops.items():
+                tx.add_many(sql, rows)
+            for subject, payload in b._out:
+                out.append(Outgoing(f"{self.spec.name}:{last_seq}:{len(out)}", subject, payload))
+        now = time.time()
+        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
+        tx.add_many(
+            _FAILED_INSERT,
+            ((self.spec.name, d.seq, d.subject, d.data, err, now) for d, err in failed),
+        )
+        tx.add(_SET_OFFSET, (self.spec.name, last_seq))
+        await apply(self._db, tx)
+        self._offset = last_seq
+        for b in batches:
+            for fn in b._after:
+                fn()
+        self._metrics.handled.labels(*self._labels).inc(len(deliveries) - len(failed))
+        if failed:
+            self._metrics.failed.labels(*self._labels).inc(len(failed))
+        if out:
+            await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
+
+    async def _ack(self, msg: Msg) -> None:
+        try:
+            await msg.ack()
+        except nats.errors.Error as exc:
+            # The offset is committed; the next resync starts after it either way.
+            self._log.warning("ack failed", error=repr(exc))
+            self._resync_needed = True
+
+
+async def publish_outbox(
+    js: JetStreamContext,
+    db: aiosqlite.Connection,
+    out: list[Outgoing],
+    log: structlog.typing.FilteringBoundLogger,
+    stopping: Callable[[], bool],
+) -> bool:
+    """Publish committed outgoing messages, then remove them from the outbox.
+
+    Retries until every message is stored by JetStream. Returns False if asked to stop
+    first; the rest stays in the outbox and is published at the next start.
+    """
+    pending = list(out)
+    backoff = 0.05
+    while pending:
+        results = await asyncio.gather(
+            *(js.publish(o.subject, o.payload, headers={"Nats-Msg-Id": o.msg_id}) for o in pending),
+            return_exceptions=True,
+        )
+        done = [
+            o for o, r in zip(pending, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        if done:
+            await db.executemany(_OUTBOX_DELETE, [(o.msg_id,) for o in done])
+        pending = [o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+        if pending:
+            if stopping():
+                return False
+            log.warning("publish failed, retrying", pending=len(pending), retry_in=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+    return True
+
+
+async def flush_outbox(
+    js: JetStreamContext,
+    db: aiosqlite.Connection,
+    log: structlog.typing.FilteringBoundLogger,
+    stopping: Callable[[], bool],
+) -> int:
+    """Publish whatever a previous run committed but did not publish. Returns the count."""
+    rows = await db.execute_fetchall(
+        "SELECT msg_id, subject, payload FROM rt_outbox ORDER BY created_at, rowid"
+    )
+    out = [Outgoing(str(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+    if out:
+        log.info("publishing leftover outbox", count=len(out))
+        await publish_outbox(js, db, out, log, stopping)
+    return len(out)

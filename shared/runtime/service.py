@@ -1,0 +1,270 @@
+"""A service process: NATS + JetStream + SQLite + HTTP health, with a clean lifecycle.
+
+`start()` returns once the service is ready: NATS connected, streams and consumers
+created, SQLite open and migrated, leftover outbox published, consumers fetching.
+`stop()` stops fetching, lets the batch in flight finish, drains NATS and closes SQLite;
+it is idempotent. `run_service` wires both to SIGTERM/SIGINT for a process entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+import aiosqlite
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from shared.config import Settings, load_settings
+from shared.db import Migration, open_db
+from shared.errors import StartupError
+from shared.health import HealthServer
+from shared.log import configure_logging
+from shared.metrics import ServiceMetrics
+from shared.runtime.actor import (
+    RUNTIME_MIGRATIONS,
+    ConsumerRunner,
+    ConsumerSpec,
+    flush_outbox,
+)
+from shared.streams import ensure_streams
+from shared.subjects import ALL_STREAMS, StreamSpec
+
+
+class Service:
+    """Base class of the six services (and of test actors).
+
+    Subclasses set `name` and `migrations`, return their consumers from `consumers()`
+    and may extend `on_start`/`on_stop` (admin subscriptions, caches, HTTP routes).
+    """
+
+    name: ClassVar[str] = "service"
+    migrations: ClassVar[tuple[Migration, ...]] = ()
+    streams: ClassVar[tuple[StreamSpec, ...]] = ALL_STREAMS
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = structlog.get_logger(service=self.name)
+        self.metrics = ServiceMetrics(self.name)
+        self.health = HealthServer(
+            self.name, self.metrics, self.readiness, settings.bind, settings.port
+        )
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._db: aiosqlite.Connection | None = None
+        self.runners: list[ConsumerRunner] = []
+        self._phase = "not started"
+        self._ready = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._fatal: asyncio.Event = asyncio.Event()
+        self.exit_code = 0
+
+    # -- what subclasses provide ----------------------------------------------------
+    def consumers(self) -> Sequence[ConsumerSpec]:
+        return ()
+
+    async def on_start(self) -> None:
+        """Called with NATS and SQLite ready, before the consumers start."""
+
+    async def on_stop(self) -> None:
+        """Called after the consumers stopped, before NATS drains and SQLite closes."""
+
+    # -- accessors --------------------------------------------------------------------
+    @property
+    def nc(self) -> Client:
+        if self._nc is None:
+            raise RuntimeError(f"{self.name}: NATS is not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError(f"{self.name}: JetStream is not ready")
+        return self._js
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError(f"{self.name}: SQLite is not open")
+        return self._db
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def fatal(self) -> asyncio.Event:
+        """Set when a consumer died: the process should stop and exit non-zero."""
+        return self._fatal
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self._phase = "starting: HTTP"
+        await self.health.start()
+        self._phase = "starting: connecting to NATS"
+        self._nc = await self._connect()
+        self._js = self._nc.jetstream()
+        self._phase = "starting: creating streams"
+        try:
+            await ensure_streams(self._js, self.streams)
+        except Exception as exc:
+            raise StartupError(self.name, "streams", repr(exc)) from exc
+        self._phase = "starting: opening SQLite"
+        self._db = await open_db(s.db_path, RUNTIME_MIGRATIONS + self.migrations)
+        await flush_outbox(self._js, self._db, self.log, lambda: self._stopping)
+        self._phase = "starting: service"
+        await self.on_start()
+        self._phase = "starting: consumers"
+        for spec in self.consumers():
+            runner = ConsumerRunner(
+                spec,
+                service=self.name,
+                nc=self._nc,
+                js=self._js,
+                db=self._db,
+                metrics=self.metrics,
+                fetch_batch=s.fetch_batch,
+                ack_wait=s.ack_wait,
+            )
+            await runner.prepare()
+            self.runners.append(runner)
+        for runner in self.runners:
+            runner.start()
+            assert runner.task is not None
+            runner.task.add_done_callback(self._on_runner_done)
+        self._phase = "ready"
+        self._ready = True
+        self.log.info("ready", port=self.health.port, db=str(s.db_path))
+
+    async def _connect(self) -> Client:
+        backoff = 0.1
+        while True:
+            try:
+                return await nats.connect(
+                    self.settings.nats_url,
+                    name=f"cdp-{self.name}",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    reconnected_cb=self._on_reconnected,
+                    disconnected_cb=self._on_disconnected,
+                    error_cb=self._on_error,
+                )
+            except (nats.errors.Error, OSError) as exc:
+                self.log.warning("NATS not reachable", error=repr(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _on_reconnected(self) -> None:
+        self.log.info("NATS reconnected")
+        for runner in self.runners:
+            runner.request_resync()
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping:
+            self.log.warning("NATS disconnected")
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.log.warning("NATS error", error=repr(exc))
+
+    def _on_runner_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        self.log.error("consumer stopped unexpectedly", task=task.get_name(), error=repr(exc))
+        self.exit_code = 1
+        self._fatal.set()
+
+    async def stop(self) -> None:
+        """Stop fetching, finish the batch in flight, drain NATS, close SQLite. Idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._ready = False
+        self._phase = "stopping"
+        try:
+            for runner in self.runners:
+                await runner.stop()
+            await self.on_stop()
+            nc, self._nc = self._nc, None
+            if nc is not None and not nc.is_closed:
+                try:
+                    await asyncio.wait_for(nc.drain(), timeout=5)
+                except (TimeoutError, nats.errors.Error):
+                    await nc.close()
+            await self.health.stop()
+            db, self._db = self._db, None
+            if db is not None:
+                await db.close()
+            self.log.info("stopped")
+        finally:
+            self._stopped.set()
+
+    async def readiness(self) -> str | None:
+        """None when ready; else why not (served on /readyz)."""
+        if not self._ready:
+            return self._phase
+        nc, js, db = self._nc, self._js, self._db
+        if nc is None or js is None or db is None or not nc.is_connected:
+            return "nats: not connected"
+        for runner in self.runners:
+            spec = runner.spec
+            try:
+                await js.consumer_info(spec.stream.name, spec.name, timeout=1)
+            except Exception as exc:
+                return f"consumer {spec.stream.name}/{spec.name}: {type(exc).__name__}"
+        try:
+            await db.execute_fetchall("SELECT 1")
+        except Exception as exc:
+            return f"sqlite: {exc}"
+        return None
+
+
+async def serve(service: Service) -> int:
+    """Run `service` until SIGTERM/SIGINT (or a fatal error); returns the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(service.start(), name="start")
+    stop_wait = asyncio.create_task(stop.wait(), name="stop-signal")
+    fatal_wait = asyncio.create_task(service.fatal.wait(), name="fatal")
+    try:
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is None:
+            await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
+        elif starting.done():
+            exc = starting.exception()
+            service.log.error("start failed", error=repr(exc))
+            service.exit_code = 1
+    finally:
+        for task in (starting, stop_wait, fatal_wait):
+            task.cancel()
+        for task in (starting, stop_wait, fatal_wait):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        t0 = time.monotonic()
+        await service.stop()
+        service.log.debug("shutdown took", seconds=round(time.monotonic() - t0, 3))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return service.exit_code
+
+
+def run_service(cls: type[Service]) -> None:
+    """Process entry point: `python -m services.<name>`."""
+    settings = load_settings(cls.name)
+    configure_logging(settings.log_level, settings.log_format)
+    sys.exit(asyncio.run(serve(cls(settings))))

@@ -1,0 +1,110 @@
+"""Every NATS subject and JetStream stream name the platform uses, in one place.
+
+Public subjects (JSON, one record or event per message, for any NATS client):
+    cdp.ingest.<dataset>          a record for a dataset           (stream CDP_INGEST)
+    cdp.membership.<segment>      a segment membership change      (stream CDP_MEMBERSHIP)
+    cdp.profile.lookup            request/reply profile lookup
+    cdp.admin.>                   request/reply admin API
+
+Internal subjects (msgpack, one message carries a batch of records):
+    cdp.x.records                 accepted records, ingest -> identity        (CDP_RECORDS)
+    cdp.x.profiles.<partition>    records with profile ids, identity -> profile (CDP_PROFILES)
+    cdp.x.changes.<partition>     profile changes, profile -> segmentation    (CDP_CHANGES)
+    cdp.jobs.>                    job requests and job status events          (CDP_JOBS)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import msgspec
+
+# -- public ------------------------------------------------------------------
+INGEST_PREFIX = "cdp.ingest"
+INGEST_ALL = f"{INGEST_PREFIX}.>"
+MEMBERSHIP_PREFIX = "cdp.membership"
+MEMBERSHIP_ALL = f"{MEMBERSHIP_PREFIX}.>"
+PROFILE_LOOKUP = "cdp.profile.lookup"
+ADMIN_PREFIX = "cdp.admin"
+
+# -- internal ----------------------------------------------------------------
+RECORDS = "cdp.x.records"
+PROFILES_PREFIX = "cdp.x.profiles"
+CHANGES_PREFIX = "cdp.x.changes"
+JOBS_PREFIX = "cdp.jobs"
+JOBS_ALL = f"{JOBS_PREFIX}.>"
+
+
+def ingest(dataset: str) -> str:
+    return f"{INGEST_PREFIX}.{dataset}"
+
+
+def membership(segment: str) -> str:
+    return f"{MEMBERSHIP_PREFIX}.{segment}"
+
+
+def admin(service: str, operation: str) -> str:
+    return f"{ADMIN_PREFIX}.{service}.{operation}"
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition a key (a profile id) belongs to; stable across processes and versions."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def profiles(partition: int) -> str:
+    return f"{PROFILES_PREFIX}.{partition}"
+
+
+def changes(partition: int) -> str:
+    return f"{CHANGES_PREFIX}.{partition}"
+
+
+def dataset_of(subject: str) -> str:
+    """`cdp.ingest.crm` -> `crm`; what follows the prefix, dots included."""
+    return subject[len(INGEST_PREFIX) + 1 :]
+
+
+# -- streams -------------------------------------------------------------------
+class StreamSpec(msgspec.Struct, frozen=True):
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    max_age_s: float = 7 * 24 * 3600.0
+    duplicate_window_s: float = 120.0
+
+
+STREAM_INGEST = StreamSpec(
+    "CDP_INGEST", (INGEST_ALL,), "public: raw records published by clients, one JSON per message"
+)
+STREAM_RECORDS = StreamSpec(
+    "CDP_RECORDS",
+    (RECORDS,),
+    "internal: validated record batches, ingest -> identity",
+    duplicate_window_s=600.0,
+)
+STREAM_PROFILES = StreamSpec(
+    "CDP_PROFILES",
+    (f"{PROFILES_PREFIX}.*",),
+    "internal: records with profile ids, identity -> profile",
+    duplicate_window_s=600.0,
+)
+STREAM_CHANGES = StreamSpec(
+    "CDP_CHANGES",
+    (f"{CHANGES_PREFIX}.*",),
+    "internal: profile changes, profile -> segmentation",
+    duplicate_window_s=600.0,
+)
+STREAM_MEMBERSHIP = StreamSpec(
+    "CDP_MEMBERSHIP", (MEMBERSHIP_ALL,), "public: segment membership changes, one JSON per event"
+)
+STREAM_JOBS = StreamSpec("CDP_JOBS", (JOBS_ALL,), "internal: job requests and job status events")
+
+ALL_STREAMS: tuple[StreamSpec, ...] = (
+    STREAM_INGEST,
+    STREAM_RECORDS,
+    STREAM_PROFILES,
+    STREAM_CHANGES,
+    STREAM_MEMBERSHIP,
+    STREAM_JOBS,
+)
