@@ -74,6 +74,27 @@ class _RedactExceptions:
         return event_dict
 
 
+class _StderrLogger:
+    """Writes each line to whatever `sys.stderr` is at the time (tests swap it)."""
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        try:
+            stream.write(message + "\n")
+            stream.flush()
+        except (ValueError, OSError):
+            pass  # a closed or broken stream must never break the caller
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+_STDERR_LOGGER = _StderrLogger()
+
+
+def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
+    return _STDERR_LOGGER
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog for this process. `fmt` is auto, json or console."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -94,6 +115,6 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=True,
     )

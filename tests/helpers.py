@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
+
 from shared.config import Settings
 
 
@@ -23,4 +25,4 @@ async def eventually(
 
 def settings_for(service: str, nats_url: str, data_dir: Path, **overrides: object) -> Settings:
     base = Settings(service=service, nats_url=nats_url, data_dir=data_dir, port=0)
-    return Settings(**{**{f: getattr(base, f) for f in base.__struct_fields__}, **overrides})  # type: ignore[arg-type]
+    return msgspec.structs.replace(base, **overrides)

@@ -26,7 +26,9 @@ def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def applied_count(db: Path) -> int:
-    return int(rows(db, "SELECT count(*) FROM applied")[0][0])  # type: ignore[call-overload]
+    (count,) = rows(db, "SELECT count(*) FROM applied")[0]
+    assert isinstance(count, int)
+    return count
 
 
 async def publish_items(nc: Client, ids: range, key: str = "k") -> None:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.cli.up import health_urls, readiness, run_up
+from shared.log import configure_logging
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
 console = Console()
@@ -25,6 +26,7 @@ def up(
     nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
 ) -> None:
     """Start nats-server (unless CDP_NATS_URL is set) and the six services; Ctrl-C stops all."""
+    configure_logging("warning", "console")
     raise typer.Exit(asyncio.run(run_up(data_dir, nats_port, console)))
 
 

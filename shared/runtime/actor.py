@@ -299,7 +299,10 @@ class ConsumerRunner:
         batch = Batch(self.spec.name, deliveries, self._db)
         failed: list[tuple[Delivery, str]] = []
         try:
-            await self.spec.handler(batch)
+            with structlog.contextvars.bound_contextvars(
+                consumer=self.spec.name, first_seq=deliveries[0].seq, last_seq=deliveries[-1].seq
+            ):
+                await self.spec.handler(batch)
             batches = [batch]
         except Exception:
             # Isolate the message(s) that fail; the others are applied in order.
@@ -307,12 +310,15 @@ class ConsumerRunner:
             batches = []
             for d in deliveries:
                 single = Batch(self.spec.name, [d], self._db)
-                try:
-                    await self.spec.handler(single)
-                    batches.append(single)
-                except Exception as exc:
-                    self._log.exception("message failed", seq=d.seq, subject=d.subject)
-                    failed.append((d, f"{type(exc).__name__}: {exc}"))
+                with structlog.contextvars.bound_contextvars(
+                    consumer=self.spec.name, subject=d.subject, seq=d.seq, msg_id=d.msg_id
+                ):
+                    try:
+                        await self.spec.handler(single)
+                        batches.append(single)
+                    except Exception as exc:
+                        self._log.exception("message failed")
+                        failed.append((d, f"{type(exc).__name__}: {exc}"))
         tx = Tx()
         out: list[Outgoing] = []
         last_seq = deliveries[-1].seq

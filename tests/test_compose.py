@@ -1,0 +1,274 @@
+"""compose.yaml and the Dockerfile agree with the code (no Docker engine needed).
+
+The services, their modules, ports and environment variables come from the project's
+own modules; every CDP_* variable compose.yaml sets must be one the code reads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import importlib.util
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from shared.config import DEFAULT_PORTS, SERVICES, port_variable
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+NATS = "nats"
+LOOPBACK = "127.0.0.1"
+CDP_VARIABLE = re.compile(r"CDP_[A-Z_]+")
+
+
+@functools.cache
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "compose.yaml is not a mapping"
+    return data
+
+
+def _services() -> dict[str, Any]:
+    services = _compose().get("services")
+    assert isinstance(services, dict), "compose.yaml has no services"
+    return services
+
+
+def _service(name: str) -> dict[str, Any]:
+    service = _services().get(name)
+    assert isinstance(service, dict), f"compose.yaml has no service {name!r}"
+    return service
+
+
+def _environment(name: str) -> dict[str, str]:
+    """The environment of a compose service, from either the mapping or the list form."""
+    raw = _service(name).get("environment") or {}
+    if isinstance(raw, list):
+        pairs = (str(item).partition("=") for item in raw)
+        return {key: value for key, _, value in pairs}
+    assert isinstance(raw, dict), f"{name}: environment is neither a list nor a mapping"
+    return {str(key): "" if value is None else str(value) for key, value in raw.items()}
+
+
+def _published(name: str) -> list[tuple[str, str, str]]:
+    """(host ip, host port, container port) of each published port of a compose service."""
+    result = []
+    for entry in _service(name).get("ports") or []:
+        if isinstance(entry, dict):
+            result.append(
+                (
+                    str(entry.get("host_ip", "")),
+                    str(entry.get("published", "")),
+                    str(entry.get("target", "")),
+                )
+            )
+            continue
+        spec = str(entry).split("/", 1)[0]
+        parts = spec.rsplit(":", 2)
+        if len(parts) == 3:
+            result.append((parts[0], parts[1], parts[2]))
+        elif len(parts) == 2:
+            result.append(("", parts[0], parts[1]))
+        else:
+            result.append(("", "", parts[0]))
+    return result
+
+
+def _healthcheck_text(name: str) -> str:
+    healthcheck = _service(name).get("healthcheck")
+    assert isinstance(healthcheck, dict), f"{name}: no healthcheck"
+    assert not healthcheck.get("disable"), f"{name}: healthcheck disabled"
+    test = healthcheck.get("test")
+    assert test, f"{name}: healthcheck has no test"
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def _command(name: str) -> list[str]:
+    command = _service(name).get("command")
+    if isinstance(command, str):
+        return shlex.split(command)
+    assert isinstance(command, list), f"{name}: no command"
+    return [str(part) for part in command]
+
+
+def _volume_mounts(name: str) -> dict[str, str]:
+    """Container path -> volume source of each mount of a compose service."""
+    mounts = {}
+    for entry in _service(name).get("volumes") or []:
+        if isinstance(entry, dict):
+            mounts[str(entry.get("target", ""))] = str(entry.get("source", ""))
+        else:
+            source, _, rest = str(entry).partition(":")
+            mounts[rest.split(":", 1)[0]] = source
+    return mounts
+
+
+@functools.cache
+def _variables_read_by_code() -> frozenset[str]:
+    names = {port_variable(service) for service in SERVICES}
+    for package in ("shared", "services"):
+        for path in (ROOT / package).rglob("*.py"):
+            names.update(CDP_VARIABLE.findall(path.read_text(encoding="utf-8")))
+    return frozenset(names)
+
+
+# -- compose.yaml --------------------------------------------------------------------------
+def test_every_service_has_a_container() -> None:
+    missing = [name for name in SERVICES if name not in _services()]
+    assert not missing, f"compose.yaml lacks services {missing}"
+
+
+def test_each_service_runs_its_own_module() -> None:
+    for name in SERVICES:
+        module = f"services.{name}"
+        assert _command(name) == ["python", "-m", module], name
+        assert importlib.util.find_spec(f"{module}.__main__") is not None, module
+
+
+def test_each_service_uses_its_default_port() -> None:
+    for name in SERVICES:
+        port = str(DEFAULT_PORTS[name])
+        env = _environment(name)
+        assert env.get(port_variable(name)) == port, f"{name}: {port_variable(name)}"
+        published = _published(name)
+        assert any(host == port and target == port for _, host, target in published), (
+            f"{name}: port {port} is not published as {port}:{port}: {published}"
+        )
+        assert f"http://{LOOPBACK}:{port}/healthz" in _healthcheck_text(name), (
+            f"{name}: healthcheck does not probe port {port}"
+        )
+
+
+def test_services_listen_on_every_interface_of_the_container() -> None:
+    for name in SERVICES:
+        assert _environment(name).get("CDP_BIND") == "0.0.0.0", name
+
+
+def test_only_variables_the_code_reads() -> None:
+    known = _variables_read_by_code()
+    for name in _services():
+        unknown = sorted(
+            key for key in _environment(name) if key.startswith("CDP_") and key not in known
+        )
+        assert not unknown, f"{name}: the code reads no {unknown}"
+    mentioned = set(CDP_VARIABLE.findall(COMPOSE.read_text(encoding="utf-8")))
+    assert mentioned <= known, f"compose.yaml names {sorted(mentioned - known)}"
+
+
+def test_services_reach_nats_by_its_service_name() -> None:
+    assert NATS in _services()
+    for name in SERVICES:
+        url = urlparse(_environment(name).get("CDP_NATS_URL", ""))
+        assert url.scheme == "nats", f"{name}: CDP_NATS_URL {url.geturl()!r}"
+        assert url.hostname == NATS, f"{name}: CDP_NATS_URL does not name the nats service"
+        assert url.port in (None, 4222), f"{name}: CDP_NATS_URL port {url.port}"
+
+
+def test_services_wait_for_a_healthy_nats() -> None:
+    for name in SERVICES:
+        depends_on = _service(name).get("depends_on")
+        assert isinstance(depends_on, dict), f"{name}: depends_on must name a condition"
+        assert NATS in depends_on, f"{name}: does not depend on nats"
+        assert depends_on[NATS].get("condition") == "service_healthy", name
+
+
+def test_nats_runs_jetstream_on_a_volume() -> None:
+    command = _command(NATS)
+    assert "-js" in command or "--jetstream" in command, command
+    flag = "-sd" if "-sd" in command else "--store_dir"
+    assert flag in command, f"nats: no JetStream store directory in {command}"
+    store = command[command.index(flag) + 1]
+    mounts = _volume_mounts(NATS)
+    assert store in mounts, f"nats: store {store} is not on a volume"
+    assert mounts[store] in (_compose().get("volumes") or {}), "nats: volume is not declared"
+    assert "js-enabled-only" in _healthcheck_text(NATS)
+
+
+def test_each_service_keeps_its_data_on_its_own_volume() -> None:
+    declared = _compose().get("volumes") or {}
+    sources = []
+    for name in SERVICES:
+        data_dir = _environment(name).get("CDP_DATA_DIR", "")
+        mounts = _volume_mounts(name)
+        assert data_dir in mounts, f"{name}: CDP_DATA_DIR {data_dir!r} is not a mount"
+        assert mounts[data_dir] in declared, f"{name}: volume {mounts[data_dir]} undeclared"
+        sources.append(mounts[data_dir])
+    assert len(set(sources)) == len(sources), f"services share volumes: {sources}"
+
+
+def test_every_container_has_a_healthcheck() -> None:
+    for name in _services():
+        assert _healthcheck_text(name), name
+
+
+def test_ports_are_published_on_loopback_only() -> None:
+    for name in _services():
+        for host_ip, host, target in _published(name):
+            assert host_ip == LOOPBACK, f"{name}: {host}:{target} is published on {host_ip!r}"
+
+
+# -- Dockerfile ----------------------------------------------------------------------------
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of each Dockerfile line, continuations joined."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        keyword, _, arguments = full.partition(" ")
+        result.append((keyword.upper(), arguments.strip()))
+    return result
+
+
+def _copy_sources() -> list[str]:
+    sources = []
+    for keyword, arguments in _instructions():
+        if keyword not in ("COPY", "ADD"):
+            continue
+        words = (
+            [str(word) for word in json.loads(arguments)]
+            if arguments.startswith("[")
+            else arguments.split()
+        )
+        if any(word.startswith("--from") for word in words):
+            continue
+        paths = [word for word in words if not word.startswith("--")]
+        assert len(paths) >= 2, f"{keyword} {arguments}: needs a source and a destination"
+        sources.extend(paths[:-1])
+    return sources
+
+
+def test_dockerfile_installs_the_project() -> None:
+    assert DOCKERFILE.read_text(encoding="utf-8").count("pip install") >= 1
+    assert any(keyword == "USER" for keyword, _ in _instructions()), "image runs as root"
+
+
+def test_dockerfile_copies_files_that_exist() -> None:
+    sources = _copy_sources()
+    assert sources, "the Dockerfile copies nothing"
+    ignored = []
+    if DOCKERIGNORE.exists():
+        lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        ignored = [
+            line.strip().strip("/") for line in lines if line.strip() and line[0] not in "#!"
+        ]
+    for source in sources:
+        relative = source.strip("/") or "."
+        matches = list(ROOT.glob(relative)) if any(c in relative for c in "*?[") else []
+        assert matches or (ROOT / relative).exists(), f"the Dockerfile copies missing {source}"
+        excluded = [pattern for pattern in ignored if fnmatch.fnmatch(relative, pattern)]
+        assert not excluded, f".dockerignore excludes {source} ({excluded})"
