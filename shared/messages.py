@@ -26,6 +26,13 @@ class Record(msgspec.Struct, kw_only=True):
     payload: dict[str, Any]
     identities: list[Identity] = []
     source_msg_id: str | None = None
+    record_class: str = "profile"
+    """"profile" (attributes of a person) or "event" (something that happened)."""
+    timestamp: float | None = None
+    """Events: when it happened. Profile records: the record's own time, if its schema has one."""
+    event_type: str | None = None
+    primary_identity: Identity | None = None
+    batch_id: str | None = None
 
 
 # -- ingest -> identity ---------------------------------------------------------

@@ -1,0 +1,169 @@
+"""The admin API: typed NATS request/reply under `cdp.admin.>`.
+
+Every reply is an `AdminReply`: `ok` with a `result`, or an `AdminError` that names the
+object and the field at fault. Requests and replies are JSON so that any client can
+drive the platform; the `cdp` CLI is only one such client.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from shared.errors import CdpError
+
+T = TypeVar("T")
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+class AdminError(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    kind: str | None = None
+    name: str | None = None
+    field: str | None = None
+
+
+class AdminReply(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    result: Any = None
+    error: AdminError | None = None
+
+
+class AdminFailure(CdpError):
+    """An admin request refused, with where the problem is."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        kind: str | None = None,
+        name: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        self.name = name
+        self.field = field
+
+    def to_error(self) -> AdminError:
+        return AdminError(self.code, self.message, self.kind, self.name, self.field)
+
+    @classmethod
+    def from_error(cls, e: AdminError) -> AdminFailure:
+        return cls(e.code, e.message, kind=e.kind, name=e.name, field=e.field)
+
+    def where(self) -> str:
+        parts = []
+        if self.kind:
+            parts.append(f'{self.kind} "{self.name}"' if self.name else self.kind)
+        if self.field:
+            parts.append(f"field {self.field}")
+        return ": ".join(parts)
+
+
+# -- requests and results -------------------------------------------------------------
+class Change(msgspec.Struct):
+    path: str
+    before: Any
+    after: Any
+
+
+class ApplyRequest(msgspec.Struct):
+    kind: str
+    spec: dict[str, Any]
+    dry_run: bool = False
+
+
+class ApplyResult(msgspec.Struct):
+    kind: str
+    name: str
+    action: Literal["created", "updated", "unchanged"]
+    changes: list[Change] = []
+
+
+class GetRequest(msgspec.Struct):
+    kind: str
+    name: str | None = None
+
+
+class GetResult(msgspec.Struct):
+    kind: str
+    items: list[dict[str, Any]]
+
+
+_VALIDATION_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def validation_failure(kind: str, name: str | None, exc: msgspec.ValidationError) -> AdminFailure:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.fields.age`" into an AdminFailure."""
+    text = str(exc)
+    m = _VALIDATION_PATH.search(text)
+    field = m.group("path").lstrip(".") if m else None
+    message = _VALIDATION_PATH.sub("", text)
+    return AdminFailure("invalid", message, kind=kind, name=name, field=field or None)
+
+
+def spec_name(spec: dict[str, Any]) -> str | None:
+    value = spec.get("name", spec.get("symbol"))
+    return value if isinstance(value, str) else None
+
+
+# -- server side -----------------------------------------------------------------------
+_reply_encoder = msgspec.json.Encoder()
+
+
+async def serve(
+    nc: Client,
+    subject: str,
+    request_type: type[R],
+    handler: Callable[[R], Awaitable[Any]],
+    *,
+    queue: str = "",
+) -> Subscription:
+    """Answer requests on `subject`: decode `request_type`, run `handler`, reply."""
+    decoder = msgspec.json.Decoder(request_type)
+    log = structlog.get_logger(admin=subject)
+
+    async def on_msg(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            request = decoder.decode(msg.data)
+            result = await handler(request)
+            reply = AdminReply(ok=True, result=result)
+        except msgspec.ValidationError as exc:
+            reply = AdminReply(ok=False, error=validation_failure("request", None, exc).to_error())
+        except msgspec.DecodeError as exc:
+            reply = AdminReply(ok=False, error=AdminError("malformed", f"malformed request: {exc}"))
+        except AdminFailure as exc:
+            reply = AdminReply(ok=False, error=exc.to_error())
+        except Exception as exc:
+            log.exception("admin request failed")
+            reply = AdminReply(
+                ok=False, error=AdminError("internal", f"{type(exc).__name__}: {exc}")
+            )
+        await msg.respond(_reply_encoder.encode(reply))
+
+    return await nc.subscribe(subject, queue=queue or subject, cb=on_msg)
+
+
+# -- client side -------------------------------------------------------------------------
+async def request(
+    nc: Client, subject: str, payload: msgspec.Struct, result_type: type[T], timeout: float = 10.0
+) -> T:
+    """Send an admin request; return the typed result or raise AdminFailure."""
+    msg = await nc.request(subject, _reply_encoder.encode(payload), timeout=timeout)
+    reply = msgspec.json.decode(msg.data, type=AdminReply)
+    if not reply.ok:
+        raise AdminFailure.from_error(reply.error or AdminError("internal", "no error given"))
+    return msgspec.convert(reply.result, result_type)

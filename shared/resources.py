@@ -1,0 +1,107 @@
+"""Configuration objects (`cdp apply`): identity namespaces, schemas, datasets.
+
+These are the public shapes of the admin API. They are decoded strictly (unknown keys are
+errors) so that a typo in a configuration file is reported with its path. Later kinds
+(merge policies, segments, destinations, schedules) are added beside them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+FieldType = Literal[
+    "string", "integer", "number", "boolean", "date", "datetime", "enum", "object", "array", "map"
+]
+NamespaceType = Literal["person", "device", "cookie"]
+SchemaClass = Literal["profile", "event"]
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,62}$")
+"""Names of datasets, schemas, namespaces: safe as a NATS subject token and a file name."""
+
+
+class Field(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    type: FieldType
+    required: bool = False
+    description: str = ""
+    enum: list[str] | None = None
+    """Allowed values, for type enum."""
+    fields: dict[str, Field] | None = None
+    """Sub-fields, for type object."""
+    items: Field | None = None
+    """Element type, for type array."""
+    values: Field | None = None
+    """Value type, for type map (keys are strings)."""
+    identity: str | None = None
+    """Namespace symbol: the field's value is an identity of that namespace."""
+    primary: bool = False
+    """This identity field is the record's primary identity."""
+
+
+class Namespace(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    symbol: str
+    type: NamespaceType
+    name: str = ""
+    description: str = ""
+    hashed: bool = False
+    """Values are SHA-256 hex digests; they are linked as they come, never normalised."""
+    unique: bool = False
+    """At most one value of this namespace in one identity graph."""
+    priority: int = 100
+    """Order among namespaces of the same type; lower ranks first."""
+    builtin: bool = False
+
+
+class Schema(
+    msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, rename={"class_": "class"}
+):
+    name: str
+    class_: SchemaClass
+    fields: dict[str, Field]
+    description: str = ""
+    timestamp_field: str | None = None
+    """Event schemas: the event's time (default `timestamp`, added if not declared).
+    Profile schemas: optional; a record's own time, used by timestamp-ordered merging."""
+    event_type_field: str | None = None
+    """Event schemas: the event type (default `eventType`, added if not declared)."""
+    unknown_fields: Literal["reject", "ignore"] = "reject"
+
+
+class Dataset(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    schema: str
+    description: str = ""
+    profile_enabled: bool = False
+    """Only records of profile-enabled datasets feed identity and profile."""
+    expiration_days: int | None = None
+    """Event datasets: events older than this are dropped from profiles."""
+    error_threshold: float = 0.05
+    """A batch fails as a whole when its share of bad rows is above this."""
+
+
+KINDS: dict[str, type[msgspec.Struct]] = {
+    "namespace": Namespace,
+    "schema": Schema,
+    "dataset": Dataset,
+}
+"""Kind name -> type. A configuration file lists them under the plural key."""
+
+PLURALS: dict[str, str] = {
+    "namespaces": "namespace",
+    "schemas": "schema",
+    "datasets": "dataset",
+}
+
+APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset")
+
+
+def name_of(kind: str, spec: msgspec.Struct) -> str:
+    return str(getattr(spec, "symbol" if kind == "namespace" else "name"))
+
+
+def to_builtins(spec: msgspec.Struct) -> dict[str, Any]:
+    out = msgspec.to_builtins(spec)
+    assert isinstance(out, dict)
+    return out
