@@ -167,3 +167,86 @@ async def request(
     if not reply.ok:
         raise AdminFailure.from_error(reply.error or AdminError("internal", "no error given"))
     return msgspec.convert(reply.result, result_type)
+
+
+# -- configuration (cdp apply / cdp get) --------------------------------------------------
+class ConfigObject(msgspec.Struct):
+    kind: str
+    spec: dict[str, Any]
+
+
+class ApplyBatch(msgspec.Struct):
+    """Objects owned by one service, applied in order, all or none."""
+
+    objects: list[ConfigObject]
+    dry_run: bool = False
+
+
+class ApplyBatchResult(msgspec.Struct):
+    results: list[ApplyResult]
+
+
+# -- batch ingestion (cdp ingest / cdp batches / cdp errors) ----------------------------------
+class BatchStart(msgspec.Struct):
+    batch_id: str
+    dataset: str
+    file_name: str
+    format: str
+
+
+class BatchInfo(msgspec.Struct, kw_only=True):
+    batch_id: str
+    dataset: str
+    file_name: str
+    format: str
+    status: str
+    """queued, validating, ingesting, success, partial, failed"""
+    input_rows: int = 0
+    accepted: int = 0
+    failed: int = 0
+    threshold: float = 0.05
+    error: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float = 0.0
+    """Fraction of the current phase done, 0..1."""
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("success", "partial", "failed")
+
+
+class BatchList(msgspec.Struct):
+    limit: int = 50
+
+
+class BatchListResult(msgspec.Struct):
+    batches: list[BatchInfo]
+
+
+class ErrorsQuery(msgspec.Struct):
+    target: str
+    """A dataset name or a batch id."""
+    limit: int = 100
+
+
+class RejectedRecord(msgspec.Struct, kw_only=True):
+    record_id: str
+    dataset: str
+    batch_id: str | None
+    row_number: int | None
+    source: str
+    reason: str
+    path: str
+    expected: str
+    got: str
+    problems: list[dict[str, str]]
+    payload: str
+    rejected_at: float
+
+
+class ErrorsResult(msgspec.Struct):
+    target: str
+    total: int
+    records: list[RejectedRecord]

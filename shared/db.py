@@ -8,6 +8,8 @@ A `Tx` collects the writes of one batch so that they reach SQLite in a handful o
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,16 +101,29 @@ class Tx:
         return len(self._ops)
 
 
+_locks: weakref.WeakKeyDictionary[aiosqlite.Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def write_lock(db: aiosqlite.Connection) -> asyncio.Lock:
+    """The lock every writer of `db` holds, so that transactions never interleave
+    (a consumer's batch and an HTTP request share one connection)."""
+    lock = _locks.get(db)
+    if lock is None:
+        lock = _locks[db] = asyncio.Lock()
+    return lock
+
+
 async def apply(db: aiosqlite.Connection, tx: Tx) -> None:
     """Run every write of `tx` in one transaction: all of them or none."""
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, rows in tx._ops.items():
-            if len(rows) == 1:
-                await db.execute(sql, rows[0])
-            else:
-                await db.executemany(sql, rows)
-        await db.execute("COMMIT")
-    except BaseException:
-        await db.execute("ROLLBACK")
-        raise
+    async with write_lock(db):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in tx._ops.items():
+                if len(rows) == 1:
+                    await db.execute(sql, rows[0])
+                else:
+                    await db.executemany(sql, rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise

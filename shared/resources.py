@@ -96,6 +96,13 @@ PLURALS: dict[str, str] = {
 
 APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset")
 
+OWNERS: dict[str, str] = {
+    "namespace": "ingest",
+    "schema": "ingest",
+    "dataset": "ingest",
+}
+"""Which service owns (validates, stores and publishes) each kind of object."""
+
 
 def name_of(kind: str, spec: msgspec.Struct) -> str:
     return str(getattr(spec, "symbol" if kind == "namespace" else "name"))

@@ -21,6 +21,7 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_age=spec.max_age_s,
         duplicate_window=spec.duplicate_window_s,
+        max_msgs_per_subject=spec.max_msgs_per_subject,
     )
 
 
@@ -38,5 +39,6 @@ async def ensure_streams(js: JetStreamContext, specs: Iterable[StreamSpec] = ALL
             or current.max_age != config.max_age
             or current.duplicate_window != config.duplicate_window
             or current.description != config.description
+            or (current.max_msgs_per_subject or -1) != config.max_msgs_per_subject
         ):
             await js.update_stream(config)

@@ -11,6 +11,8 @@ Internal subjects (msgpack, one message carries a batch of records):
     cdp.x.profiles.<partition>    records with profile ids, identity -> profile (CDP_PROFILES)
     cdp.x.changes.<partition>     profile changes, profile -> segmentation    (CDP_CHANGES)
     cdp.jobs.>                    job requests and job status events          (CDP_JOBS)
+    cdp.config.<kind>.<name>      the latest version of each configured object (CDP_CONFIG)
+    cdp.batches.<id>.progress     progress of a batch file ingestion (core NATS, not stored)
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ PROFILES_PREFIX = "cdp.x.profiles"
 CHANGES_PREFIX = "cdp.x.changes"
 JOBS_PREFIX = "cdp.jobs"
 JOBS_ALL = f"{JOBS_PREFIX}.>"
+CONFIG_PREFIX = "cdp.config"
+CONFIG_ALL = f"{CONFIG_PREFIX}.>"
+BATCHES_PREFIX = "cdp.batches"
+BATCH_BUCKET = "cdp-batches"
+"""Object store bucket that holds uploaded batch files until they are ingested."""
 
 
 def ingest(dataset: str) -> str:
@@ -43,8 +50,17 @@ def membership(segment: str) -> str:
     return f"{MEMBERSHIP_PREFIX}.{segment}"
 
 
-def admin(service: str, operation: str) -> str:
-    return f"{ADMIN_PREFIX}.{service}.{operation}"
+def admin(area: str, operation: str) -> str:
+    """`cdp.admin.<area>.<operation>`, e.g. `cdp.admin.schema.apply`."""
+    return f"{ADMIN_PREFIX}.{area}.{operation}"
+
+
+def config(kind: str, name: str) -> str:
+    return f"{CONFIG_PREFIX}.{kind}.{name}"
+
+
+def batch_progress(batch_id: str) -> str:
+    return f"{BATCHES_PREFIX}.{batch_id}.progress"
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -72,6 +88,7 @@ class StreamSpec(msgspec.Struct, frozen=True):
     description: str
     max_age_s: float = 7 * 24 * 3600.0
     duplicate_window_s: float = 120.0
+    max_msgs_per_subject: int = -1
 
 
 STREAM_INGEST = StreamSpec(
@@ -99,6 +116,13 @@ STREAM_MEMBERSHIP = StreamSpec(
     "CDP_MEMBERSHIP", (MEMBERSHIP_ALL,), "public: segment membership changes, one JSON per event"
 )
 STREAM_JOBS = StreamSpec("CDP_JOBS", (JOBS_ALL,), "internal: job requests and job status events")
+STREAM_CONFIG = StreamSpec(
+    "CDP_CONFIG",
+    (CONFIG_ALL,),
+    "internal: the latest version of every configured object, one subject per object",
+    max_age_s=0.0,
+    max_msgs_per_subject=1,
+)
 
 ALL_STREAMS: tuple[StreamSpec, ...] = (
     STREAM_INGEST,
@@ -107,4 +131,5 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (
     STREAM_CHANGES,
     STREAM_MEMBERSHIP,
     STREAM_JOBS,
+    STREAM_CONFIG,
 )

@@ -17,6 +17,8 @@ from services.ingest.service import IngestService
 from services.profile.service import ProfileService
 from services.scheduler.service import SchedulerService
 from services.segmentation.service import SegmentationService
+from shared import admin, subjects
+from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
 from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import eventually, settings_for
@@ -55,8 +57,27 @@ async def test_a_record_travels_from_ingest_to_segmentation(
     platform: list[Service], nc: Client, tmp_path: Path
 ) -> None:
     assert all(s.ready for s in platform)
+    spec = {
+        "name": "web-event",
+        "class": "event",
+        "fields": {"ecid": {"type": "string", "identity": "ecid", "required": True}},
+    }
+    await admin.request(
+        nc,
+        subjects.admin("ingest", "apply"),
+        ApplyBatch(
+            [
+                ConfigObject("schema", spec),
+                ConfigObject(
+                    "dataset", {"name": "web", "schema": "web-event", "profile_enabled": True}
+                ),
+            ]
+        ),
+        ApplyBatchResult,
+    )
     js = nc.jetstream()
-    await js.publish("cdp.ingest.web", json.dumps({"event": "page.view"}).encode())
+    event = {"ecid": "c1", "eventType": "web.pageview", "timestamp": "2026-11-29T10:00:00Z"}
+    await js.publish("cdp.ingest.web", json.dumps(event).encode())
     await js.publish("cdp.ingest.web", b"{not json")
 
     async def landed() -> bool:

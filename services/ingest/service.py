@@ -1,25 +1,87 @@
-"""The ingest actor: one consumer over every `cdp.ingest.<dataset>` subject."""
+"""The ingest actor.
+
+One consumer over every `cdp.ingest.<dataset>` subject validates each record against its
+dataset's schema: accepted records of profile-enabled datasets go to identity in
+batches; rejected ones are kept in the error store with their reason. The HTTP door, the
+admin API and batch file jobs live in their own modules and share this state.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from datetime import datetime
 
-import msgspec
-
-from services.ingest.store import BUMP_COUNTS, INSERT_REJECTED, MIGRATIONS
+from services.ingest.admin import IngestAdmin
+from services.ingest.batches import BatchJobs
+from services.ingest.http import IngestHttp
+from services.ingest.records import chunked, reject_row, to_record, unknown_dataset
+from services.ingest.registry import Registry
+from services.ingest.settings import load_limits
+from services.ingest.store import BUMP_COUNTS, MIGRATIONS
+from services.ingest.validation import Accepted, CompiledSchema, Limits
 from shared import subjects
+from shared.config import Settings
 from shared.messages import Record, RecordBatch, msgpack_encoder
+from shared.resources import Dataset
 from shared.runtime import Batch, ConsumerSpec, Service
-
-_json_any = msgspec.json.Decoder(dict[str, Any])
 
 
 class IngestService(Service):
     name = "ingest"
     migrations = MIGRATIONS
+
+    def __init__(self, settings: Settings, limits: Limits | None = None) -> None:
+        super().__init__(settings)
+        self.limits = limits or load_limits()
+        self.registry = Registry()
+        self._compiled: dict[str, CompiledSchema] = {}
+        self._id_prefix = "r"
+        self.admin = IngestAdmin(self)
+        self.http = IngestHttp(self)
+        self.batches = BatchJobs(self)
+
+    # -- state shared by the doors, the admin API and batch jobs ---------------------
+    def compiled(self, dataset: str) -> tuple[Dataset, CompiledSchema] | None:
+        ds = self.registry.datasets.get(dataset)
+        if ds is None:
+            return None
+        compiled = self._compiled.get(dataset)
+        if compiled is None:
+            schema = self.registry.schemas[ds.schema]
+            compiled = CompiledSchema(schema, self.limits, require_identity=ds.profile_enabled)
+            self._compiled[dataset] = compiled
+        return ds, compiled
+
+    def config_changed(self) -> None:
+        """Forget compiled schemas; they are rebuilt on next use."""
+        self._compiled.clear()
+
+    def record_id(self, seq: int) -> str:
+        """Record id of the message at `seq` in CDP_INGEST (unique even if the stream is
+        ever re-created: the prefix comes from the stream's creation time)."""
+        return f"{self._id_prefix}{seq}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def on_start(self) -> None:
+        await self.admin.load()
+        info = await self.js.stream_info(subjects.STREAM_INGEST.name)
+        created: object = info.created  # a datetime, or a string on some nats-py versions
+        if isinstance(created, datetime):
+            stamp = int(created.timestamp())
+        elif isinstance(created, str):
+            stamp = _epoch(created)
+        else:
+            stamp = 0
+        self._id_prefix = f"r{stamp:x}-"
+        await self.admin.start()
+        await self.batches.start()
+
+    async def on_stop(self) -> None:
+        await self.batches.stop()
+        await self.admin.stop()
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -27,47 +89,60 @@ class IngestService(Service):
                 "ingest",
                 subjects.STREAM_INGEST,
                 self.handle_records,
-                description="records published by clients on cdp.ingest.<dataset>",
+                description="records published on cdp.ingest.<dataset> (NATS and HTTP doors)",
             ),
         )
 
+    # -- the streaming door ------------------------------------------------------------
     async def handle_records(self, batch: Batch) -> None:
         now = time.time()
         accepted: list[Record] = []
         counts: Counter[tuple[str, bool]] = Counter()
         for d in batch.deliveries:
             dataset = subjects.dataset_of(d.subject)
-            record_id = f"s{d.seq}"
-            try:
-                payload = _json_any.decode(d.data)
-            except msgspec.DecodeError as exc:
-                batch.tx.add(
-                    INSERT_REJECTED,
-                    (
-                        record_id,
-                        dataset,
-                        None,
-                        "malformed JSON",
-                        "",
-                        "a JSON object",
-                        str(exc),
-                        d.data,
-                        now,
-                    ),
-                )
+            record_id = self.record_id(d.seq)
+            found = self.compiled(dataset)
+            result = found[1].validate_json(d.data) if found else unknown_dataset(dataset)
+            if isinstance(result, Accepted):
+                ds, compiled = found  # type: ignore[misc]
+                counts[dataset, True] += 1
+                if ds.profile_enabled:
+                    accepted.append(
+                        to_record(
+                            result,
+                            record_id=record_id,
+                            dataset=dataset,
+                            record_class=compiled.record_class,
+                            now=now,
+                            msg_id=d.msg_id,
+                        )
+                    )
+            else:
                 counts[dataset, False] += 1
-                continue
-            accepted.append(
-                Record(
+                source = "http" if (d.msg_id or "").startswith("http:") else "nats"
+                reject_row(
+                    batch.tx,
                     record_id=record_id,
                     dataset=dataset,
-                    ingested_at=now,
-                    payload=payload,
-                    source_msg_id=d.msg_id,
+                    problems=result,
+                    payload=d.data,
+                    source=source,
+                    now=now,
                 )
-            )
-            counts[dataset, True] += 1
+                self.log.info(
+                    "record rejected",
+                    dataset=dataset,
+                    record_id=record_id,
+                    reason=result[0].reason,
+                    path=result[0].path,
+                )
         for (dataset, ok), n in counts.items():
             batch.tx.add(BUMP_COUNTS, (dataset, n if ok else 0, 0 if ok else n))
-        if accepted:
-            batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(accepted)))
+        for part in chunked(accepted):
+            batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+
+
+def _epoch(iso: str) -> int:
+    with contextlib.suppress(ValueError):
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    return int(time.time())

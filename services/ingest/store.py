@@ -1,4 +1,4 @@
-"""The ingest service's SQLite state: the error store for rejected records."""
+"""The ingest service's SQLite state: configuration, batches, and the error store."""
 
 from __future__ import annotations
 
@@ -9,34 +9,78 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ingest",
         1,
         """
+        CREATE TABLE config_objects (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            spec BLOB NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (kind, name)
+        );
         CREATE TABLE rejected_records (
             record_id TEXT PRIMARY KEY,
             dataset TEXT NOT NULL,
             batch_id TEXT,
+            row_number INTEGER,
+            source TEXT NOT NULL,
             reason TEXT NOT NULL,
-            path TEXT,
-            expected TEXT,
-            got TEXT,
+            path TEXT NOT NULL,
+            expected TEXT NOT NULL,
+            got TEXT NOT NULL,
+            problems BLOB NOT NULL,
             payload BLOB NOT NULL,
             rejected_at REAL NOT NULL
         );
         CREATE INDEX rejected_by_dataset ON rejected_records (dataset, rejected_at);
+        CREATE INDEX rejected_by_batch ON rejected_records (batch_id, row_number);
         CREATE TABLE dataset_counts (
             dataset TEXT PRIMARY KEY,
             accepted INTEGER NOT NULL DEFAULT 0,
             rejected INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE batches (
+            batch_id TEXT PRIMARY KEY,
+            dataset TEXT NOT NULL,
+            file_name TEXT NOT NULL,
+            format TEXT NOT NULL,
+            status TEXT NOT NULL,
+            input_rows INTEGER NOT NULL DEFAULT 0,
+            accepted INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            threshold REAL NOT NULL,
+            error TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL
         )
         """,
     ),
 )
 
+UPSERT_CONFIG = (
+    "INSERT INTO config_objects (kind, name, spec, version, updated_at) VALUES (?, ?, ?, 1, ?) "
+    "ON CONFLICT (kind, name) DO UPDATE SET spec = excluded.spec, "
+    "version = version + 1, updated_at = excluded.updated_at"
+)
 INSERT_REJECTED = (
-    "INSERT OR IGNORE INTO rejected_records "
-    "(record_id, dataset, batch_id, reason, path, expected, got, payload, rejected_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO rejected_records (record_id, dataset, batch_id, row_number, source, "
+    "reason, path, expected, got, problems, payload, rejected_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 BUMP_COUNTS = (
     "INSERT INTO dataset_counts (dataset, accepted, rejected) VALUES (?, ?, ?) "
     "ON CONFLICT (dataset) DO UPDATE SET accepted = accepted + excluded.accepted, "
     "rejected = rejected + excluded.rejected"
+)
+INSERT_BATCH = (
+    "INSERT INTO batches (batch_id, dataset, file_name, format, status, threshold, created_at) "
+    "VALUES (?, ?, ?, ?, 'queued', ?, ?)"
+)
+UPDATE_BATCH = (
+    "UPDATE batches SET status = ?, input_rows = ?, accepted = ?, failed = ?, error = ?, "
+    "started_at = coalesce(started_at, ?), finished_at = ? WHERE batch_id = ?"
+)
+BATCH_COLUMNS = (
+    "batch_id, dataset, file_name, format, status, input_rows, accepted, failed, threshold, "
+    "error, created_at, started_at, finished_at"
 )

@@ -3,21 +3,66 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import aiohttp
+import msgspec
 import typer
+import yaml
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared import admin, subjects
+from shared.admin import (
+    AdminFailure,
+    BatchInfo,
+    BatchList,
+    BatchListResult,
+    ErrorsQuery,
+    ErrorsResult,
+    GetRequest,
+    GetResult,
+)
+from shared.cli.apply import apply_objects, load_file
+from shared.cli.client import ClientError, connect
+from shared.cli.ingest import file_format, run_batch
 from shared.cli.up import health_urls, readiness, run_up
 from shared.log import configure_logging
+from shared.resources import KINDS, OWNERS, PLURALS
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+NatsOption = Annotated[
+    str | None, typer.Option("--nats-url", help="NATS server (default: $CDP_NATS_URL or local).")
+]
 
 
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async command; print a ClientError or AdminFailure as one clear line."""
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except (ClientError, AdminFailure) as exc:
+        where = exc.where() if isinstance(exc, AdminFailure) else ""
+        err_console.print(f"[red]error:[/] {where + ': ' if where else ''}{exc.message}")
+        raise typer.Exit(1) from None
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- platform -----------------------------------------------------------------------------
 @app.command()
 def up(
     data_dir: Annotated[
@@ -50,6 +95,185 @@ def health() -> None:
         table.add_row(name, f"{urls[name]}/readyz", "[green]yes[/]" if ok else f"[red]no: {why}[/]")
     console.print(table)
     raise typer.Exit(0 if all(ok for ok, _ in states.values()) else 1)
+
+
+# -- configuration ----------------------------------------------------------------------------
+@app.command()
+def apply(
+    file: Annotated[Path, typer.Option("-f", "--file", help="Configuration file (YAML).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the changes, apply nothing.")
+    ] = False,
+    nats_url: NatsOption = None,
+) -> None:
+    """Create or update namespaces, schemas and datasets from a file (idempotent)."""
+
+    async def go() -> None:
+        objects = load_file(file)
+        async with connect(nats_url) as nc:
+            results = await apply_objects(nc, objects, dry_run, str(file))
+        verbs = {"created": "would create", "updated": "would update", "unchanged": "unchanged"}
+        for r in results:
+            verb = verbs[r.action] if dry_run else r.action
+            colour = {"created": "green", "updated": "yellow"}.get(r.action, "dim")
+            console.print(f"[{colour}]{verb}[/] {r.kind} {r.name}")
+            if r.action == "updated" or (dry_run and r.action != "unchanged"):
+                for c in r.changes:
+                    console.print(f"    {c.path}: {_short(c.before)} -> {_short(c.after)}")
+        changed = sum(r.action != "unchanged" for r in results)
+        tail = "to change" if dry_run else "changed"
+        console.print(f"{len(results)} objects, {changed} {tail}")
+
+    run(go)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if value is not None else "(none)"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@app.command()
+def get(
+    kind: Annotated[str, typer.Argument(help="namespaces, schemas or datasets")],
+    name: Annotated[str | None, typer.Argument(help="One object by name.")] = None,
+    nats_url: NatsOption = None,
+) -> None:
+    """Show what is configured, as YAML that `cdp apply` accepts."""
+    singular = PLURALS.get(kind, kind)
+    if singular not in KINDS:
+        err_console.print(f"[red]error:[/] unknown kind {kind!r} (one of {', '.join(PLURALS)})")
+        raise typer.Exit(1)
+
+    async def go() -> GetResult:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin(OWNERS[singular], "get"), GetRequest(singular, name), GetResult
+            )
+
+    result = run(go)
+    plural = next(p for p, s in PLURALS.items() if s == singular)
+    sys.stdout.write(yaml.safe_dump({plural: result.items}, sort_keys=False))
+
+
+# -- batch ingestion --------------------------------------------------------------------------
+@app.command()
+def ingest(
+    dataset: Annotated[str, typer.Argument(help="Dataset the file's rows belong to.")],
+    file: Annotated[Path, typer.Argument(help="CSV (with a header), JSON Lines or Parquet file.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="csv, jsonl or parquet")] = None,
+    nats_url: NatsOption = None,
+) -> None:
+    """Ingest a file as one batch: validate every row, then ingest it (or fail it as a whole)."""
+
+    async def go() -> BatchInfo:
+        fmt_ = file_format(file, fmt)
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rows]} rows, {task.fields[bad]} bad"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("uploading", total=1.0, rows=0, bad=0)
+
+            def on_progress(info: BatchInfo) -> None:
+                progress.update(
+                    task,
+                    description=info.status,
+                    completed=info.progress,
+                    rows=info.input_rows,
+                    bad=info.failed,
+                )
+
+            async with connect(nats_url) as nc:
+                return await run_batch(nc, dataset, file, fmt_, on_progress)
+
+    info = run(go)
+    _print_batch_summary(info)
+    raise typer.Exit(1 if info.status == "failed" else 0)
+
+
+def _print_batch_summary(info: BatchInfo) -> None:
+    colour = {"success": "green", "partial": "yellow", "failed": "red"}.get(info.status, "white")
+    table = Table(title=f"batch {info.batch_id}: [{colour}]{info.status}[/]")
+    for col in ("dataset", "file", "input rows", "accepted", "failed", "threshold"):
+        table.add_column(col)
+    table.add_row(
+        info.dataset,
+        info.file_name,
+        str(info.input_rows),
+        str(info.accepted),
+        str(info.failed),
+        f"{info.threshold:.1%}",
+    )
+    console.print(table)
+    if info.error:
+        console.print(f"[{colour}]{info.error}[/]")
+    if info.failed:
+        console.print(f"see the bad rows with: cdp errors {info.batch_id}")
+
+
+@app.command()
+def batches(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    nats_url: NatsOption = None,
+) -> None:
+    """List batches with their status and counts."""
+
+    async def go() -> BatchListResult:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("ingest", "batch.list"), BatchList(limit), BatchListResult
+            )
+
+    result = run(go)
+    table = Table()
+    for col in ("batch", "dataset", "file", "status", "input", "accepted", "failed", "created"):
+        table.add_column(col)
+    for b in result.batches:
+        table.add_row(
+            b.batch_id,
+            b.dataset,
+            b.file_name,
+            b.status,
+            str(b.input_rows),
+            str(b.accepted),
+            str(b.failed),
+            _when(b.created_at),
+        )
+    console.print(table)
+
+
+@app.command()
+def errors(
+    target: Annotated[str, typer.Argument(help="A dataset name or a batch id.")],
+    limit: Annotated[int, typer.Option(help="How many rejected records to show.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Full records as JSON lines.")] = False,
+    nats_url: NatsOption = None,
+) -> None:
+    """List rejected records with their reason, field, what was expected and what came."""
+
+    async def go() -> ErrorsResult:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("ingest", "errors"), ErrorsQuery(target, limit), ErrorsResult
+            )
+
+    result = run(go)
+    if as_json:
+        for r in result.records:
+            sys.stdout.write(msgspec.json.encode(r).decode() + "\n")
+        return
+    table = Table(title=f"{result.total} rejected records for {target}")
+    for col in ("record", "row", "reason", "field", "expected", "got"):
+        table.add_column(col, overflow="fold")
+    for r in result.records:
+        table.add_row(
+            r.record_id, str(r.row_number or "-"), r.reason, r.path or "-", r.expected, r.got
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from shared.db import Migration, Tx, apply
+from shared.db import Migration, Tx, apply, write_lock
 from shared.metrics import ServiceMetrics
 from shared.runtime.puller import Puller
 from shared.subjects import StreamSpec
@@ -377,7 +377,8 @@ async def publish_outbox(
             o for o, r in zip(pending, results, strict=True) if not isinstance(r, BaseException)
         ]
         if done:
-            await db.executemany(_OUTBOX_DELETE, [(o.msg_id,) for o in done])
+            async with write_lock(db):
+                await db.executemany(_OUTBOX_DELETE, [(o.msg_id,) for o in done])
         pending = [o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
         if pending:
             if stopping():

@@ -1,0 +1,127 @@
+"""The HTTP door: POST /v1/datasets/<dataset>/records (one JSON record or an array).
+
+Each record is validated at once, for the answer, and then published to
+`cdp.ingest.<dataset>` like any NATS client would, so that one path (the consumer)
+ingests the good ones and keeps the bad ones in the error store. The answer is 202 with
+the record ids when every record is valid, else 400 with an error per rejected record
+(the valid ones of the same request are ingested all the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from services.ingest.records import reject_row
+from services.ingest.validation import Accepted, Problem
+from shared import subjects
+from shared.db import Tx, apply
+from shared.natsd import MAX_PAYLOAD
+
+if TYPE_CHECKING:
+    from services.ingest.service import IngestService
+
+MAX_BODY_BYTES = MAX_PAYLOAD - 64 * 1024
+MAX_RECORDS_PER_REQUEST = 10_000
+
+_any_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def split_body(body: bytes) -> list[bytes]:
+    """One JSON record, or the elements of a JSON array; anything else is one (bad) record."""
+    try:
+        value = _any_decoder.decode(body)
+    except msgspec.DecodeError:
+        return [body]
+    if isinstance(value, list):
+        return [_encoder.encode(v) for v in value]
+    return [body]
+
+
+class IngestHttp:
+    def __init__(self, service: IngestService) -> None:
+        self.svc = service
+        service.health.app._client_max_size = MAX_BODY_BYTES
+        service.health.app.router.add_post("/v1/datasets/{dataset}/records", self.post_records)
+
+    async def post_records(self, request: web.Request) -> web.Response:
+        svc = self.svc
+        if not svc.ready:
+            return _error(503, "not_ready", "the ingest service is starting or stopping")
+        dataset = request.match_info["dataset"]
+        found = svc.compiled(dataset)
+        if found is None:
+            return _error(404, "unknown_dataset", f"no dataset named {dataset!r}")
+        _, compiled = found
+        body = await request.read()
+        items = split_body(body)
+        if len(items) > MAX_RECORDS_PER_REQUEST:
+            return _error(
+                400,
+                "too_many_records",
+                f"{len(items)} records in one request; at most {MAX_RECORDS_PER_REQUEST}",
+            )
+        results = [compiled.validate_json(item) for item in items]
+        request_id = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
+        subject = subjects.ingest(dataset)
+        acks = await asyncio.gather(
+            *(
+                svc.js.publish(subject, item, headers={"Nats-Msg-Id": f"http:{request_id}:{i}"})
+                for i, item in enumerate(items)
+            ),
+            return_exceptions=True,
+        )
+        accepted: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        unpublished: list[tuple[int, bytes, list[Problem]]] = []
+        for i, (item, result, ack) in enumerate(zip(items, results, acks, strict=True)):
+            if isinstance(ack, BaseException):
+                problems = (
+                    result
+                    if isinstance(result, list)
+                    else [Problem("not stored", "", "a record NATS can carry", type(ack).__name__)]
+                )
+                unpublished.append((i, item, problems))
+                rejected.append({"index": i, "record_id": None, "errors": _errors(problems)})
+                continue
+            record_id = svc.record_id(ack.seq)
+            if isinstance(result, Accepted):
+                accepted.append({"index": i, "record_id": record_id})
+            else:
+                rejected.append({"index": i, "record_id": record_id, "errors": _errors(result)})
+        if unpublished:
+            await self._keep_unpublished(dataset, request_id, unpublished)
+        body_out = {"dataset": dataset, "accepted": accepted, "rejected": rejected}
+        return web.json_response(body_out, status=400 if rejected else 202)
+
+    async def _keep_unpublished(
+        self, dataset: str, request_id: str, rows: list[tuple[int, bytes, list[Problem]]]
+    ) -> None:
+        """A record NATS could not take is still kept, in the error store, with its reason."""
+        tx = Tx()
+        now = time.time()
+        for i, item, problems in rows:
+            reject_row(
+                tx,
+                record_id=f"http-{request_id}-{i}",
+                dataset=dataset,
+                problems=problems,
+                payload=item,
+                source="http",
+                now=now,
+            )
+        await apply(self.svc.db, tx)
+
+
+def _errors(problems: list[Problem]) -> list[dict[str, str]]:
+    return [msgspec.structs.asdict(p) for p in problems]
