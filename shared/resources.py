@@ -54,6 +54,25 @@ class Namespace(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     builtin: bool = False
 
 
+BUILTIN_NAMESPACES: tuple[Namespace, ...] = (
+    Namespace("crm_id", "person", name="CRM id", unique=True, priority=10, builtin=True),
+    Namespace("loyalty_id", "person", name="Loyalty id", unique=True, priority=20, builtin=True),
+    Namespace("email", "person", name="Email", priority=30, builtin=True),
+    Namespace("phone", "person", name="Phone (E.164)", priority=40, builtin=True),
+    Namespace(
+        "email_sha256", "person", name="Email SHA-256", hashed=True, priority=50, builtin=True
+    ),
+    Namespace(
+        "phone_sha256", "person", name="Phone SHA-256", hashed=True, priority=60, builtin=True
+    ),
+    Namespace("idfa", "device", name="Apple IDFA", priority=10, builtin=True),
+    Namespace("gaid", "device", name="Google Advertising id", priority=20, builtin=True),
+    Namespace("ecid", "cookie", name="Experience Cloud id (cookie)", priority=10, builtin=True),
+)
+"""The standard namespaces, always present. Their linking rules (unique, priority) may be
+changed with `cdp apply`; their type and hashing may not."""
+
+
 class Schema(
     msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, rename={"class_": "class"}
 ):

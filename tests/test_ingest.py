@@ -96,16 +96,21 @@ async def apply_config(
 
 
 @pytest_asyncio.fixture
-async def ingest(
-    nats_server: NatsServer, nc: Client, tmp_path: Path
-) -> AsyncIterator[IngestService]:
+async def bare_ingest(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[IngestService]:
+    """The ingest service with nothing configured."""
     svc = IngestService(settings_for("ingest", nats_server.url, tmp_path))
     await svc.start()
     try:
-        await apply_config(nc, CONFIG)
         yield svc
     finally:
         await svc.stop()
+
+
+@pytest_asyncio.fixture
+async def ingest(bare_ingest: IngestService, nc: Client) -> IngestService:
+    """The ingest service with the test configuration applied."""
+    await apply_config(nc, CONFIG)
+    return bare_ingest
 
 
 async def records_downstream(nc: Client) -> list[Record]:
@@ -221,7 +226,9 @@ async def test_invalid_config_names_file_object_and_field(
     assert "profile_enabeld" in str(failure.value)
 
 
-async def test_cli_apply_get_and_dry_run(ingest: IngestService, nats_server: NatsServer) -> None:
+async def test_cli_apply_get_and_dry_run(
+    bare_ingest: IngestService, nats_server: NatsServer
+) -> None:
     runner = CliRunner()
     env = {"CDP_NATS_URL": nats_server.url}
     config = ROOT / "examples" / "retail" / "config.yaml"

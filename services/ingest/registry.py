@@ -13,22 +13,14 @@ from typing import Any
 import msgspec
 
 from shared.admin import AdminFailure, ApplyResult, Change, spec_name, validation_failure
-from shared.resources import NAME_RE, Dataset, Field, Namespace, Schema, to_builtins
-
-BUILTIN_NAMESPACES: tuple[Namespace, ...] = (
-    Namespace("crm_id", "person", name="CRM id", unique=True, priority=10, builtin=True),
-    Namespace("loyalty_id", "person", name="Loyalty id", unique=True, priority=20, builtin=True),
-    Namespace("email", "person", name="Email", priority=30, builtin=True),
-    Namespace("phone", "person", name="Phone (E.164)", priority=40, builtin=True),
-    Namespace(
-        "email_sha256", "person", name="Email SHA-256", hashed=True, priority=50, builtin=True
-    ),
-    Namespace(
-        "phone_sha256", "person", name="Phone SHA-256", hashed=True, priority=60, builtin=True
-    ),
-    Namespace("idfa", "device", name="Apple IDFA", priority=10, builtin=True),
-    Namespace("gaid", "device", name="Google Advertising id", priority=20, builtin=True),
-    Namespace("ecid", "cookie", name="Experience Cloud id (cookie)", priority=10, builtin=True),
+from shared.resources import (
+    BUILTIN_NAMESPACES,
+    NAME_RE,
+    Dataset,
+    Field,
+    Namespace,
+    Schema,
+    to_builtins,
 )
 
 DEFAULT_TIMESTAMP_FIELD = "timestamp"
