@@ -35,20 +35,60 @@ class Record(msgspec.Struct, kw_only=True):
     batch_id: str | None = None
 
 
+class PrivacyDelete(msgspec.Struct, kw_only=True):
+    """Remove everything the platform holds about the person with this identity.
+
+    It travels in-band, behind any record of the person published before it, so that a
+    delete leaves nothing behind. Each service reports on `cdp.privacy.<request_id>.<service>`.
+    """
+
+    request_id: str
+    identity: Identity
+    requested_at: float
+
+
 # -- ingest -> identity ---------------------------------------------------------
 class RecordBatch(msgspec.Struct, tag="records"):
     records: list[Record]
+    deletes: list[PrivacyDelete] = []
+    """A message carries records or deletes; deletes come after the records before them."""
 
 
 # -- identity -> profile (cdp.x.profiles.<partition>) ---------------------------
 class Fragment(msgspec.Struct, tag="fragment"):
-    """A record that belongs to `profile_id`."""
+    """A record that belongs to `profile_id`, with its identities normalised."""
 
     profile_id: str
     record: Record
 
 
-ProfileItem = Fragment
+class Merged(msgspec.Struct, tag="merged"):
+    """Graphs merged: `folded` profile ids now belong to `profile_id` (the older one)."""
+
+    profile_id: str
+    folded: list[str]
+    at: float
+
+
+class Reassigned(msgspec.Struct, tag="reassigned"):
+    """Identities left `profile_id`: to `to_profile` (a split, or a device that moved to the
+    person who logged in last), or out of the graph (`to_profile` None, the size limit)."""
+
+    profile_id: str
+    to_profile: str | None
+    identities: list[Identity]
+    reason: str
+    at: float
+
+
+class Deleted(msgspec.Struct, tag="deleted"):
+    """A privacy delete: remove these profiles entirely."""
+
+    profile_ids: list[str]
+    request: PrivacyDelete
+
+
+ProfileItem = Fragment | Merged | Reassigned | Deleted
 
 
 class ProfileBatch(msgspec.Struct, tag="profiles"):
@@ -56,17 +96,54 @@ class ProfileBatch(msgspec.Struct, tag="profiles"):
 
 
 # -- profile -> segmentation (cdp.x.changes.<partition>) --------------------------
+class ExperienceEvent(msgspec.Struct, kw_only=True):
+    record_id: str
+    dataset: str
+    event_type: str | None
+    timestamp: float
+    payload: dict[str, Any]
+
+
 class ProfileChanged(msgspec.Struct, tag="changed"):
+    """What segmentation needs to evaluate a profile: its merged attributes (default merge
+    policy), the paths that changed, the new events, and its identities."""
+
     profile_id: str
     record_ids: list[str]
     at: float
+    attributes: dict[str, Any] = {}
+    changed: list[str] = []
+    events: list[ExperienceEvent] = []
+    identities: list[Identity] = []
 
 
-ChangeItem = ProfileChanged
+class ProfileMerged(msgspec.Struct, tag="merged"):
+    profile_id: str
+    folded: list[str]
+    at: float
+
+
+class ProfileDeleted(msgspec.Struct, tag="deleted"):
+    profile_ids: list[str]
+    request: PrivacyDelete
+
+
+ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted
 
 
 class ChangeBatch(msgspec.Struct, tag="changes"):
     items: list[ChangeItem]
+
+
+# -- privacy: cdp.privacy.<request_id>.<service> ---------------------------------------
+class PrivacyReport(msgspec.Struct, kw_only=True):
+    request_id: str
+    service: str
+    identity: Identity
+    profile_ids: list[str] = []
+    removed: dict[str, int] = {}
+    """What was removed, by kind (identities, attributes, events, memberships, ...)."""
+    at: float
 
 
 # -- public: cdp.membership.<segment> ---------------------------------------------
@@ -86,3 +163,4 @@ record_batch_decoder = msgspec.msgpack.Decoder(RecordBatch)
 profile_batch_decoder = msgspec.msgpack.Decoder(ProfileBatch)
 change_batch_decoder = msgspec.msgpack.Decoder(ChangeBatch)
 membership_decoder = msgspec.json.Decoder(MembershipEvent)
+privacy_report_decoder = msgspec.json.Decoder(PrivacyReport)

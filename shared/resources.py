@@ -100,10 +100,24 @@ class Dataset(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A batch fails as a whole when its share of bad rows is above this."""
 
 
+class MergePolicy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """How the values of several datasets for one attribute are merged into one profile."""
+
+    name: str
+    type: Literal["timestamp", "dataset_precedence"]
+    datasets: list[str] = []
+    """dataset_precedence: ordered, an earlier dataset wins per attribute; datasets not listed
+    come after the listed ones, ordered by timestamp (newest first)."""
+    default: bool = False
+    """The policy used when a reader names none (at most one policy is the default)."""
+    description: str = ""
+
+
 KINDS: dict[str, type[msgspec.Struct]] = {
     "namespace": Namespace,
     "schema": Schema,
     "dataset": Dataset,
+    "merge_policy": MergePolicy,
 }
 """Kind name -> type. A configuration file lists them under the plural key."""
 
@@ -111,14 +125,16 @@ PLURALS: dict[str, str] = {
     "namespaces": "namespace",
     "schemas": "schema",
     "datasets": "dataset",
+    "merge_policies": "merge_policy",
 }
 
-APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset")
+APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset", "merge_policy")
 
 OWNERS: dict[str, str] = {
     "namespace": "ingest",
     "schema": "ingest",
     "dataset": "ingest",
+    "merge_policy": "profile",
 }
 """Which service owns (validates, stores and publishes) each kind of object."""
 

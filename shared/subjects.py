@@ -13,6 +13,8 @@ Internal subjects (msgpack, one message carries a batch of records):
     cdp.jobs.>                    job requests and job status events          (CDP_JOBS)
     cdp.config.<kind>.<name>      the latest version of each configured object (CDP_CONFIG)
     cdp.batches.<id>.progress     progress of a batch file ingestion (core NATS, not stored)
+    cdp.ingest._delete            a privacy delete request, in-band with the records
+    cdp.privacy.<id>.<service>    a service's report that it removed a person  (CDP_PRIVACY)
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ INGEST_PREFIX = "cdp.ingest"
 INGEST_ALL = f"{INGEST_PREFIX}.>"
 MEMBERSHIP_PREFIX = "cdp.membership"
 MEMBERSHIP_ALL = f"{MEMBERSHIP_PREFIX}.>"
+PRIVACY_MEMBERSHIP = f"{MEMBERSHIP_PREFIX}._deleted"
+"""Profiles removed by a privacy delete: destinations forget them (segment names never
+start with '_')."""
 PROFILE_LOOKUP = "cdp.profile.lookup"
 ADMIN_PREFIX = "cdp.admin"
 
@@ -38,6 +43,9 @@ JOBS_ALL = f"{JOBS_PREFIX}.>"
 CONFIG_PREFIX = "cdp.config"
 CONFIG_ALL = f"{CONFIG_PREFIX}.>"
 BATCHES_PREFIX = "cdp.batches"
+PRIVACY_PREFIX = "cdp.privacy"
+PRIVACY_DELETE = f"{INGEST_PREFIX}._delete"
+"""Privacy deletes enter through the ingest stream, behind the records before them."""
 BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
 
@@ -57,6 +65,10 @@ def admin(area: str, operation: str) -> str:
 
 def config(kind: str, name: str) -> str:
     return f"{CONFIG_PREFIX}.{kind}.{name}"
+
+
+def privacy_report(request_id: str, service: str) -> str:
+    return f"{PRIVACY_PREFIX}.{request_id}.{service}"
 
 
 def batch_progress(batch_id: str) -> str:
@@ -124,6 +136,13 @@ STREAM_CONFIG = StreamSpec(
     max_msgs_per_subject=1,
 )
 
+STREAM_PRIVACY = StreamSpec(
+    "CDP_PRIVACY",
+    (f"{PRIVACY_PREFIX}.>",),
+    "privacy deletes: one completion report per service and request",
+    max_age_s=30 * 24 * 3600.0,
+)
+
 ALL_STREAMS: tuple[StreamSpec, ...] = (
     STREAM_INGEST,
     STREAM_RECORDS,
@@ -132,4 +151,5 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (
     STREAM_MEMBERSHIP,
     STREAM_JOBS,
     STREAM_CONFIG,
+    STREAM_PRIVACY,
 )

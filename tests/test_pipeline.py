@@ -84,7 +84,7 @@ async def test_a_record_travels_from_ingest_to_segmentation(
         return scalar(tmp_path / "segmentation.db", "SELECT count(*) FROM profile_state") == 1
 
     await eventually(landed)
-    assert scalar(tmp_path / "profile.db", "SELECT dataset FROM fragments") == "web"
+    assert scalar(tmp_path / "profile.db", "SELECT dataset FROM events") == "web"
     assert scalar(tmp_path / "ingest.db", "SELECT reason FROM rejected_records") == "malformed JSON"
     assert scalar(tmp_path / "ingest.db", "SELECT accepted FROM dataset_counts") == 1
 

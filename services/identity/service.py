@@ -1,48 +1,387 @@
-"""The identity actor: resolves each record's profile id and routes it to its partition."""
+"""The identity actor: stitches each record's identities into the identity graph.
+
+Per batch it loads the part of the graph the batch touches (four queries), applies every
+record in order with the pure graph logic, persists the effects in the batch's
+transaction, and tells the profile service, partition by partition, which profile each
+record belongs to and which profiles merged, split or lost identities.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from services.identity.store import MIGRATIONS, UPSERT_IDENTITY
-from shared import subjects
-from shared.messages import Fragment, ProfileBatch, msgpack_encoder, record_batch_decoder
+import msgspec
+from nats.aio.subscription import Subscription
+
+from services.identity.graph import Edge, Effects, IdentityGraph, Node, WorkingSet
+from services.identity.graph import Merged as GraphMerged
+from services.identity.graph import Reassigned as GraphReassigned
+from services.identity.store import (
+    DELETE_EDGE,
+    DELETE_NODE,
+    DELETE_PROFILE,
+    EDGE_COLUMNS,
+    FOLD_PROFILE,
+    INSERT_EDGE,
+    INSERT_PROFILE,
+    INSERT_REFUSED,
+    MIGRATIONS,
+    NODE_COLUMNS,
+    UPSERT_NAMESPACE,
+    UPSERT_NODE,
+)
+from shared import admin, subjects
+from shared.admin import AdminFailure
+from shared.messages import (
+    Deleted,
+    Fragment,
+    Identity,
+    Merged,
+    PrivacyDelete,
+    PrivacyReport,
+    ProfileBatch,
+    ProfileItem,
+    Reassigned,
+    Record,
+    json_encoder,
+    msgpack_encoder,
+    record_batch_decoder,
+)
+from shared.resources import BUILTIN_NAMESPACES, Namespace
 from shared.runtime import Batch, ConsumerSpec, Service
 
+_namespace_decoder = msgspec.json.Decoder(Namespace)
+_keys_encoder = msgspec.json.Encoder()
 
-def new_profile_id(seed: str) -> str:
-    return "p" + hashlib.blake2b(seed.encode(), digest_size=10).hexdigest()
+
+class IdentityLookup(msgspec.Struct):
+    identity: str
+    """`<namespace>:<value>`"""
+
+
+class GraphNode(msgspec.Struct):
+    namespace: str
+    value: str
+    first_seen: float
+    last_seen: float
+
+
+class GraphLink(msgspec.Struct):
+    a: str
+    b: str
+    created_at: float
+    dataset: str
+    record_id: str
+
+
+class GraphRefusal(msgspec.Struct):
+    at: float
+    record_id: str
+    dataset: str
+    a: str
+    b: str
+    reason: str
+
+
+class IdentityGraphView(msgspec.Struct):
+    profile_id: str
+    primary: Identity | None
+    identities: list[GraphNode]
+    links: list[GraphLink]
+    refused: list[GraphRefusal]
+
+
+def parse_identity(text: str) -> Identity:
+    namespace, sep, value = text.partition(":")
+    if not sep or not namespace or not value:
+        raise AdminFailure(
+            "invalid", f"expected <namespace>:<value>, got {text!r}", field="identity"
+        )
+    return Identity(namespace, value)
+
+
+def _json_list(values: Iterable[str]) -> bytes:
+    return _keys_encoder.encode(list(values))
 
 
 class IdentityService(Service):
     name = "identity"
     migrations = MIGRATIONS
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.namespaces: dict[str, Namespace] = {n.symbol: n for n in BUILTIN_NAMESPACES}
+        self.graph = IdentityGraph(self.namespaces)
+        self._subs: list[Subscription] = []
+
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
+            ConsumerSpec(
+                "identity-namespaces",
+                subjects.STREAM_CONFIG,
+                self.handle_namespaces,
+                filter_subjects=(subjects.config("namespace", "*"),),
+                description="identity namespaces (linking rules), from ingest's configuration",
+            ),
             ConsumerSpec(
                 "identity",
                 subjects.STREAM_RECORDS,
                 self.handle_records,
-                description="accepted records from ingest",
+                description="accepted records and privacy deletes, from ingest",
             ),
         )
 
-    async def handle_records(self, batch: Batch) -> None:
-        by_partition: dict[int, list[Fragment]] = defaultdict(list)
+    async def on_start(self) -> None:
+        for symbol, spec in await self.db.execute_fetchall("SELECT symbol, spec FROM namespaces"):
+            self.namespaces[str(symbol)] = _namespace_decoder.decode(spec)
+        self.graph = IdentityGraph(self.namespaces)
+        self._subs = [
+            await admin.serve(
+                self.nc, subjects.admin("identity", "lookup"), IdentityLookup, self.lookup
+            )
+        ]
+
+    async def on_stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                self.log.debug("unsubscribe failed", error=repr(exc))
+
+    # -- configuration ------------------------------------------------------------------
+    async def handle_namespaces(self, batch: Batch) -> None:
+        updates: dict[str, Namespace] = {}
         for d in batch.deliveries:
-            for record in record_batch_decoder.decode(d.data).records:
-                first = record.identities[0] if record.identities else None
-                seed = f"{first.namespace}:{first.value}" if first else record.record_id
-                profile_id = new_profile_id(seed)
-                for ident in record.identities:
-                    batch.tx.add(
-                        UPSERT_IDENTITY,
-                        (ident.namespace, ident.value, profile_id, record.ingested_at),
-                    )
-                part = subjects.partition_of(profile_id, self.settings.partitions)
-                by_partition[part].append(Fragment(profile_id, record))
-        for part, items in by_partition.items():
+            try:
+                ns = _namespace_decoder.decode(d.data)
+            except msgspec.DecodeError:
+                self.log.warning("undecodable namespace configuration", subject=d.subject)
+                continue
+            updates[ns.symbol] = ns
+            batch.tx.add(UPSERT_NAMESPACE, (ns.symbol, d.data))
+
+        def install() -> None:
+            self.namespaces.update(updates)
+            self.graph = IdentityGraph(self.namespaces)
+
+        batch.after_commit(install)
+
+    # -- records ---------------------------------------------------------------------------
+    async def handle_records(self, batch: Batch) -> None:
+        messages = [record_batch_decoder.decode(d.data) for d in batch.deliveries]
+        keys: set[str] = set()
+        for m in messages:
+            for r in m.records:
+                keys.update(self.graph.keys_of(r.identities))
+            for req in m.deletes:
+                keys.update(self.graph.keys_of([req.identity]))
+        ws = await self._load(keys)
+        fx = Effects()
+        out: dict[int, list[ProfileItem]] = defaultdict(list)
+        reported = 0
+        for m in messages:
+            for record in m.records:
+                with_bound = self.log.bind(record_id=record.record_id, dataset=record.dataset)
+                profile_id = self.graph.link(
+                    ws,
+                    fx,
+                    record.identities,
+                    at=record.ingested_at,
+                    dataset=record.dataset,
+                    record_id=record.record_id,
+                )
+                reported = self._announce(fx, reported, out, record.ingested_at)
+                if profile_id is None:
+                    with_bound.info("record has no usable identity; not linked")
+                    continue
+                normalised = self._normalised(record)
+                out[self._part(profile_id)].append(Fragment(profile_id, normalised))
+            for req in m.deletes:
+                self._delete(ws, fx, req, out, batch)
+        self._persist(fx, batch)
+        for part, items in out.items():
             batch.emit(subjects.profiles(part), msgpack_encoder.encode(ProfileBatch(items)))
+
+    def _part(self, profile_id: str) -> int:
+        return subjects.partition_of(profile_id, self.settings.partitions)
+
+    def _normalised(self, record: Record) -> Record:
+        keys = self.graph.keys_of(record.identities)
+        identities = [Identity(*k.split(":", 1)) for k in keys]
+        primary = record.primary_identity
+        if primary is not None:
+            pk = self.graph.keys_of([primary])
+            primary = Identity(*pk[0].split(":", 1)) if pk else None
+        return msgspec.structs.replace(record, identities=identities, primary_identity=primary)
+
+    def _announce(
+        self, fx: Effects, reported: int, out: dict[int, list[ProfileItem]], at: float
+    ) -> int:
+        """Turn graph events new since `reported` into messages for the profile service."""
+        for event in fx.events[reported:]:
+            match event:
+                case GraphMerged(survivor=survivor, folded=folded):
+                    out[self._part(survivor)].append(Merged(survivor, list(folded), at))
+                    self.log.info("profiles merged", profile_id=survivor, folded=folded)
+                case GraphReassigned(from_profile=source, to_profile=target, keys=keys):
+                    identities = [Identity(*k.split(":", 1)) for k in keys]
+                    out[self._part(source)].append(
+                        Reassigned(source, target, identities, event.reason, at)
+                    )
+                    self.log.info(
+                        "identities reassigned",
+                        profile_id=source,
+                        to_profile=target,
+                        reason=event.reason,
+                        count=len(keys),
+                    )
+        return len(fx.events)
+
+    def _delete(
+        self,
+        ws: WorkingSet,
+        fx: Effects,
+        req: PrivacyDelete,
+        out: dict[int, list[ProfileItem]],
+        batch: Batch,
+    ) -> None:
+        keys = self.graph.keys_of([req.identity])
+        node = ws.nodes.get(keys[0]) if keys else None
+        profile_ids: list[str] = []
+        removed = 0
+        if node is not None:
+            pid = node.profile_id
+            profile_ids.append(pid)
+            members = [n.key for n in ws.nodes.values() if n.profile_id == pid]
+            for key in members:
+                del ws.nodes[key]
+                fx.upsert_nodes.pop(key, None)
+                fx.delete_nodes.add(key)
+            removed = len(members)
+            member_set = set(members)
+            for edge_key in [k for k in ws.edges if k[0] in member_set or k[1] in member_set]:
+                del ws.edges[edge_key]
+                fx.add_edges.pop(edge_key, None)
+                fx.delete_edges.add(edge_key)
+            ws.profiles.pop(pid, None)
+            fx.new_profiles.pop(pid, None)
+            batch.tx.add(DELETE_PROFILE, (pid,))
+            batch.tx.add(
+                "DELETE FROM refused_links WHERE a IN (SELECT value FROM json_each(?)) "
+                "OR b IN (SELECT value FROM json_each(?))",
+                (_json_list(members), _json_list(members)),
+            )
+        part = self._part(profile_ids[0]) if profile_ids else 0
+        out[part].append(Deleted(profile_ids, req))
+        report = PrivacyReport(
+            request_id=req.request_id,
+            service=self.name,
+            identity=req.identity,
+            profile_ids=profile_ids,
+            removed={"identities": removed},
+            at=time.time(),
+        )
+        batch.emit(subjects.privacy_report(req.request_id, self.name), json_encoder.encode(report))
+        self.log.info("identity graph deleted", request_id=req.request_id, identities=removed)
+
+    async def _load(self, keys: set[str]) -> WorkingSet:
+        """The graphs of every profile that holds one of `keys`: nodes, edges, profiles."""
+        ws = WorkingSet()
+        if not keys:
+            return ws
+        db = self.db
+        rows = await db.execute_fetchall(
+            "SELECT DISTINCT profile_id FROM nodes WHERE key IN (SELECT value FROM json_each(?))",
+            (_json_list(keys),),
+        )
+        pids = [str(r[0]) for r in rows]
+        if not pids:
+            return ws
+        plist = _json_list(pids)
+        for r in await db.execute_fetchall(
+            f"SELECT {NODE_COLUMNS} FROM nodes WHERE profile_id IN "
+            "(SELECT value FROM json_each(?))",
+            (plist,),
+        ):
+            ws.nodes[r[0]] = Node(
+                key=r[0],
+                namespace=r[1],
+                value=r[2],
+                profile_id=r[3],
+                first_seen=r[4],
+                last_seen=r[5],
+            )
+        for r in await db.execute_fetchall(
+            f"SELECT {EDGE_COLUMNS} FROM edges WHERE a IN (SELECT value FROM json_each(?)) "
+            "OR b IN (SELECT value FROM json_each(?))",
+            (_json_list(ws.nodes), _json_list(ws.nodes)),
+        ):
+            ws.edges[(r[0], r[1])] = Edge(
+                a=r[0], b=r[1], created_at=r[2], dataset=r[3], record_id=r[4]
+            )
+        for r in await db.execute_fetchall(
+            "SELECT profile_id, created_at FROM profiles WHERE profile_id IN "
+            "(SELECT value FROM json_each(?))",
+            (plist,),
+        ):
+            ws.profiles[str(r[0])] = float(r[1])
+        return ws
+
+    def _persist(self, fx: Effects, batch: Batch) -> None:
+        tx = batch.tx
+        tx.add_many(DELETE_EDGE, list(fx.delete_edges))
+        tx.add_many(DELETE_NODE, [(k,) for k in fx.delete_nodes])
+        tx.add_many(INSERT_PROFILE, list(fx.new_profiles.items()))
+        tx.add_many(
+            UPSERT_NODE,
+            [
+                (n.key, n.namespace, n.value, n.profile_id, n.first_seen, n.last_seen)
+                for n in fx.upsert_nodes.values()
+            ],
+        )
+        tx.add_many(
+            INSERT_EDGE,
+            [(e.a, e.b, e.created_at, e.dataset, e.record_id) for e in fx.add_edges.values()],
+        )
+        tx.add_many(FOLD_PROFILE, [(s, f) for f, s in fx.folded_profiles.items()])
+        tx.add_many(
+            INSERT_REFUSED,
+            [(r.at, r.record_id, r.dataset, r.a, r.b, r.reason) for r in fx.refused],
+        )
+
+    # -- lookups -----------------------------------------------------------------------------
+    async def lookup(self, request: IdentityLookup) -> IdentityGraphView:
+        identity = parse_identity(request.identity)
+        keys = self.graph.keys_of([identity])
+        if not keys:
+            raise AdminFailure("not_found", f"{request.identity} is not a usable identity value")
+        ws = await self._load({keys[0]})
+        node = ws.nodes.get(keys[0])
+        if node is None:
+            raise AdminFailure("not_found", f"no profile holds {request.identity}")
+        members = self.graph.graph_of(ws, node.profile_id)
+        member_keys = {n.key for n in members}
+        primary = self.graph.primary_identity(members)
+        refused = await self.db.execute_fetchall(
+            "SELECT at, record_id, dataset, a, b, reason FROM refused_links WHERE a IN "
+            "(SELECT value FROM json_each(?)) OR b IN (SELECT value FROM json_each(?)) "
+            "ORDER BY at DESC LIMIT 100",
+            (_json_list(member_keys), _json_list(member_keys)),
+        )
+        return IdentityGraphView(
+            profile_id=node.profile_id,
+            primary=Identity(primary.namespace, primary.value) if primary else None,
+            identities=[
+                GraphNode(n.namespace, n.value, n.first_seen, n.last_seen)
+                for n in sorted(members, key=lambda n: (n.first_seen, n.key))
+            ],
+            links=[
+                GraphLink(e.a, e.b, e.created_at, e.dataset, e.record_id)
+                for e in sorted(ws.edges.values(), key=lambda e: (e.created_at, e.a, e.b))
+                if e.a in member_keys
+            ],
+            refused=[GraphRefusal(*r) for r in refused],
+        )

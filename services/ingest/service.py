@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 
+import msgspec
+
 from services.ingest.admin import IngestAdmin
 from services.ingest.batches import BatchJobs
 from services.ingest.http import IngestHttp
@@ -24,9 +26,18 @@ from services.ingest.store import BUMP_COUNTS, MIGRATIONS
 from services.ingest.validation import Accepted, CompiledSchema, Limits
 from shared import subjects
 from shared.config import Settings
-from shared.messages import Record, RecordBatch, msgpack_encoder
+from shared.messages import (
+    PrivacyDelete,
+    PrivacyReport,
+    Record,
+    RecordBatch,
+    json_encoder,
+    msgpack_encoder,
+)
 from shared.resources import Dataset
 from shared.runtime import Batch, ConsumerSpec, Service
+
+_delete_decoder = msgspec.json.Decoder(PrivacyDelete)
 
 
 class IngestService(Service):
@@ -99,6 +110,12 @@ class IngestService(Service):
         accepted: list[Record] = []
         counts: Counter[tuple[str, bool]] = Counter()
         for d in batch.deliveries:
+            if d.subject == subjects.PRIVACY_DELETE:
+                for part in chunked(accepted):  # records published before the delete go first
+                    batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+                accepted = []
+                await self._privacy_delete(batch, d.data, now)
+                continue
             dataset = subjects.dataset_of(d.subject)
             record_id = self.record_id(d.seq)
             found = self.compiled(dataset)
@@ -140,6 +157,36 @@ class IngestService(Service):
             batch.tx.add(BUMP_COUNTS, (dataset, n if ok else 0, 0 if ok else n))
         for part in chunked(accepted):
             batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+
+    async def _privacy_delete(self, batch: Batch, data: bytes, now: float) -> None:
+        try:
+            request = _delete_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self.log.warning("malformed privacy delete ignored", error=str(exc))
+            return
+        value = request.identity.value
+        rows = await self.db.execute_fetchall(
+            "SELECT count(*) FROM rejected_records WHERE instr(lower(CAST(payload AS TEXT)), "
+            "lower(?)) > 0",
+            (value,),
+        )
+        removed = int(next(iter(rows))[0])
+        batch.tx.add(
+            "DELETE FROM rejected_records WHERE instr(lower(CAST(payload AS TEXT)), lower(?)) > 0",
+            (value,),
+        )
+        batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], deletes=[request])))
+        report = PrivacyReport(
+            request_id=request.request_id,
+            service=self.name,
+            identity=request.identity,
+            removed={"rejected_records": removed},
+            at=now,
+        )
+        batch.emit(
+            subjects.privacy_report(request.request_id, self.name), json_encoder.encode(report)
+        )
+        self.log.info("privacy delete passed on", request_id=request.request_id)
 
 
 def _epoch(iso: str) -> int:

@@ -1,4 +1,5 @@
-"""The profile service's SQLite state: profile fragments, one row per record."""
+"""The profile service's SQLite state: attributes per dataset, events, identities,
+profiles, merge policies and the dataset configuration it follows."""
 
 from __future__ import annotations
 
@@ -9,19 +10,98 @@ MIGRATIONS: tuple[Migration, ...] = (
         "profile",
         1,
         """
-        CREATE TABLE fragments (
+        CREATE TABLE profiles (
+            profile_id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            folded_into TEXT
+        );
+        CREATE TABLE attributes (
+            profile_id TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            path TEXT NOT NULL,
+            value BLOB NOT NULL,
+            ts REAL NOT NULL,
+            record_id TEXT NOT NULL,
+            PRIMARY KEY (profile_id, dataset, path)
+        );
+        CREATE TABLE events (
             record_id TEXT PRIMARY KEY,
             profile_id TEXT NOT NULL,
             dataset TEXT NOT NULL,
-            ingested_at REAL NOT NULL,
+            event_type TEXT,
+            ts REAL NOT NULL,
+            identity_keys TEXT NOT NULL,
             payload BLOB NOT NULL
         );
-        CREATE INDEX fragments_by_profile ON fragments (profile_id, ingested_at)
+        CREATE INDEX events_by_profile ON events (profile_id, ts);
+        CREATE INDEX events_by_dataset ON events (dataset, ts);
+        CREATE TABLE identities (
+            namespace TEXT NOT NULL,
+            value TEXT NOT NULL,
+            profile_id TEXT NOT NULL,
+            PRIMARY KEY (namespace, value)
+        );
+        CREATE INDEX identities_by_profile ON identities (profile_id);
+        CREATE TABLE memberships (
+            profile_id TEXT NOT NULL,
+            segment TEXT NOT NULL,
+            status TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (profile_id, segment)
+        );
+        CREATE TABLE datasets (
+            name TEXT PRIMARY KEY,
+            spec BLOB NOT NULL
+        );
+        CREATE TABLE schemas (
+            name TEXT PRIMARY KEY,
+            spec BLOB NOT NULL
+        );
+        CREATE TABLE merge_policies (
+            name TEXT PRIMARY KEY,
+            spec BLOB NOT NULL,
+            updated_at REAL NOT NULL
+        )
         """,
     ),
 )
 
-INSERT_FRAGMENT = (
-    "INSERT OR IGNORE INTO fragments (record_id, profile_id, dataset, ingested_at, payload) "
-    "VALUES (?, ?, ?, ?, ?)"
+UPSERT_PROFILE = (
+    "INSERT INTO profiles (profile_id, created_at, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (profile_id) DO UPDATE SET updated_at = excluded.updated_at"
+)
+FOLD_PROFILE = "UPDATE profiles SET folded_into = ? WHERE profile_id = ?"
+UPSERT_ATTRIBUTE = (
+    "INSERT INTO attributes (profile_id, dataset, path, value, ts, record_id) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id, dataset, path) DO UPDATE SET "
+    "value = excluded.value, ts = excluded.ts, record_id = excluded.record_id"
+)
+DELETE_ATTRIBUTES = "DELETE FROM attributes WHERE profile_id = ?"
+INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (record_id, profile_id, dataset, event_type, ts, "
+    "identity_keys, payload) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+MOVE_EVENTS = "UPDATE events SET profile_id = ? WHERE profile_id = ?"
+UPSERT_IDENTITY = (
+    "INSERT INTO identities (namespace, value, profile_id) VALUES (?, ?, ?) "
+    "ON CONFLICT (namespace, value) DO UPDATE SET profile_id = excluded.profile_id"
+)
+MOVE_IDENTITIES = "UPDATE identities SET profile_id = ? WHERE profile_id = ?"
+DELETE_IDENTITY = "DELETE FROM identities WHERE namespace = ? AND value = ?"
+CAP_EVENTS = (
+    "DELETE FROM events WHERE record_id IN (SELECT record_id FROM events WHERE profile_id = ? "
+    "ORDER BY ts DESC, record_id DESC LIMIT -1 OFFSET ?)"
+)
+UPSERT_DATASET = (
+    "INSERT INTO datasets (name, spec) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+    "spec = excluded.spec"
+)
+UPSERT_SCHEMA = (
+    "INSERT INTO schemas (name, spec) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+    "spec = excluded.spec"
+)
+UPSERT_POLICY = (
+    "INSERT INTO merge_policies (name, spec, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at"
 )

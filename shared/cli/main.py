@@ -29,6 +29,7 @@ from shared.admin import (
     GetRequest,
     GetResult,
 )
+from shared.cli import people
 from shared.cli.apply import apply_objects, load_file
 from shared.cli.client import ClientError, connect
 from shared.cli.ingest import file_format, run_batch
@@ -274,6 +275,73 @@ def errors(
             r.record_id, str(r.row_number or "-"), r.reason, r.path or "-", r.expected, r.got
         )
     console.print(table)
+
+
+# -- people ----------------------------------------------------------------------------------
+@app.command()
+def identity(
+    identity: Annotated[str, typer.Argument(help="<namespace>:<value>, e.g. email:a@example.com")],
+    nats_url: NatsOption = None,
+) -> None:
+    """Show the identity graph holding an identity: profile id, identities, links, refusals."""
+
+    async def go() -> dict[str, Any]:
+        async with connect(nats_url) as nc:
+            return await people.identity_graph(nc, identity)
+
+    graph = run(go)
+    console.print(f"profile [bold]{graph['profile_id']}[/]")
+    table = Table(title="identities")
+    for col in ("namespace", "value", "first seen", "last seen"):
+        table.add_column(col)
+    for n in graph["identities"]:
+        table.add_row(n["namespace"], n["value"], _when(n["first_seen"]), _when(n["last_seen"]))
+    console.print(table)
+    links = Table(title="links")
+    for col in ("from", "to", "made", "dataset", "record"):
+        links.add_column(col)
+    for e in graph["links"]:
+        links.add_row(e["a"], e["b"], _when(e["created_at"]), e["dataset"], e["record_id"])
+    console.print(links)
+    for r in graph["refused"]:
+        console.print(f"[yellow]refused[/] {r['a']} - {r['b']}: {r['reason']} ({r['dataset']})")
+
+
+@app.command()
+def profile(
+    identity: Annotated[str, typer.Argument(help="<namespace>:<value>")],
+    merge_policy: Annotated[str | None, typer.Option(help="A configured merge policy.")] = None,
+    events: Annotated[int, typer.Option(help="How many recent events to show.")] = 20,
+    nats_url: NatsOption = None,
+) -> None:
+    """Show the unified profile of the person holding an identity, as JSON."""
+
+    async def go() -> dict[str, Any]:
+        async with connect(nats_url) as nc:
+            return await people.profile(nc, identity, merge_policy, events)
+
+    console.print_json(data=run(go))
+
+
+@app.command()
+def delete(
+    identity: Annotated[str, typer.Argument(help="<namespace>:<value>")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every service.")] = 60.0,
+    nats_url: NatsOption = None,
+) -> None:
+    """Privacy delete: remove the person from every service's store; report per service."""
+
+    async def go() -> dict[str, Any]:
+        async with connect(nats_url) as nc:
+
+            def show(report: Any) -> None:
+                removed = ", ".join(f"{v} {k}" for k, v in report.removed.items()) or "nothing"
+                console.print(f"[green]{report.service}[/]: removed {removed}")
+
+            return await people.delete(nc, identity, show, timeout)
+
+    run(go)
+    console.print("deleted everywhere")
 
 
 def main() -> None:

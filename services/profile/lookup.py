@@ -1,0 +1,176 @@
+"""Profile lookups by any identity: NATS request/reply on `cdp.profile.lookup` (JSON) and
+HTTP GET /v1/profiles?identity=<namespace>:<value> on the profile service."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from services.profile.merge import AttributeValue, default_policy, merge
+from shared import subjects
+from shared.admin import AdminError, AdminFailure, AdminReply
+from shared.messages import ExperienceEvent, Identity
+from shared.normalize import normalize
+from shared.resources import BUILTIN_NAMESPACES
+
+if TYPE_CHECKING:
+    from services.profile.service import ProfileService
+
+_value_decoder = msgspec.msgpack.Decoder()
+_encoder = msgspec.json.Encoder()
+_NAMESPACES = {n.symbol: n for n in BUILTIN_NAMESPACES}
+
+
+class ProfileLookup(msgspec.Struct):
+    identity: str
+    """`<namespace>:<value>`"""
+    merge_policy: str | None = None
+    events: int = 20
+    """How many of the most recent events to include."""
+
+
+class Membership(msgspec.Struct):
+    segment: str
+    status: str
+    at: float
+
+
+class ProfileView(msgspec.Struct):
+    profile_id: str
+    merge_policy: str
+    attributes: dict[str, Any]
+    identities: list[Identity]
+    events: list[ExperienceEvent]
+    memberships: list[Membership]
+
+
+_lookup_decoder = msgspec.json.Decoder(ProfileLookup)
+
+
+class ProfileLookups:
+    def __init__(self, service: ProfileService) -> None:
+        self.svc = service
+        self._sub: Subscription | None = None
+        service.health.app.router.add_get("/v1/profiles", self.http_get)
+
+    async def start(self) -> None:
+        self._sub = await self.svc.nc.subscribe(
+            subjects.PROFILE_LOOKUP, queue="profile-lookup", cb=self._on_request
+        )
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                self.svc.log.debug("unsubscribe failed", error=repr(exc))
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            view = await self.lookup(_lookup_decoder.decode(msg.data))
+            reply = AdminReply(ok=True, result=view)
+        except msgspec.DecodeError as exc:
+            reply = AdminReply(ok=False, error=AdminError("malformed", f"malformed request: {exc}"))
+        except AdminFailure as exc:
+            reply = AdminReply(ok=False, error=exc.to_error())
+        await msg.respond(_encoder.encode(reply))
+
+    async def http_get(self, request: web.Request) -> web.Response:
+        identity = request.query.get("identity", "")
+        try:
+            events = int(request.query.get("events", "20"))
+            view = await self.lookup(
+                ProfileLookup(identity, request.query.get("merge_policy"), events)
+            )
+        except ValueError:
+            return web.json_response(
+                {"error": {"code": "invalid", "message": "events must be an integer"}}, status=400
+            )
+        except AdminFailure as exc:
+            status = 404 if exc.code == "not_found" else 400
+            return web.json_response({"error": msgspec.to_builtins(exc.to_error())}, status=status)
+        return web.Response(body=_encoder.encode(view), content_type="application/json")
+
+    async def lookup(self, request: ProfileLookup) -> ProfileView:
+        namespace, sep, raw = request.identity.partition(":")
+        if not sep or not namespace or not raw:
+            raise AdminFailure(
+                "invalid",
+                f"expected <namespace>:<value>, got {request.identity!r}",
+                field="identity",
+            )
+        value = normalize(_NAMESPACES.get(namespace), namespace, raw)
+        if value is None:
+            raise AdminFailure("not_found", f"{request.identity} is not a usable identity value")
+        db = self.svc.db
+        rows = await db.execute_fetchall(
+            "SELECT profile_id FROM identities WHERE namespace = ? AND value = ?",
+            (namespace, value),
+        )
+        found = [str(r[0]) for r in rows]
+        if not found:
+            raise AdminFailure("not_found", f"no profile holds {namespace}:{raw}")
+        pid = found[0]
+        policies = self.svc.policies
+        if request.merge_policy is not None:
+            policy = policies.get(request.merge_policy)
+            if policy is None:
+                raise AdminFailure(
+                    "not_found",
+                    f"no merge policy named {request.merge_policy!r}",
+                    kind="merge_policy",
+                    name=request.merge_policy,
+                )
+        else:
+            policy = default_policy(policies.items())
+        attrs = [
+            AttributeValue(ds, path, _value_decoder.decode(v), ts, rid)
+            for ds, path, v, ts, rid in await db.execute_fetchall(
+                "SELECT dataset, path, value, ts, record_id FROM attributes WHERE profile_id = ?",
+                (pid,),
+            )
+        ]
+        identities = [
+            Identity(str(ns), str(v))
+            for ns, v in await db.execute_fetchall(
+                "SELECT namespace, value FROM identities WHERE profile_id = ? "
+                "ORDER BY namespace, value",
+                (pid,),
+            )
+        ]
+        limit = max(0, min(request.events, 5000))
+        events = [
+            ExperienceEvent(
+                record_id=rid,
+                dataset=ds,
+                event_type=et,
+                timestamp=ts,
+                payload=_value_decoder.decode(payload),
+            )
+            for rid, ds, et, ts, payload in await db.execute_fetchall(
+                "SELECT record_id, dataset, event_type, ts, payload FROM events WHERE "
+                "profile_id = ? ORDER BY ts DESC, record_id DESC LIMIT ?",
+                (pid, limit),
+            )
+            if not self._expired(ds, ts)
+        ]
+        memberships = [
+            Membership(str(seg), str(status), float(at))
+            for seg, status, at in await db.execute_fetchall(
+                "SELECT segment, status, at FROM memberships WHERE profile_id = ? ORDER BY segment",
+                (pid,),
+            )
+        ]
+        return ProfileView(pid, policy.name, merge(attrs, policy), identities, events, memberships)
+
+    def _expired(self, dataset: str, ts: float) -> bool:
+        ds = self.svc.datasets.get(dataset)
+        return bool(ds and ds.expiration_days and ts < time.time() - ds.expiration_days * 86400.0)

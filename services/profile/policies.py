@@ -1,0 +1,159 @@
+"""Merge policies: configured with `cdp apply` (kind merge_policy), owned by this service."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
+
+from services.profile.merge import PolicyError, check_policies
+from services.profile.store import UPSERT_POLICY
+from shared import admin, subjects
+from shared.admin import (
+    AdminFailure,
+    ApplyBatch,
+    ApplyBatchResult,
+    ApplyResult,
+    Change,
+    GetRequest,
+    GetResult,
+    spec_name,
+    validation_failure,
+)
+from shared.db import Tx, apply
+from shared.resources import PLURALS, MergePolicy, to_builtins
+
+if TYPE_CHECKING:
+    from services.profile.service import ProfileService
+
+_policy_decoder = msgspec.json.Decoder(MergePolicy)
+_encoder = msgspec.json.Encoder()
+KIND = "merge_policy"
+
+
+def _diff(before: dict[str, object], after: dict[str, object]) -> list[Change]:
+    keys = sorted(set(before) | set(after))
+    return [Change(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]
+
+
+class MergePolicies:
+    def __init__(self, service: ProfileService) -> None:
+        self.svc = service
+        self._policies: dict[str, MergePolicy] = {}
+        self._subs: list[Subscription] = []
+
+    def items(self) -> list[MergePolicy]:
+        return [self._policies[k] for k in sorted(self._policies)]
+
+    def get(self, name: str) -> MergePolicy | None:
+        return self._policies.get(name)
+
+    async def start(self) -> None:
+        for _name, spec in await self.svc.db.execute_fetchall(
+            "SELECT name, spec FROM merge_policies"
+        ):
+            policy = _policy_decoder.decode(spec)
+            self._policies[policy.name] = policy
+        nc = self.svc.nc
+        self._subs = [
+            await admin.serve(nc, subjects.admin("profile", "apply"), ApplyBatch, self.apply),
+            await admin.serve(nc, subjects.admin("profile", "get"), GetRequest, self.get_request),
+        ]
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                self.svc.log.debug("unsubscribe failed", error=repr(exc))
+        self._subs = []
+
+    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+        scratch = dict(self._policies)
+        results: list[ApplyResult] = []
+        for obj in request.objects:
+            kind = PLURALS.get(obj.kind, obj.kind)
+            if kind != KIND:
+                raise AdminFailure(
+                    "unknown_kind", f"the profile service does not own {kind!r}", kind=kind
+                )
+            name = spec_name(obj.spec)
+            try:
+                policy = msgspec.convert(obj.spec, MergePolicy)
+            except msgspec.ValidationError as exc:
+                raise validation_failure(KIND, name, exc) from None
+            current = scratch.get(policy.name)
+            if policy.default:  # one default: the newly applied one
+                for other in list(scratch.values()):
+                    if other.default and other.name != policy.name:
+                        scratch[other.name] = msgspec.structs.replace(other, default=False)
+            scratch[policy.name] = policy
+            if current is None:
+                results.append(
+                    ApplyResult(KIND, policy.name, "created", _diff({}, to_builtins(policy)))
+                )
+            else:
+                changes = _diff(to_builtins(current), to_builtins(policy))
+                results.append(
+                    ApplyResult(KIND, policy.name, "updated" if changes else "unchanged", changes)
+                )
+        ordered = [scratch[k] for k in sorted(scratch)]
+        known = set(self.svc.datasets)
+        for name in {d for p in ordered for d in p.datasets} - known:
+            if await self._dataset_exists(name):  # applied a moment ago, not seen here yet
+                known.add(name)
+        try:
+            check_policies(ordered, known)
+        except PolicyError as exc:
+            index_name = _policy_at(exc.path, ordered)
+            field = exc.path.split(".", 1)[1] if "." in exc.path else None
+            raise AdminFailure(
+                "invalid", exc.reason, kind=KIND, name=index_name, field=field
+            ) from None
+        if not request.dry_run and any(r.action != "unchanged" for r in results):
+            now = time.time()
+            tx = Tx()
+            for p in ordered:
+                if self._policies.get(p.name) != p:
+                    tx.add(UPSERT_POLICY, (p.name, _encoder.encode(p), now))
+            await apply(self.svc.db, tx)
+            self._policies = scratch
+        return ApplyBatchResult(results)
+
+    async def _dataset_exists(self, name: str) -> bool:
+        """Ask the configuration stream itself, the source every service follows."""
+        try:
+            await self.svc.js.get_last_msg(
+                subjects.STREAM_CONFIG.name, subjects.config("dataset", name)
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    async def get_request(self, request: GetRequest) -> GetResult:
+        kind = PLURALS.get(request.kind, request.kind)
+        if kind != KIND:
+            raise AdminFailure(
+                "unknown_kind", f"the profile service does not own {kind!r}", kind=kind
+            )
+        if request.name is not None:
+            policy = self._policies.get(request.name)
+            if policy is None:
+                raise AdminFailure(
+                    "not_found", f"no merge policy named {request.name!r}", kind=KIND
+                )
+            return GetResult(KIND, [to_builtins(policy)])
+        return GetResult(KIND, [to_builtins(p) for p in self.items()])
+
+
+def _policy_at(path: str, ordered: list[MergePolicy]) -> str | None:
+    """`policies[2].datasets[0]` -> the name of the third policy."""
+    if path.startswith("policies[") and "]" in path:
+        try:
+            return ordered[int(path[len("policies[") : path.index("]")])].name
+        except (ValueError, IndexError):
+            return None
+    return None
