@@ -243,7 +243,7 @@ async def test_attribute_conflicts_resolve_as_each_merge_policy_says(
             and "birth_date" in v["attributes"]["person"]
         ),
     )
-    assert newest["merge_policy"] == "timestamp-ordered"
+    assert newest["merge_policy"] == "newest-wins"  # the example's default policy
     legacy = await people.profile(nc, "crm_id:K1", "legacy-first", 0)
     assert legacy["attributes"]["person"] == {"name": {"first": "Kate"}, "birth_date": "1990-05-01"}
     with pytest.raises(AdminFailure) as bad:

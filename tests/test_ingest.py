@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from typer.testing import CliRunner
 
 from services.ingest.service import IngestService
+from services.profile.service import ProfileService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -227,8 +228,17 @@ async def test_invalid_config_names_file_object_and_field(
 
 
 async def test_cli_apply_get_and_dry_run(
-    bare_ingest: IngestService, nats_server: NatsServer
+    bare_ingest: IngestService, nats_server: NatsServer, tmp_path: Path
 ) -> None:
+    profile = ProfileService(settings_for("profile", nats_server.url, tmp_path))
+    await profile.start()  # owns the example's merge policies
+    try:
+        await _cli_apply_get_and_dry_run(nats_server)
+    finally:
+        await profile.stop()
+
+
+async def _cli_apply_get_and_dry_run(nats_server: NatsServer) -> None:
     runner = CliRunner()
     env = {"CDP_NATS_URL": nats_server.url}
     config = ROOT / "examples" / "retail" / "config.yaml"
@@ -243,6 +253,9 @@ async def test_cli_apply_get_and_dry_run(
     got = await asyncio.to_thread(runner.invoke, app, ["get", "datasets", "web"], env=env)
     assert got.exit_code == 0, got.output
     assert "profile_enabled: true" in got.output
+    policies = await asyncio.to_thread(runner.invoke, app, ["get", "merge_policies"], env=env)
+    assert policies.exit_code == 0, policies.output
+    assert "name: crm-first" in policies.output
 
 
 # -- the NATS door ---------------------------------------------------------------------------

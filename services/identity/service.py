@@ -8,6 +8,7 @@ record belongs to and which profiles merged, split or lost identities.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,7 @@ from services.identity.store import (
 )
 from shared import admin, subjects
 from shared.admin import AdminFailure
+from shared.config import ConfigError
 from shared.messages import (
     Deleted,
     Fragment,
@@ -103,6 +105,19 @@ def parse_identity(text: str) -> Identity:
     return Identity(namespace, value)
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "a positive integer") from None
+    if value < 2:
+        raise ConfigError(name, raw, "an integer of at least 2")
+    return value
+
+
 def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
 
@@ -113,9 +128,16 @@ class IdentityService(Service):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.max_identities = _env_int("CDP_IDENTITY_MAX_GRAPH_SIZE", 50)
+        self.phone_region = os.environ.get("CDP_PHONE_REGION", "US")
         self.namespaces: dict[str, Namespace] = {n.symbol: n for n in BUILTIN_NAMESPACES}
-        self.graph = IdentityGraph(self.namespaces)
+        self.graph = self._new_graph()
         self._subs: list[Subscription] = []
+
+    def _new_graph(self) -> IdentityGraph:
+        return IdentityGraph(
+            self.namespaces, max_identities=self.max_identities, default_region=self.phone_region
+        )
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -137,7 +159,7 @@ class IdentityService(Service):
     async def on_start(self) -> None:
         for symbol, spec in await self.db.execute_fetchall("SELECT symbol, spec FROM namespaces"):
             self.namespaces[str(symbol)] = _namespace_decoder.decode(spec)
-        self.graph = IdentityGraph(self.namespaces)
+        self.graph = self._new_graph()
         self._subs = [
             await admin.serve(
                 self.nc, subjects.admin("identity", "lookup"), IdentityLookup, self.lookup
@@ -165,7 +187,7 @@ class IdentityService(Service):
 
         def install() -> None:
             self.namespaces.update(updates)
-            self.graph = IdentityGraph(self.namespaces)
+            self.graph = self._new_graph()
 
         batch.after_commit(install)
 
