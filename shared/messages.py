@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 
-class Identity(msgspec.Struct, frozen=True, array_like=True):
+class Identity(msgspec.Struct, frozen=True):
     namespace: str
     value: str
 

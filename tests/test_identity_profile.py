@@ -96,7 +96,7 @@ async def settled(nc: Client, identity: str, check: Any, timeout: float = 20.0) 
 
 
 def idents(view: dict[str, Any]) -> set[str]:
-    return {f"{i[0]}:{i[1]}" for i in view["identities"]}
+    return {f"{i['namespace']}:{i['value']}" for i in view["identities"]}
 
 
 async def test_one_person_journey_ends_in_one_profile(

@@ -362,8 +362,9 @@ class ProfileService(Service):
             "OR folded_into IN (SELECT value FROM json_each(?))",
             (plist, plist),
         )
+        counts["attributes"] = sum(len(state.rows.get(pid, {})) for pid in pids)  # loaded + new
         for pid in pids:
-            counts["attributes"] += len(state.rows.pop(pid, {}))
+            state.rows.pop(pid, None)
             state.identities.pop(pid, None)
             touched.pop(pid, None)
             before.pop(pid, None)
