@@ -7,12 +7,21 @@ from pathlib import Path
 
 import nats
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 from nats.aio.client import Client
 
 from shared.log import configure_logging
 from shared.natsd import NatsServer, free_port
 
 configure_logging("warning", "json")
+
+# Two cores shared with nats-server and services: generation speed is no test subject here.
+settings.register_profile(
+    "cdp",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("cdp")
 
 
 @pytest_asyncio.fixture
