@@ -128,7 +128,16 @@ class ProfileDeleted(msgspec.Struct, tag="deleted"):
     request: PrivacyDelete
 
 
-ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted
+class Recheck(msgspec.Struct, tag="recheck"):
+    """Evaluate a profile again without new data: a time-based exit is due (`job_id` None),
+    or a batch segmentation job reaches the profile (`job_id` set)."""
+
+    profile_ids: list[str]
+    at: float
+    job_id: str | None = None
+
+
+ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted | Recheck
 
 
 class ChangeBatch(msgspec.Struct, tag="changes"):

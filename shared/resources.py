@@ -113,11 +113,22 @@ class MergePolicy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     description: str = ""
 
 
+class Segment(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """An audience, written in the segment language (docs/segments.md)."""
+
+    name: str
+    expression: str
+    description: str = ""
+    merge_policy: str | None = None
+    """The merge policy whose view of the profile the segment reads (default: the default)."""
+
+
 KINDS: dict[str, type[msgspec.Struct]] = {
     "namespace": Namespace,
     "schema": Schema,
     "dataset": Dataset,
     "merge_policy": MergePolicy,
+    "segment": Segment,
 }
 """Kind name -> type. A configuration file lists them under the plural key."""
 
@@ -126,15 +137,17 @@ PLURALS: dict[str, str] = {
     "schemas": "schema",
     "datasets": "dataset",
     "merge_policies": "merge_policy",
+    "segments": "segment",
 }
 
-APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset", "merge_policy")
+APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset", "merge_policy", "segment")
 
 OWNERS: dict[str, str] = {
     "namespace": "ingest",
     "schema": "ingest",
     "dataset": "ingest",
     "merge_policy": "profile",
+    "segment": "segmentation",
 }
 """Which service owns (validates, stores and publishes) each kind of object."""
 

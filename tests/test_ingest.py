@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from typer.testing import CliRunner
 
 from services.ingest.service import IngestService
+from services.ingest.validation import Limits
 from services.profile.service import ProfileService
 from shared import admin, subjects
 from shared.admin import (
@@ -509,3 +510,43 @@ async def test_cli_ingest_and_batches(
     errs = await asyncio.to_thread(runner.invoke, app, ["errors", "crm"], env=env)
     assert errs.exit_code == 0, errs.output
     assert "6 rejected records" in errs.output
+
+
+async def test_identity_count_and_no_identity_rules_with_configured_limits(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    svc = IngestService(
+        settings_for("ingest", nats_server.url, tmp_path), limits=Limits(max_identities=2)
+    )
+    await svc.start()
+    try:
+        await apply_config(nc, CONFIG)
+        optional = {
+            "name": "newsletter",
+            "class": "profile",
+            "fields": {
+                "email": {"type": "string", "identity": "email"},
+                "topic": {"type": "string"},
+            },
+        }
+        await apply_config(
+            nc,
+            {
+                "schemas": [optional],
+                "datasets": [{"name": "news", "schema": "newsletter", "profile_enabled": True}],
+            },
+        )
+        js = nc.jetstream()
+        three = {"crm_id": "T1", "email": "t@example.com", "phone": "+12015550100"}
+        await js.publish("cdp.ingest.crm", json.dumps(three).encode())
+        await js.publish("cdp.ingest.news", json.dumps({"topic": "shoes"}).encode())
+        await js.publish("cdp.ingest.news", json.dumps({"email": "n@example.com"}).encode())
+        await eventually(lambda: _count_downstream(nc, 1))
+        crm = (await errors_for(nc, "crm")).records
+        assert [(r.reason, r.expected) for r in crm] == [
+            ("too many identities", "at most 2 identities")
+        ]
+        news = (await errors_for(nc, "news")).records
+        assert [r.reason for r in news] == ["no identity"]
+    finally:
+        await svc.stop()

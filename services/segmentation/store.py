@@ -1,4 +1,6 @@
-"""The segmentation service's SQLite state: the profiles it has seen change."""
+"""The segmentation service's SQLite state: segment definitions, the profile view it
+evaluates (attributes, identities, events), memberships, timers for time-based exits,
+and job records."""
 
 from __future__ import annotations
 
@@ -9,17 +11,90 @@ MIGRATIONS: tuple[Migration, ...] = (
         "segmentation",
         1,
         """
-        CREATE TABLE profile_state (
+        CREATE TABLE segments (
+            name TEXT PRIMARY KEY,
+            spec BLOB NOT NULL,
+            ast BLOB NOT NULL,
+            method TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE facts (
             profile_id TEXT PRIMARY KEY,
-            changes INTEGER NOT NULL,
-            last_change_at REAL NOT NULL
+            attributes BLOB NOT NULL,
+            identities BLOB NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE events (
+            record_id TEXT PRIMARY KEY,
+            profile_id TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            event_type TEXT,
+            ts REAL NOT NULL,
+            payload BLOB NOT NULL
+        );
+        CREATE INDEX events_by_profile ON events (profile_id, ts);
+        CREATE TABLE memberships (
+            profile_id TEXT NOT NULL,
+            segment TEXT NOT NULL,
+            status TEXT NOT NULL,
+            since REAL NOT NULL,
+            last_qualified REAL,
+            method TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (profile_id, segment)
+        );
+        CREATE INDEX memberships_by_segment ON memberships (segment, status);
+        CREATE TABLE timers (
+            profile_id TEXT NOT NULL,
+            segment TEXT NOT NULL,
+            due REAL NOT NULL,
+            PRIMARY KEY (profile_id, segment)
+        );
+        CREATE INDEX timers_by_due ON timers (due);
+        CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            trigger TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            total INTEGER NOT NULL,
+            scanned INTEGER NOT NULL DEFAULT 0,
+            counts BLOB NOT NULL,
+            error TEXT
         )
         """,
     ),
 )
 
-BUMP_PROFILE = (
-    "INSERT INTO profile_state (profile_id, changes, last_change_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (profile_id) DO UPDATE SET changes = changes + excluded.changes, "
-    "last_change_at = excluded.last_change_at"
+UPSERT_FACTS = (
+    "INSERT INTO facts (profile_id, attributes, identities, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (profile_id) DO UPDATE SET attributes = excluded.attributes, "
+    "identities = excluded.identities, updated_at = excluded.updated_at"
+)
+INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (record_id, profile_id, dataset, event_type, ts, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+UPSERT_MEMBERSHIP = (
+    "INSERT INTO memberships (profile_id, segment, status, since, last_qualified, method, "
+    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id, segment) DO UPDATE SET "
+    "status = excluded.status, since = excluded.since, last_qualified = excluded.last_qualified, "
+    "method = excluded.method, updated_at = excluded.updated_at"
+)
+UPSERT_TIMER = (
+    "INSERT INTO timers (profile_id, segment, due) VALUES (?, ?, ?) "
+    "ON CONFLICT (profile_id, segment) DO UPDATE SET due = excluded.due"
+)
+DELETE_TIMER = "DELETE FROM timers WHERE profile_id = ? AND segment = ?"
+UPSERT_SEGMENT = (
+    "INSERT INTO segments (name, spec, ast, method, reason, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
+    "ast = excluded.ast, method = excluded.method, reason = excluded.reason, "
+    "updated_at = excluded.updated_at"
+)
+CAP_EVENTS = (
+    "DELETE FROM events WHERE record_id IN (SELECT record_id FROM events WHERE profile_id = ? "
+    "ORDER BY ts DESC, record_id DESC LIMIT -1 OFFSET ?)"
 )
