@@ -307,7 +307,8 @@ async def test_a_privacy_delete_removes_everything_everywhere(
         ("profile.db", "SELECT count(*) FROM events"),
         ("profile.db", "SELECT count(*) FROM identities"),
         ("profile.db", "SELECT count(*) FROM profiles"),
-        ("segmentation.db", "SELECT count(*) FROM profile_state"),
+        ("segmentation.db", "SELECT count(*) FROM facts"),
+        ("segmentation.db", "SELECT count(*) FROM events"),
     ]:
         with sqlite3.connect(tmp_path / db) as conn:
             assert conn.execute(sql).fetchone() == (0,), (db, sql)

@@ -81,7 +81,7 @@ async def test_a_record_travels_from_ingest_to_segmentation(
     await js.publish("cdp.ingest.web", b"{not json")
 
     async def landed() -> bool:
-        return scalar(tmp_path / "segmentation.db", "SELECT count(*) FROM profile_state") == 1
+        return scalar(tmp_path / "segmentation.db", "SELECT count(*) FROM facts") == 1
 
     await eventually(landed)
     assert scalar(tmp_path / "profile.db", "SELECT dataset FROM events") == "web"

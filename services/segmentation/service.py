@@ -1,26 +1,34 @@
-"""The segmentation actor: consumes profile changes, partition by partition.
-
-The segment language and evaluation arrive with their own issue; today the service keeps,
-per profile, what it has seen, follows merges, and carries privacy deletes on to the
-destination service (on `cdp.membership._deleted`) after removing its own state.
-"""
+"""The segmentation actor: keeps the profile view it evaluates (attributes, identities,
+events), follows merges, and carries privacy deletes on to the destination service (on
+`cdp.membership._deleted`) after removing its own state."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from services.segmentation.store import BUMP_PROFILE, MIGRATIONS
+import msgspec
+
+from services.segmentation.store import CAP_EVENTS, INSERT_EVENT, MIGRATIONS, UPSERT_FACTS
 from shared import subjects
 from shared.messages import (
     PrivacyReport,
     ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
+    Recheck,
     change_batch_decoder,
     json_encoder,
+    msgpack_encoder,
 )
 from shared.runtime import Batch, ConsumerSpec, Service
+
+MAX_EVENTS_PER_PROFILE = 5000
+_keys_encoder = msgspec.json.Encoder()
+
+
+def _json_list(values: Iterable[str]) -> bytes:
+    return _keys_encoder.encode(list(values))
 
 
 class SegmentationService(Service):
@@ -42,31 +50,70 @@ class SegmentationService(Service):
             for item in change_batch_decoder.decode(d.data).items:
                 match item:
                     case ProfileChanged():
-                        batch.tx.add(BUMP_PROFILE, (item.profile_id, len(item.record_ids), item.at))
+                        self._store_view(batch, item)
                     case ProfileMerged():
-                        for folded in item.folded:
-                            batch.tx.add(
-                                "DELETE FROM profile_state WHERE profile_id = ?", (folded,)
-                            )
-                        batch.tx.add(BUMP_PROFILE, (item.profile_id, 0, item.at))
+                        self._fold(batch, item)
                     case ProfileDeleted():
                         await self._delete(batch, item)
+                    case Recheck():
+                        pass
+
+    def _store_view(self, batch: Batch, item: ProfileChanged) -> None:
+        tx = batch.tx
+        tx.add(
+            UPSERT_FACTS,
+            (
+                item.profile_id,
+                msgpack_encoder.encode(item.attributes),
+                msgpack_encoder.encode(item.identities),
+                item.at,
+            ),
+        )
+        for e in item.events:
+            tx.add(
+                INSERT_EVENT,
+                (
+                    e.record_id,
+                    item.profile_id,
+                    e.dataset,
+                    e.event_type,
+                    e.timestamp,
+                    msgpack_encoder.encode(e.payload),
+                ),
+            )
+        if item.events:
+            tx.add(CAP_EVENTS, (item.profile_id, MAX_EVENTS_PER_PROFILE))
+
+    def _fold(self, batch: Batch, item: ProfileMerged) -> None:
+        folded = _json_list(item.folded)
+        tx = batch.tx
+        tx.add(
+            "UPDATE events SET profile_id = ? WHERE profile_id IN (SELECT value FROM json_each(?))",
+            (item.profile_id, folded),
+        )
+        tx.add("DELETE FROM facts WHERE profile_id IN (SELECT value FROM json_each(?))", (folded,))
 
     async def _delete(self, batch: Batch, item: ProfileDeleted) -> None:
-        removed = 0
-        for pid in item.profile_ids:
+        plist = _json_list(item.profile_ids)
+        removed: dict[str, int] = {}
+        for table in ("facts", "events", "memberships", "timers"):
             rows = await self.db.execute_fetchall(
-                "SELECT count(*) FROM profile_state WHERE profile_id = ?", (pid,)
+                f"SELECT count(*) FROM {table} WHERE profile_id IN "
+                "(SELECT value FROM json_each(?))",
+                (plist,),
             )
-            removed += int(next(iter(rows))[0])
-            batch.tx.add("DELETE FROM profile_state WHERE profile_id = ?", (pid,))
+            removed[table] = int(next(iter(rows))[0])
+            batch.tx.add(
+                f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
+                (plist,),
+            )
         batch.emit(subjects.PRIVACY_MEMBERSHIP, json_encoder.encode(item))
         report = PrivacyReport(
             request_id=item.request.request_id,
             service=self.name,
             identity=item.request.identity,
             profile_ids=item.profile_ids,
-            removed={"profile_state": removed},
+            removed=removed,
             at=time.time(),
         )
         batch.emit(
