@@ -250,3 +250,59 @@ class ErrorsResult(msgspec.Struct):
     target: str
     total: int
     records: list[RejectedRecord]
+
+
+# -- segments and jobs (cdp segments / cdp jobs) ----------------------------------------------
+class SegmentInfo(msgspec.Struct, kw_only=True):
+    name: str
+    description: str
+    expression: str
+    method: str
+    reason: str
+    members: int
+    last_evaluation: float | None
+    json: dict[str, Any]
+    """The canonical JSON form of the expression."""
+
+
+class SegmentList(msgspec.Struct):
+    segments: list[SegmentInfo]
+
+
+class EstimateRequest(msgspec.Struct):
+    expression: str
+    sample: int = 2000
+
+
+class EstimateResult(msgspec.Struct, kw_only=True):
+    expression: str
+    method: str
+    estimate: int
+    matched: int
+    sample: int
+    profiles: int
+    seconds: float
+
+
+class JobRun(msgspec.Struct):
+    kind: str = "segmentation"
+    trigger: str = "manual"
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    job_id: str
+    kind: str
+    trigger: str
+    status: str
+    """queued, running, succeeded, failed"""
+    started_at: float
+    finished_at: float | None = None
+    total: int = 0
+    scanned: int = 0
+    counts: dict[str, dict[str, int]] = {}
+    """Per segment: members, realized, exited (changes this job made)."""
+    error: str | None = None
+
+
+class JobList(msgspec.Struct):
+    jobs: list[JobInfo]

@@ -60,6 +60,7 @@ from shared.messages import (
     ProfileMerged,
     Reassigned,
     json_encoder,
+    membership_decoder,
     msgpack_encoder,
     profile_batch_decoder,
 )
@@ -120,6 +121,12 @@ class ProfileService(Service):
                 description="datasets (event expiration), from ingest's configuration",
             ),
             ConsumerSpec(
+                "profile-memberships",
+                subjects.STREAM_MEMBERSHIP,
+                self.handle_memberships,
+                description="segment membership changes, written back to the profile",
+            ),
+            ConsumerSpec(
                 "profile",
                 subjects.STREAM_PROFILES,
                 self.handle_items,
@@ -169,6 +176,22 @@ class ProfileService(Service):
             updates[ds.name] = ds
             batch.tx.add(UPSERT_DATASET, (ds.name, d.data))
         batch.after_commit(lambda: self.datasets.update(updates))
+
+    async def handle_memberships(self, batch: Batch) -> None:
+        for d in batch.deliveries:
+            if d.subject == subjects.PRIVACY_MEMBERSHIP:
+                continue  # the profile was deleted here first
+            try:
+                ev = membership_decoder.decode(d.data)
+            except msgspec.DecodeError:
+                self.log.warning("undecodable membership event", seq=d.seq)
+                continue
+            batch.tx.add(
+                "INSERT INTO memberships (profile_id, segment, status, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (profile_id, segment) DO UPDATE SET status = excluded.status, "
+                "at = excluded.at WHERE excluded.at >= memberships.at",
+                (ev.profile_id, ev.segment, ev.status, ev.at),
+            )
 
     # -- the unified profile -----------------------------------------------------------------
     async def handle_items(self, batch: Batch) -> None:
@@ -304,6 +327,7 @@ class ProfileService(Service):
                 ),
             )
         tx.add(MOVE_EVENTS, (survivor, folded))
+        tx.add("DELETE FROM memberships WHERE profile_id = ?", (folded,))  # re-evaluated upstream
         tx.add(MOVE_IDENTITIES, (survivor, folded))
         tx.add(UPSERT_PROFILE, (survivor, time.time(), time.time()))
         tx.add(FOLD_PROFILE, (survivor, folded))

@@ -1,17 +1,48 @@
-"""The segmentation actor: keeps the profile view it evaluates (attributes, identities,
-events), follows merges, and carries privacy deletes on to the destination service (on
-`cdp.membership._deleted`) after removing its own state."""
+"""The segmentation actor.
+
+It keeps the profile view it evaluates (attributes, identities, events) and, on each
+profile change, re-evaluates only the streaming segments the change can affect (by the
+event types and attribute paths each segment reads), then their inSegment dependants.
+A membership that changes is published at once on `cdp.membership.<segment>`.
+
+Time-based exits use timers: after an evaluation, the earliest time at which the result
+could change with no new data is kept; a timer task sends the profile back through the
+actor (a `Recheck`) when it is due. A batch job sends every profile through the actor the
+same way, with its job id, and then every segment is evaluated: batch and streaming alike
+use one evaluation path and the per-profile order of the stream.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
-from services.segmentation.store import CAP_EVENTS, INSERT_EVENT, MIGRATIONS, UPSERT_FACTS
+from services.segmentation.admin import SegmentationAdmin
+from services.segmentation.catalog import Catalog, CompiledSegment
+from services.segmentation.evaluate import ProfileFacts, evaluate, next_change
+from services.segmentation.store import (
+    CAP_EVENTS,
+    DELETE_TIMER,
+    INSERT_EVENT,
+    MIGRATIONS,
+    UPSERT_FACTS,
+    UPSERT_MEMBERSHIP,
+    UPSERT_TIMER,
+)
 from shared import subjects
+from shared.db import Tx, apply
 from shared.messages import (
+    ChangeBatch,
+    ExperienceEvent,
+    Identity,
+    MembershipEvent,
     PrivacyReport,
     ProfileChanged,
     ProfileDeleted,
@@ -24,16 +55,43 @@ from shared.messages import (
 from shared.runtime import Batch, ConsumerSpec, Service
 
 MAX_EVENTS_PER_PROFILE = 5000
+STREAMING_HORIZON_S = 24 * 3600.0
+EXITED_KEPT_S = 30 * 24 * 3600.0
+TIMER_RETRY_S = 30.0
+MEMBER = ("realized", "existing")
 _keys_encoder = msgspec.json.Encoder()
+_any_msgpack = msgspec.msgpack.Decoder()
+_identities_decoder = msgspec.msgpack.Decoder(list[Identity])
 
 
 def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
 
 
+@dataclass
+class _Profile:
+    """What a batch knows of one profile while evaluating it."""
+
+    attributes: dict[str, Any] = field(default_factory=dict)
+    identities: list[Identity] = field(default_factory=list)
+    events: list[ExperienceEvent] = field(default_factory=list)
+    memberships: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """segment -> (status, since)"""
+    to_check: set[str] = field(default_factory=set)
+    job_id: str | None = None
+    fresh_events: list[ExperienceEvent] = field(default_factory=list)
+
+
 class SegmentationService(Service):
     name = "segmentation"
     migrations = MIGRATIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.catalog = Catalog()
+        self.admin = SegmentationAdmin(self)
+        self._timer_task: asyncio.Task[None] | None = None
+        self._timer_wake = asyncio.Event()
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -41,23 +99,203 @@ class SegmentationService(Service):
                 "segmentation",
                 subjects.STREAM_CHANGES,
                 self.handle_changes,
-                description="profile changes, from profile",
+                description="profile changes (from profile), rechecks (timers, batch jobs)",
             ),
         )
 
-    async def handle_changes(self, batch: Batch) -> None:
-        for d in batch.deliveries:
-            for item in change_batch_decoder.decode(d.data).items:
-                match item:
-                    case ProfileChanged():
-                        self._store_view(batch, item)
-                    case ProfileMerged():
-                        self._fold(batch, item)
-                    case ProfileDeleted():
-                        await self._delete(batch, item)
-                    case Recheck():
-                        pass
+    async def on_start(self) -> None:
+        self.catalog.load(
+            (bytes(s), bytes(a))
+            for s, a in await self.db.execute_fetchall("SELECT spec, ast FROM segments")
+        )
+        await self.admin.start()
+        self._timer_task = asyncio.create_task(self._timers(), name="segment-timers")
 
+    async def on_stop(self) -> None:
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer_task
+        await self.admin.stop()
+
+    def _part(self, profile_id: str) -> int:
+        return subjects.partition_of(profile_id, self.settings.partitions)
+
+    # -- the actor -------------------------------------------------------------------------
+    async def handle_changes(self, batch: Batch) -> None:
+        items = [i for d in batch.deliveries for i in change_batch_decoder.decode(d.data).items]
+        now = time.time()
+        profiles: dict[str, _Profile] = {}
+        job_scanned: dict[str, int] = defaultdict(int)
+        streaming = [s for s in self.catalog.segments.values() if s.streaming]
+        for item in items:
+            match item:
+                case ProfileChanged():
+                    p = profiles.setdefault(item.profile_id, _Profile())
+                    self._store_view(batch, item)
+                    p.attributes = item.attributes
+                    p.identities = item.identities
+                    p.fresh_events += item.events  # not committed yet: the query won't see them
+                    types = {e.event_type for e in item.events}
+                    for seg in streaming:
+                        if seg.reads.touches_paths(item.changed) or any(
+                            seg.reads.touches_event(t) for t in types
+                        ):
+                            p.to_check.add(seg.name)
+                case ProfileMerged():
+                    await self._fold(batch, item, now)
+                    p = profiles.setdefault(item.profile_id, _Profile())
+                    p.to_check |= set(self.catalog.segments)
+                case ProfileDeleted():
+                    for pid in item.profile_ids:
+                        profiles.pop(pid, None)
+                    await self._delete(batch, item)
+                case Recheck():
+                    for pid in item.profile_ids:
+                        p = profiles.setdefault(pid, _Profile())
+                        if item.job_id is not None:
+                            p.job_id = item.job_id
+                            p.to_check |= set(self.catalog.segments)
+                            job_scanned[item.job_id] += 1
+                        else:
+                            p.to_check |= {s.name for s in streaming if s.reads.uses_events}
+        todo = {pid: p for pid, p in profiles.items() if p.to_check}
+        if todo:
+            await self._load(todo, now)
+            counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
+                lambda: defaultdict(lambda: defaultdict(int))
+            )
+            for pid, p in todo.items():
+                self._evaluate(batch, pid, p, now, counts)
+            if counts or job_scanned:
+                await self.admin.jobs.record_progress(batch, job_scanned, counts, now)
+        elif job_scanned:
+            await self.admin.jobs.record_progress(batch, job_scanned, {}, now)
+
+    def _evaluate(
+        self,
+        batch: Batch,
+        pid: str,
+        p: _Profile,
+        now: float,
+        counts: dict[str, dict[str, dict[str, int]]],
+    ) -> None:
+        """Evaluate the segments to check (and their dependants), in dependency order."""
+        check = p.to_check | self.catalog.dependants(p.to_check)
+        member_of = {s for s, (status, _) in p.memberships.items() if status in MEMBER}
+        facts = ProfileFacts(p.attributes, p.events, member_of)
+        tx = batch.tx
+        for name in self.catalog.order:
+            if name not in check:
+                continue
+            seg = self.catalog.segments[name]
+            if p.job_id is None and not seg.streaming:
+                continue  # batch segments change only in batch jobs
+            qualifies = evaluate(seg.node, facts, now)
+            status, since = p.memberships.get(name, ("", now))
+            was = status in MEMBER
+            method = "batch" if p.job_id is not None else "streaming"
+            if qualifies and not was:
+                self._set(
+                    batch=batch, pid=pid, p=p, seg=seg, status="realized", now=now, method=method
+                )
+                facts.segments.add(name)
+            elif was and not qualifies:
+                self._set(
+                    batch=batch, pid=pid, p=p, seg=seg, status="exited", now=now, method=method
+                )
+                facts.segments.discard(name)
+            elif qualifies:
+                new_status = "existing" if p.job_id is not None else status
+                tx.add(UPSERT_MEMBERSHIP, (pid, name, new_status, since, now, method, now))
+            if p.job_id is not None:
+                c = counts[p.job_id][name]
+                c["members"] += int(qualifies)
+                c["realized"] += int(qualifies and not was)
+                c["exited"] += int(was and not qualifies)
+            if seg.streaming and seg.reads.uses_events:
+                due = next_change(seg.node, facts, now)
+                if due is None:
+                    tx.add(DELETE_TIMER, (pid, name))
+                else:
+                    tx.add(UPSERT_TIMER, (pid, name, due))
+                    batch.after_commit(self._timer_wake.set)
+
+    def _set(
+        self,
+        *,
+        batch: Batch,
+        pid: str,
+        p: _Profile,
+        seg: CompiledSegment,
+        status: str,
+        now: float,
+        method: str,
+    ) -> None:
+        qualified = now if status == "realized" else None
+        batch.tx.add(UPSERT_MEMBERSHIP, (pid, seg.name, status, now, qualified, method, now))
+        p.memberships[seg.name] = (status, now)
+        event = MembershipEvent(
+            profile_id=pid,
+            segment=seg.name,
+            status=status,
+            at=now,
+            method=method,
+            identities=p.identities,
+        )
+        batch.emit(subjects.membership(seg.name), json_encoder.encode(event))
+        self.log.info("membership changed", profile_id=pid, segment=seg.name, status=status)
+
+    async def _load(self, todo: dict[str, _Profile], now: float) -> None:
+        """Facts not carried by the batch, events and memberships: one query each."""
+        db = self.db
+        missing = [pid for pid, p in todo.items() if not p.attributes and not p.identities]
+        if missing:
+            for pid, attrs, idents in await db.execute_fetchall(
+                "SELECT profile_id, attributes, identities FROM facts WHERE profile_id IN "
+                "(SELECT value FROM json_each(?))",
+                (_json_list(missing),),
+            ):
+                todo[pid].attributes = _any_msgpack.decode(attrs)
+                todo[pid].identities = _identities_decoder.decode(idents)
+        full = [pid for pid, p in todo.items() if p.job_id is not None]
+        recent = [pid for pid, p in todo.items() if p.job_id is None]
+        for pids, since in ((full, None), (recent, now - STREAMING_HORIZON_S - 60.0)):
+            if not pids:
+                continue
+            sql = (
+                "SELECT profile_id, record_id, dataset, event_type, ts, payload FROM events "
+                "WHERE profile_id IN (SELECT value FROM json_each(?))"
+            )
+            args: tuple[Any, ...] = (_json_list(pids),)
+            if since is not None:
+                sql += " AND ts >= ?"
+                args = (*args, since)
+            for pid, rid, ds, et, ts, payload in await db.execute_fetchall(
+                sql + " ORDER BY ts", args
+            ):
+                todo[pid].events.append(
+                    ExperienceEvent(
+                        record_id=rid,
+                        dataset=ds,
+                        event_type=et,
+                        timestamp=ts,
+                        payload=_any_msgpack.decode(payload),
+                    )
+                )
+        for p in todo.values():
+            if p.fresh_events:
+                seen = {e.record_id for e in p.events}
+                p.events += [e for e in p.fresh_events if e.record_id not in seen]
+                p.events.sort(key=lambda e: (e.timestamp, e.record_id))
+        for pid, seg, status, since_ in await db.execute_fetchall(
+            "SELECT profile_id, segment, status, since FROM memberships WHERE profile_id IN "
+            "(SELECT value FROM json_each(?))",
+            (_json_list(todo),),
+        ):
+            todo[pid].memberships[seg] = (status, since_)
+
+    # -- keeping the view -------------------------------------------------------------------
     def _store_view(self, batch: Batch, item: ProfileChanged) -> None:
         tx = batch.tx
         tx.add(
@@ -84,14 +322,29 @@ class SegmentationService(Service):
         if item.events:
             tx.add(CAP_EVENTS, (item.profile_id, MAX_EVENTS_PER_PROFILE))
 
-    def _fold(self, batch: Batch, item: ProfileMerged) -> None:
+    async def _fold(self, batch: Batch, item: ProfileMerged, now: float) -> None:
+        """The folded profiles leave their segments; the survivor is re-evaluated."""
         folded = _json_list(item.folded)
+        for pid, seg, status in await self.db.execute_fetchall(
+            "SELECT profile_id, segment, status FROM memberships WHERE profile_id IN "
+            "(SELECT value FROM json_each(?))",
+            (folded,),
+        ):
+            if status in MEMBER:
+                event = MembershipEvent(
+                    profile_id=pid, segment=seg, status="exited", at=now, method="streaming"
+                )
+                batch.emit(subjects.membership(seg), json_encoder.encode(event))
         tx = batch.tx
+        for table in ("memberships", "timers", "facts"):
+            tx.add(
+                f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
+                (folded,),
+            )
         tx.add(
             "UPDATE events SET profile_id = ? WHERE profile_id IN (SELECT value FROM json_each(?))",
             (item.profile_id, folded),
         )
-        tx.add("DELETE FROM facts WHERE profile_id IN (SELECT value FROM json_each(?))", (folded,))
 
     async def _delete(self, batch: Batch, item: ProfileDeleted) -> None:
         plist = _json_list(item.profile_ids)
@@ -119,3 +372,38 @@ class SegmentationService(Service):
         batch.emit(
             subjects.privacy_report(item.request.request_id, self.name), json_encoder.encode(report)
         )
+
+    # -- time-based exits ---------------------------------------------------------------------
+    async def _timers(self) -> None:
+        """Send profiles whose timers are due back through the actor; tidy old exits."""
+        while True:
+            now = time.time()
+            rows = await self.db.execute_fetchall(
+                "SELECT DISTINCT profile_id FROM timers WHERE due <= ? LIMIT 5000", (now,)
+            )
+            due = [str(r[0]) for r in rows]
+            if due:
+                by_part: dict[int, list[str]] = defaultdict(list)
+                for pid in due:
+                    by_part[self._part(pid)].append(pid)
+                for part, pids in by_part.items():
+                    body = msgpack_encoder.encode(ChangeBatch([Recheck(pids, now)]))
+                    await self.js.publish(subjects.changes(part), body)
+                tx = Tx()  # not again until the actor has had time to act on them
+                tx.add(
+                    "UPDATE timers SET due = ? WHERE due <= ? AND profile_id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (now + TIMER_RETRY_S, now, _json_list(due)),
+                )
+                tx.add(
+                    "DELETE FROM memberships WHERE status = 'exited' AND updated_at < ?",
+                    (now - EXITED_KEPT_S,),
+                )
+                await apply(self.db, tx)
+                continue
+            nxt = await self.db.execute_fetchall("SELECT min(due) FROM timers")
+            first = next(iter(nxt))[0]
+            wait = 60.0 if first is None else max(0.0, min(60.0, float(first) - now))
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), wait)

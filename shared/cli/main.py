@@ -26,8 +26,14 @@ from shared.admin import (
     BatchListResult,
     ErrorsQuery,
     ErrorsResult,
+    EstimateRequest,
+    EstimateResult,
     GetRequest,
     GetResult,
+    JobInfo,
+    JobList,
+    JobRun,
+    SegmentList,
 )
 from shared.cli import people
 from shared.cli.apply import apply_objects, load_file
@@ -275,6 +281,129 @@ def errors(
             r.record_id, str(r.row_number or "-"), r.reason, r.path or "-", r.expected, r.got
         )
     console.print(table)
+
+
+# -- segments and jobs ---------------------------------------------------------------------------
+segments_app = typer.Typer(help="Audiences: list them, estimate an expression.")
+jobs_app = typer.Typer(help="Batch jobs: list them, run one now.")
+app.add_typer(segments_app, name="segments")
+app.add_typer(jobs_app, name="jobs")
+
+
+@segments_app.callback(invoke_without_command=True)
+def segments(ctx: typer.Context, nats_url: NatsOption = None) -> None:
+    """List segments: name, evaluation method, members, last evaluation."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    async def go() -> SegmentList:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+            )
+
+    result = run(go)
+    table = Table()
+    for col in ("segment", "method", "members", "last evaluation", "why"):
+        table.add_column(col, overflow="fold")
+    for seg in result.segments:
+        table.add_row(
+            seg.name, seg.method, str(seg.members), _when(seg.last_evaluation), seg.reason
+        )
+    console.print(table)
+
+
+@segments_app.command("estimate")
+def segments_estimate(
+    expression: Annotated[str, typer.Argument(help="A segment expression.")],
+    sample: Annotated[int, typer.Option(help="Profiles to sample.")] = 2000,
+    nats_url: NatsOption = None,
+) -> None:
+    """Estimate how many profiles an expression selects, from a sample, creating nothing."""
+
+    async def go() -> EstimateResult:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc,
+                subjects.admin("segmentation", "estimate"),
+                EstimateRequest(expression, sample),
+                EstimateResult,
+            )
+
+    r = run(go)
+    console.print(
+        f"about [bold]{r.estimate}[/] of {r.profiles} profiles ({r.matched} of a sample of "
+        f"{r.sample}, {r.seconds * 1000:.0f} ms); evaluated in {r.method}"
+    )
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(ctx: typer.Context, nats_url: NatsOption = None) -> None:
+    """List jobs with their status and counts."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    async def go() -> JobList:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList
+            )
+
+    result = run(go)
+    table = Table()
+    for col in ("job", "kind", "trigger", "status", "profiles", "started", "finished"):
+        table.add_column(col)
+    for j in result.jobs:
+        table.add_row(
+            j.job_id,
+            j.kind,
+            j.trigger,
+            j.status,
+            f"{j.scanned}/{j.total}",
+            _when(j.started_at),
+            _when(j.finished_at),
+        )
+    console.print(table)
+
+
+@jobs_app.command("run")
+def jobs_run(
+    kind: Annotated[str, typer.Argument(help="segmentation")] = "segmentation",
+    wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
+    nats_url: NatsOption = None,
+) -> None:
+    """Run a batch job now (the daily segmentation job, on demand)."""
+
+    async def go() -> JobInfo:
+        async with connect(nats_url) as nc:
+            job = await admin.request(
+                nc, subjects.admin("segmentation", "job.run"), JobRun(kind), JobInfo
+            )
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            ) as progress:
+                task = progress.add_task(job.job_id, total=max(job.total, 1))
+                while wait and job.status in ("queued", "running"):
+                    await asyncio.sleep(0.25)
+                    listed = await admin.request(
+                        nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList
+                    )
+                    job = next((j for j in listed.jobs if j.job_id == job.job_id), job)
+                    progress.update(task, completed=job.scanned)
+            return job
+
+    job = run(go)
+    console.print(f"job {job.job_id}: {job.status}, {job.scanned} of {job.total} profiles")
+    for seg, c in sorted(job.counts.items()):
+        console.print(
+            f"  {seg}: {c.get('members', 0)} members, +{c.get('realized', 0)} -{c.get('exited', 0)}"
+        )
+    raise typer.Exit(1 if job.status == "failed" else 0)
 
 
 # -- people ----------------------------------------------------------------------------------

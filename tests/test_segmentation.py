@@ -1,0 +1,300 @@
+"""Segmentation end to end: segments applied as configuration, streaming membership events
+after an ingest publish, time-based exits, batch jobs, inSegment chains, estimates."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from services.identity.service import IdentityService
+from services.ingest.service import IngestService
+from services.profile.service import ProfileService
+from services.segmentation.service import SegmentationService
+from shared import admin, subjects
+from shared.admin import (
+    AdminFailure,
+    ApplyBatch,
+    ApplyBatchResult,
+    BatchList,
+    ConfigObject,
+    EstimateRequest,
+    EstimateResult,
+    JobInfo,
+    JobList,
+    JobRun,
+    SegmentList,
+)
+from shared.cli import people
+from shared.cli.apply import apply_objects, load_file
+from shared.cli.ingest import run_batch
+from shared.messages import MembershipEvent
+from shared.natsd import NatsServer
+from shared.runtime import Service
+from tests.helpers import eventually, settings_for
+
+pytestmark = pytest.mark.asyncio
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES: tuple[type[Service], ...] = (
+    IngestService,
+    IdentityService,
+    ProfileService,
+    SegmentationService,
+)
+
+
+@pytest_asyncio.fixture
+async def platform(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> AsyncIterator[dict[str, Service]]:
+    services = {c.name: c(settings_for(c.name, nats_server.url, tmp_path)) for c in CLASSES}
+    for svc in services.values():
+        await svc.start()
+    try:
+        config = ROOT / "examples" / "retail" / "config.yaml"
+        await apply_objects(nc, load_file(config), dry_run=False, file=str(config))
+        yield services
+    finally:
+        for svc in reversed(list(services.values())):
+            await svc.stop()
+
+
+async def apply_segments(nc: Client, *segments: dict[str, Any]) -> ApplyBatchResult:
+    return await admin.request(
+        nc,
+        subjects.admin("segmentation", "apply"),
+        ApplyBatch([ConfigObject("segment", s) for s in segments]),
+        ApplyBatchResult,
+    )
+
+
+async def segment_list(nc: Client) -> dict[str, Any]:
+    result = await admin.request(
+        nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+    )
+    return {s.name: s for s in result.segments}
+
+
+class Inbox:
+    """Membership events as a subscribing application receives them."""
+
+    def __init__(self) -> None:
+        self.events: list[MembershipEvent] = []
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.events.append(msgspec.json.decode(msg.data, type=MembershipEvent))
+
+    def of(self, segment: str) -> list[tuple[str, str]]:
+        return [(e.profile_id, e.status) for e in self.events if e.segment == segment]
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def test_a_streaming_membership_event_follows_an_ingest_publish(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    await apply_segments(
+        nc,
+        {"name": "gold", "expression": 'loyalty.tier = "gold"'},
+        {"name": "gold-fr", "expression": 'inSegment("gold") and homeAddress.country = "FR"'},
+    )
+    listed = await segment_list(nc)
+    assert listed["gold"].method == "streaming" and listed["gold-fr"].method == "streaming"
+    inbox = Inbox()
+    await nc.subscribe(subjects.MEMBERSHIP_ALL, cb=inbox.on_msg)
+    js = nc.jetstream()
+    await js.publish(
+        "cdp.ingest.crm",
+        json.dumps(
+            {"crm_id": "G1", "email": "g@example.com", "homeAddress": {"country": "FR"}}
+        ).encode(),
+    )
+    await js.publish(
+        "cdp.ingest.loyalty",
+        json.dumps({"loyalty_id": "L9", "crm_id": "G1", "loyalty": {"tier": "gold"}}).encode(),
+    )
+    await eventually(lambda: _true(len(inbox.of("gold-fr")) == 1))
+    event = next(e for e in inbox.events if e.segment == "gold")
+    assert event.status == "realized" and event.method == "streaming"
+    assert {(i.namespace, i.value) for i in event.identities} >= {
+        ("crm_id", "G1"),
+        ("loyalty_id", "L9"),
+    }
+    assert inbox.of("gold-fr") == [(event.profile_id, "realized")]
+    # Written back to the profile, and an exit when the tier drops.
+    view = await _settled(nc, "crm_id:G1", lambda v: len(v["memberships"]) == 2)
+    assert {m["segment"] for m in view["memberships"]} == {"gold", "gold-fr"}
+    await js.publish(
+        "cdp.ingest.loyalty",
+        json.dumps({"loyalty_id": "L9", "crm_id": "G1", "loyalty": {"tier": "silver"}}).encode(),
+    )
+    await eventually(lambda: _true(inbox.of("gold-fr")[-1:] == [(event.profile_id, "exited")]))
+    assert inbox.of("gold")[-1] == (event.profile_id, "exited")
+
+
+async def test_a_time_based_exit_happens_on_its_own(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    await apply_segments(
+        nc, {"name": "just-viewed", "expression": 'event(type = "web.pageview") within 1 minute'}
+    )
+    inbox = Inbox()
+    await nc.subscribe(subjects.membership("just-viewed"), cb=inbox.on_msg)
+    viewed = time.time() - 57  # qualifies now, leaves the window in about 3 seconds
+    await nc.jetstream().publish(
+        "cdp.ingest.web",
+        json.dumps({"ecid": "t-1", "eventType": "web.pageview", "timestamp": iso(viewed)}).encode(),
+    )
+    await eventually(lambda: _true([s for _, s in inbox.of("just-viewed")] == ["realized"]))
+    await eventually(
+        lambda: _true([s for _, s in inbox.of("just-viewed")] == ["realized", "exited"]),
+        timeout=20,
+    )
+    exited = inbox.events[-1]
+    assert exited.at >= viewed + 60
+
+
+async def test_cycles_are_refused_and_chains_follow_dependencies(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    await apply_segments(
+        nc,
+        {"name": "a", "expression": "person.gender exists"},
+        {"name": "b", "expression": 'inSegment("a")'},
+    )
+    with pytest.raises(AdminFailure) as cycle:
+        await apply_segments(nc, {"name": "a", "expression": 'inSegment("b")'})
+    assert cycle.value.code == "cycle" and "a -> b -> a" in cycle.value.message
+    with pytest.raises(AdminFailure) as syntax:
+        await apply_segments(nc, {"name": "c", "expression": "person.age >=\n  and x = 1"})
+    assert syntax.value.field == "expression"
+    assert "line 2, column 3" in syntax.value.message
+    with pytest.raises(AdminFailure) as unknown:
+        await apply_segments(nc, {"name": "d", "expression": 'inSegment("nope")'})
+    assert "nope" in unknown.value.message
+
+
+def _population(path: Path, n: int) -> set[str]:
+    """CRM rows; returns the crm ids that `country in [FR, BE] and email consent y` selects."""
+    countries = ["FR", "BE", "US", "DE", "GB"]
+    selected = set()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["crm_id", "email", "homeAddress.country", "consents.marketing.email", "person.gender"]
+        )
+        for i in range(n):
+            country = countries[(i * 7) % 5]
+            consent = "y" if (i * 13) % 3 else "n"
+            crm = f"P{i:05d}"
+            w.writerow([crm, f"p{i}@example.com", country, consent, "female" if i % 2 else "male"])
+            if country in ("FR", "BE") and consent == "y":
+                selected.add(crm)
+    return selected
+
+
+@pytest.mark.timeout(180)
+async def test_streaming_and_batch_agree_on_10000_profiles(
+    platform: dict[str, Service], nc: Client, tmp_path: Path
+) -> None:
+    expression = 'homeAddress.country in ["FR", "BE"] and consents.marketing.email = "y"'
+    await apply_segments(
+        nc,
+        {"name": "eu-optin", "expression": expression},
+        {"name": "buyers", "expression": 'event(type = "commerce.purchase") within 30 days'},
+    )
+    listed = await segment_list(nc)
+    assert (listed["eu-optin"].method, listed["buyers"].method) == ("streaming", "batch")
+    expected = _population(tmp_path / "crm.csv", 10_000)
+    info = await run_batch(nc, "crm", tmp_path / "crm.csv", "csv", lambda _i: None, timeout=90)
+    assert info.status == "success"
+    await eventually(lambda: _members(nc, "eu-optin", len(expected)), timeout=90)
+    streaming_members = await _member_ids(platform, "eu-optin")
+    assert len(streaming_members) == len(expected)
+    estimate = await admin.request(
+        nc,
+        subjects.admin("segmentation", "estimate"),
+        EstimateRequest(expression, 2000),
+        EstimateResult,
+    )
+    assert estimate.sample == 2000 and estimate.profiles == 10_000
+    assert abs(estimate.estimate - len(expected)) < 0.1 * 10_000
+    # An order makes a buyer only when the batch job runs.
+    await nc.jetstream().publish(
+        "cdp.ingest.store-orders",
+        json.dumps(
+            {
+                "loyalty_id": "LB",
+                "eventType": "commerce.purchase",
+                "timestamp": iso(time.time() - 86400),
+                "commerce": {"order": {"id": "O", "total": 10.0, "currency": "EUR"}},
+            }
+        ).encode(),
+    )
+    await nc.jetstream().publish(
+        "cdp.ingest.loyalty", json.dumps({"loyalty_id": "LB", "crm_id": "P00001"}).encode()
+    )
+    await asyncio.sleep(1.0)
+    assert (await segment_list(nc))["buyers"].members == 0
+    job = await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
+    assert job.total == 10_000
+
+    async def done() -> bool:
+        jobs = await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
+        return jobs.jobs[0].status == "succeeded"
+
+    await eventually(done, timeout=120)
+    final = (
+        await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
+    ).jobs[0]
+    assert final.scanned == 10_000
+    assert final.counts["eu-optin"] == {"members": len(expected), "realized": 0, "exited": 0}
+    assert final.counts["buyers"]["members"] == 1
+    assert await _member_ids(platform, "eu-optin") == streaming_members
+
+
+async def _members(nc: Client, segment: str, n: int) -> bool:
+    return bool((await segment_list(nc))[segment].members >= n)
+
+
+async def _member_ids(platform: dict[str, Service], segment: str) -> set[str]:
+    rows = await platform["segmentation"].db.execute_fetchall(
+        "SELECT profile_id FROM memberships WHERE segment = ? AND status IN "
+        "('realized', 'existing')",
+        (segment,),
+    )
+    return {str(r[0]) for r in rows}
+
+
+async def _settled(nc: Client, identity: str, check: Any) -> dict[str, Any]:
+    found: list[dict[str, Any]] = []
+
+    async def ok() -> bool:
+        try:
+            view = await people.profile(nc, identity, None, 0)
+        except AdminFailure:
+            return False
+        if check(view):
+            found.append(view)
+            return True
+        return False
+
+    await eventually(ok)
+    return found[-1]
+
+
+async def _true(value: bool) -> bool:
+    return value
