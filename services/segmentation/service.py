@@ -325,17 +325,30 @@ class SegmentationService(Service):
     async def _fold(self, batch: Batch, item: ProfileMerged, now: float) -> None:
         """The folded profiles leave their segments; the survivor is re-evaluated."""
         folded = _json_list(item.folded)
-        for pid, seg, status in await self.db.execute_fetchall(
+        survivor = item.profile_id
+        rows = await self.db.execute_fetchall(
             "SELECT profile_id, segment, status FROM memberships WHERE profile_id IN "
-            "(SELECT value FROM json_each(?))",
-            (folded,),
-        ):
-            if status in MEMBER:
-                event = MembershipEvent(
-                    profile_id=pid, segment=seg, status="exited", at=now, method="streaming"
-                )
-                batch.emit(subjects.membership(seg), json_encoder.encode(event))
+            "(SELECT value FROM json_each(?)) OR profile_id = ?",
+            (folded, survivor),
+        )
+        held = {str(seg) for pid, seg, status in rows if pid == survivor and status in MEMBER}
         tx = batch.tx
+        for pid, seg, status in rows:
+            if pid == survivor or status not in MEMBER:
+                continue
+            event = MembershipEvent(
+                profile_id=pid, segment=seg, status="exited", at=now, method="streaming"
+            )
+            batch.emit(subjects.membership(seg), json_encoder.encode(event))
+            compiled = self.catalog.get(seg)
+            if compiled is not None and not compiled.streaming and seg not in held:
+                # Batch memberships move to the survivor now; the next job re-checks them.
+                held.add(seg)
+                tx.add(UPSERT_MEMBERSHIP, (survivor, seg, "realized", now, now, "batch", now))
+                moved = MembershipEvent(
+                    profile_id=survivor, segment=seg, status="realized", at=now, method="batch"
+                )
+                batch.emit(subjects.membership(seg), json_encoder.encode(moved))
         for table in ("memberships", "timers", "facts"):
             tx.add(
                 f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
