@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from services.ingest.service import IngestService
 from services.ingest.validation import Limits
 from services.profile.service import ProfileService
+from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -231,12 +232,18 @@ async def test_invalid_config_names_file_object_and_field(
 async def test_cli_apply_get_and_dry_run(
     bare_ingest: IngestService, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    profile = ProfileService(settings_for("profile", nats_server.url, tmp_path))
-    await profile.start()  # owns the example's merge policies
+    # The profile and segmentation services own the example's merge policies and segments.
+    owners = [
+        ProfileService(settings_for("profile", nats_server.url, tmp_path)),
+        SegmentationService(settings_for("segmentation", nats_server.url, tmp_path)),
+    ]
+    for svc in owners:
+        await svc.start()
     try:
         await _cli_apply_get_and_dry_run(nats_server)
     finally:
-        await profile.stop()
+        for svc in owners:
+            await svc.stop()
 
 
 async def _cli_apply_get_and_dry_run(nats_server: NatsServer) -> None:
