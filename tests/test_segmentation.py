@@ -213,7 +213,7 @@ def _population(path: Path, n: int) -> set[str]:
 
 
 @pytest.mark.timeout(180)
-async def test_streaming_and_batch_agree_on_10000_profiles(
+async def test_streaming_and_batch_agree_on_20000_profiles(
     platform: dict[str, Service], nc: Client, tmp_path: Path
 ) -> None:
     expression = 'homeAddress.country in ["FR", "BE"] and consents.marketing.email = "y"'
@@ -224,20 +224,32 @@ async def test_streaming_and_batch_agree_on_10000_profiles(
     )
     listed = await segment_list(nc)
     assert (listed["eu-optin"].method, listed["buyers"].method) == ("streaming", "batch")
+    await apply_segments(
+        nc, {"name": "browsed-today", "expression": 'event(type = "web.pageview") within 1 day'}
+    )
     expected = _population(tmp_path / "crm.csv", 10_000)
     info = await run_batch(nc, "crm", tmp_path / "crm.csv", "csv", lambda _i: None, timeout=90)
     assert info.status == "success"
+    # 10,000 visitors more: a page view an hour ago (in the window) or three days ago (out).
+    now = time.time()
+    recent = {i for i in range(10_000) if i % 4 != 0}
+    _visits(tmp_path / "web.jsonl", recent, now)
+    info = await run_batch(nc, "web", tmp_path / "web.jsonl", "jsonl", lambda _i: None, timeout=90)
+    assert info.status == "success"
     await eventually(lambda: _members(nc, "eu-optin", len(expected)), timeout=90)
+    await eventually(lambda: _members(nc, "browsed-today", len(recent)), timeout=90)
     streaming_members = await _member_ids(platform, "eu-optin")
     assert len(streaming_members) == len(expected)
+    browsing_members = await _member_ids(platform, "browsed-today")
+    assert len(browsing_members) == len(recent)
     estimate = await admin.request(
         nc,
         subjects.admin("segmentation", "estimate"),
         EstimateRequest(expression, 2000),
         EstimateResult,
     )
-    assert estimate.sample == 2000 and estimate.profiles == 10_000
-    assert abs(estimate.estimate - len(expected)) < 0.1 * 10_000
+    assert estimate.sample == 2000 and estimate.profiles == 20_000
+    assert abs(estimate.estimate - len(expected)) < 0.1 * 20_000
     # An order makes a buyer only when the batch job runs.
     await nc.jetstream().publish(
         "cdp.ingest.store-orders",
@@ -256,7 +268,7 @@ async def test_streaming_and_batch_agree_on_10000_profiles(
     await asyncio.sleep(1.0)
     assert (await segment_list(nc))["buyers"].members == 0
     job = await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
-    assert job.total == 10_000
+    assert job.total == 20_000
 
     async def done() -> bool:
         jobs = await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
@@ -266,10 +278,21 @@ async def test_streaming_and_batch_agree_on_10000_profiles(
     final = (
         await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
     ).jobs[0]
-    assert final.scanned == 10_000
+    assert final.scanned == 20_000
     assert final.counts["eu-optin"] == {"members": len(expected), "realized": 0, "exited": 0}
+    assert final.counts["browsed-today"] == {"members": len(recent), "realized": 0, "exited": 0}
+    assert await _member_ids(platform, "browsed-today") == browsing_members
     assert final.counts["buyers"]["members"] == 1
     assert await _member_ids(platform, "eu-optin") == streaming_members
+
+
+def _visits(path: Path, recent: set[int], now: float) -> None:
+    """10,000 visitors: a page view an hour ago for those in `recent`, else three days ago."""
+    with open(path, "w") as f:
+        for i in range(10_000):
+            when = now - 3600 if i in recent else now - 3 * 86400
+            event = {"ecid": f"v{i}", "eventType": "web.pageview", "timestamp": iso(when)}
+            f.write(json.dumps(event) + "\n")
 
 
 async def _members(nc: Client, segment: str, n: int) -> bool:
