@@ -115,6 +115,9 @@ class ProfileChanged(msgspec.Struct, tag="changed"):
     changed: list[str] = []
     events: list[ExperienceEvent] = []
     identities: list[Identity] = []
+    views: dict[str, dict[str, Any]] = {}
+    """The merged attributes under each configured merge policy other than the default,
+    for segments that name one."""
 
 
 class ProfileMerged(msgspec.Struct, tag="merged"):

@@ -327,3 +327,39 @@ async def _settled(nc: Client, identity: str, check: Any) -> dict[str, Any]:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_segment_reads_the_profile_through_its_merge_policy(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    # The CRM and the loyalty system disagree on updated_at; the default policy takes the
+    # newest (loyalty's), the example's crm-first policy takes the CRM's.
+    await apply_segments(
+        nc,
+        {
+            "name": "crm-view",
+            "expression": 'updated_at = "2026-01-01T00:00:00Z"',
+            "merge_policy": "crm-first",
+        },
+        {"name": "default-view", "expression": 'updated_at = "2026-01-01T00:00:00Z"'},
+    )
+    with pytest.raises(AdminFailure) as bad:
+        await apply_segments(
+            nc, {"name": "x", "expression": "crm_id exists", "merge_policy": "nope"}
+        )
+    assert bad.value.field == "merge_policy"
+    js = nc.jetstream()
+    await js.publish(
+        "cdp.ingest.crm",
+        json.dumps({"crm_id": "V1", "updated_at": "2026-01-01T00:00:00Z"}).encode(),
+    )
+    await js.publish(
+        "cdp.ingest.loyalty",
+        json.dumps(
+            {"loyalty_id": "LV1", "crm_id": "V1", "updated_at": "2026-06-01T00:00:00Z"}
+        ).encode(),
+    )
+    view = await _settled(nc, "crm_id:V1", lambda v: "loyalty_id" in v["attributes"])
+    assert view["attributes"]["updated_at"] == "2026-06-01T00:00:00Z"
+    await eventually(lambda: _members(nc, "crm-view", 1))
+    assert (await segment_list(nc))["default-view"].members == 0

@@ -198,6 +198,7 @@ class ProfileService(Service):
         items = [i for d in batch.deliveries for i in profile_batch_decoder.decode(d.data).items]
         state = await self._load(items)
         policy = default_policy(self.policies.items())
+        others = [p for p in self.policies.items() if p.name != policy.name]
         before = {
             pid: _flat_values(merge_flat(rows.values(), policy)) for pid, rows in state.rows.items()
         }
@@ -247,6 +248,11 @@ class ProfileService(Service):
                     changed=changed,
                     events=acc.events,
                     identities=[Identity(ns, v) for ns, v in sorted(state.identities.get(pid, ()))],
+                    views={
+                        p.name: unflatten(_flat_values(merge_flat(rows.values(), p)))
+                        for p in others
+                        if (rows := state.rows.get(pid))
+                    },
                 )
             )
         for part, change_items in out.items():

@@ -209,6 +209,8 @@ class SegmentationAdmin:
                     "unknown_kind", f"the segmentation service does not own {kind!r}", kind=kind
                 )
             compiled, result = scratch.plan(obj.spec)
+            if compiled.spec.merge_policy:
+                await self._check_policy(compiled.name, compiled.spec.merge_policy)
             scratch.put(compiled)
             planned.append((compiled, result))
         if not request.dry_run:
@@ -233,6 +235,19 @@ class SegmentationAdmin:
                 await apply(self.svc.db, tx)
                 self.svc.catalog = scratch
         return ApplyBatchResult([r for _, r in planned])
+
+    async def _check_policy(self, segment: str, policy: str) -> None:
+        """The merge policy must exist: ask the profile service, which owns them."""
+        try:
+            await admin.request(
+                self.svc.nc, subjects.admin("profile", "get"), GetRequest("merge_policy", policy),
+                GetResult, timeout=5,
+            )
+        except AdminFailure:
+            raise AdminFailure(
+                "invalid", f"unknown merge policy {policy!r}", kind=KIND, name=segment,
+                field="merge_policy",
+            ) from None
 
     async def get(self, request: GetRequest) -> GetResult:
         kind = PLURALS.get(request.kind, request.kind)

@@ -73,6 +73,8 @@ class _Profile:
     """What a batch knows of one profile while evaluating it."""
 
     attributes: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Attributes under other merge policies, by policy name."""
     identities: list[Identity] = field(default_factory=list)
     events: list[ExperienceEvent] = field(default_factory=list)
     memberships: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -134,12 +136,19 @@ class SegmentationService(Service):
                     p = profiles.setdefault(item.profile_id, _Profile())
                     self._store_view(batch, item)
                     p.attributes = item.attributes
+                    p.views = item.views
                     p.identities = item.identities
                     p.fresh_events += item.events  # not committed yet: the query won't see them
                     types = {e.event_type for e in item.events}
                     for seg in streaming:
-                        if seg.reads.touches_paths(item.changed) or any(
-                            seg.reads.touches_event(t) for t in types
+                        if (
+                            (
+                                seg.spec.merge_policy
+                                and item.record_ids
+                                and seg.reads.attribute_paths
+                            )
+                            or seg.reads.touches_paths(item.changed)
+                            or any(seg.reads.touches_event(t) for t in types)
                         ):
                             p.to_check.add(seg.name)
                 case ProfileMerged():
@@ -184,6 +193,7 @@ class SegmentationService(Service):
         check = p.to_check | self.catalog.dependants(p.to_check)
         member_of = {s for s, (status, _) in p.memberships.items() if status in MEMBER}
         facts = ProfileFacts(p.attributes, p.events, member_of)
+        views = {name: ProfileFacts(attrs, p.events, member_of) for name, attrs in p.views.items()}
         tx = batch.tx
         for name in self.catalog.order:
             if name not in check:
@@ -191,7 +201,10 @@ class SegmentationService(Service):
             seg = self.catalog.segments[name]
             if p.job_id is None and not seg.streaming:
                 continue  # batch segments change only in batch jobs
-            qualifies = evaluate(seg.node, facts, now)
+            policy = seg.spec.merge_policy
+            seen = views.get(policy, facts) if policy else facts
+            seen.segments = facts.segments
+            qualifies = evaluate(seg.node, seen, now)
             status, since = p.memberships.get(name, ("", now))
             was = status in MEMBER
             method = "batch" if p.job_id is not None else "streaming"
@@ -251,13 +264,14 @@ class SegmentationService(Service):
         db = self.db
         missing = [pid for pid, p in todo.items() if not p.attributes and not p.identities]
         if missing:
-            for pid, attrs, idents in await db.execute_fetchall(
-                "SELECT profile_id, attributes, identities FROM facts WHERE profile_id IN "
+            for pid, attrs, idents, views in await db.execute_fetchall(
+                "SELECT profile_id, attributes, identities, views FROM facts WHERE profile_id IN "
                 "(SELECT value FROM json_each(?))",
                 (_json_list(missing),),
             ):
                 todo[pid].attributes = _any_msgpack.decode(attrs)
                 todo[pid].identities = _identities_decoder.decode(idents)
+                todo[pid].views = _any_msgpack.decode(views) if views else {}
         full = [pid for pid, p in todo.items() if p.job_id is not None]
         recent = [pid for pid, p in todo.items() if p.job_id is None]
         for pids, since in ((full, None), (recent, now - STREAMING_HORIZON_S - 60.0)):
@@ -305,6 +319,7 @@ class SegmentationService(Service):
                 msgpack_encoder.encode(item.attributes),
                 msgpack_encoder.encode(item.identities),
                 item.at,
+                msgpack_encoder.encode(item.views),
             ),
         )
         for e in item.events:

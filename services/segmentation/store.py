@@ -24,7 +24,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             profile_id TEXT PRIMARY KEY,
             attributes BLOB NOT NULL,
             identities BLOB NOT NULL,
-            updated_at REAL NOT NULL
+            updated_at REAL NOT NULL,
+            views BLOB
         );
         CREATE TABLE events (
             record_id TEXT PRIMARY KEY,
@@ -69,9 +70,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 UPSERT_FACTS = (
-    "INSERT INTO facts (profile_id, attributes, identities, updated_at) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (profile_id) DO UPDATE SET attributes = excluded.attributes, "
-    "identities = excluded.identities, updated_at = excluded.updated_at"
+    "INSERT INTO facts (profile_id, attributes, identities, updated_at, views) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (profile_id) DO UPDATE SET "
+    "attributes = excluded.attributes, identities = excluded.identities, "
+    "updated_at = excluded.updated_at, views = excluded.views"
 )
 INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (record_id, profile_id, dataset, event_type, ts, payload) "
