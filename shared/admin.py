@@ -113,6 +113,28 @@ def validation_failure(kind: str, name: str | None, exc: msgspec.ValidationError
     return AdminFailure("invalid", message, kind=kind, name=name, field=field or None)
 
 
+def diff(before: Any, after: Any, path: str = "") -> list[Change]:
+    """Field-by-field differences between two specs (as builtins), with dotted paths."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out: list[Change] = []
+        for key in sorted(set(before) | set(after), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            out += diff(before.get(key), after.get(key), sub)
+        return out
+    return [] if before == after else [Change(path or "(all)", before, after)]
+
+
+def apply_result(
+    kind: str, name: str, current: msgspec.Struct | None, new: msgspec.Struct
+) -> ApplyResult:
+    """What applying `new` over `current` (None: nothing yet) does."""
+    after = msgspec.to_builtins(new)
+    if current is None:
+        return ApplyResult(kind, name, "created", diff({}, after))
+    changes = diff(msgspec.to_builtins(current), after)
+    return ApplyResult(kind, name, "updated" if changes else "unchanged", changes)
+
+
 def spec_name(spec: dict[str, Any]) -> str | None:
     value = spec.get("name", spec.get("symbol"))
     return value if isinstance(value, str) else None
@@ -155,6 +177,24 @@ async def serve(
         await msg.respond(_reply_encoder.encode(reply))
 
     return await nc.subscribe(subject, queue=queue or subject, cb=on_msg)
+
+
+Endpoint = tuple[str, type[msgspec.Struct], Callable[[Any], Awaitable[Any]]]
+
+
+async def serve_all(nc: Client, endpoints: list[Endpoint]) -> list[Subscription]:
+    """Answer several admin subjects: (subject, request type, handler) each."""
+    return [await serve(nc, subject, rtype, handler) for subject, rtype, handler in endpoints]
+
+
+async def unsubscribe_all(subs: list[Subscription]) -> None:
+    """Stop answering; a connection already draining or closed is fine."""
+    for sub in subs:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:
+            structlog.get_logger().debug("unsubscribe failed", error=repr(exc))
+    subs.clear()
 
 
 # -- client side -------------------------------------------------------------------------
@@ -306,3 +346,47 @@ class JobInfo(msgspec.Struct, kw_only=True):
 
 class JobList(msgspec.Struct):
     jobs: list[JobInfo]
+
+
+# -- destinations (cdp destinations) ------------------------------------------------------------
+class DestinationInfo(msgspec.Struct, kw_only=True):
+    name: str
+    type: str
+    segments: list[str]
+    status: str
+    """active, retrying (deliveries waiting after a failure), or failing (dead letters)"""
+    queued: int
+    delivered: int
+    failed: int
+    skipped: int
+    dead_letters: int
+    last_delivery: float | None
+    last_error: str | None
+
+
+class DestinationList(msgspec.Struct):
+    destinations: list[DestinationInfo]
+
+
+class DestinationQuery(msgspec.Struct):
+    name: str
+    limit: int = 100
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    id: int
+    segment: str
+    profile_id: str
+    attempts: int
+    error: str
+    failed_at: float
+
+
+class DeadLetters(msgspec.Struct):
+    destination: str
+    items: list[DeadLetter]
+
+
+class ReplayResult(msgspec.Struct):
+    destination: str
+    requeued: int

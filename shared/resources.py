@@ -123,12 +123,54 @@ class Segment(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """The merge policy whose view of the profile the segment reads (default: the default)."""
 
 
+DestinationType = Literal[
+    "webhook", "email", "sms", "social", "ads", "audience_sharing", "nats", "file"
+]
+
+
+class Aggregation(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """When a streaming destination sends: `best_effort` at once, up to
+    `max_users_per_request` per call; `configurable` when the oldest waiting change is
+    `max_batch_age_s` old or `max_events` are waiting, whichever comes first."""
+
+    mode: Literal["best_effort", "configurable"] = "best_effort"
+    max_users_per_request: int = 1000
+    max_batch_age_s: float = 60.0
+    max_events: int = 1000
+
+
+class ConsentRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Only profiles whose attribute at `path` equals one of `allow` are activated."""
+
+    path: str
+    allow: list[str] = msgspec.field(default_factory=lambda: ["y"])
+
+
+class Destination(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    type: DestinationType
+    segments: list[str]
+    connection: dict[str, Any] = {}
+    """Connector settings (url, list_id, subject, folder, ...); never secrets."""
+    secrets: dict[str, str] = {}
+    """Secret name -> the environment variable that holds it (e.g. signing_secret:
+    CDP_WEBHOOK_SECRET); values are read at delivery time, never stored or shown."""
+    identity: str | None = None
+    """The identity namespace the destination needs; profiles without it are skipped."""
+    mappings: dict[str, str] = {}
+    """Profile attribute path -> destination field. Event attributes are never exported."""
+    consent: ConsentRule | None = None
+    aggregation: Aggregation = Aggregation()
+    description: str = ""
+
+
 KINDS: dict[str, type[msgspec.Struct]] = {
     "namespace": Namespace,
     "schema": Schema,
     "dataset": Dataset,
     "merge_policy": MergePolicy,
     "segment": Segment,
+    "destination": Destination,
 }
 """Kind name -> type. A configuration file lists them under the plural key."""
 
@@ -138,9 +180,17 @@ PLURALS: dict[str, str] = {
     "datasets": "dataset",
     "merge_policies": "merge_policy",
     "segments": "segment",
+    "destinations": "destination",
 }
 
-APPLY_ORDER: tuple[str, ...] = ("namespace", "schema", "dataset", "merge_policy", "segment")
+APPLY_ORDER: tuple[str, ...] = (
+    "namespace",
+    "schema",
+    "dataset",
+    "merge_policy",
+    "segment",
+    "destination",
+)
 
 OWNERS: dict[str, str] = {
     "namespace": "ingest",
@@ -148,6 +198,7 @@ OWNERS: dict[str, str] = {
     "dataset": "ingest",
     "merge_policy": "profile",
     "segment": "segmentation",
+    "destination": "destination",
 }
 """Which service owns (validates, stores and publishes) each kind of object."""
 

@@ -167,11 +167,7 @@ class IdentityService(Service):
         ]
 
     async def on_stop(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                self.log.debug("unsubscribe failed", error=repr(exc))
+        await admin.unsubscribe_all(self._subs)
 
     # -- configuration ------------------------------------------------------------------
     async def handle_namespaces(self, batch: Batch) -> None:

@@ -132,12 +132,7 @@ class IngestAdmin:
         ]
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # the connection may be draining already
-                self.svc.log.debug("unsubscribe failed", error=repr(exc))
-        self._subs = []
+        await admin.unsubscribe_all(self._subs)
 
     # -- configuration ---------------------------------------------------------------
     async def apply(self, request: ApplyBatch) -> ApplyBatchResult:

@@ -12,7 +12,13 @@ from typing import Any
 
 import msgspec
 
-from shared.admin import AdminFailure, ApplyResult, Change, spec_name, validation_failure
+from shared.admin import (
+    AdminFailure,
+    ApplyResult,
+    apply_result,
+    spec_name,
+    validation_failure,
+)
 from shared.resources import (
     BUILTIN_NAMESPACES,
     NAME_RE,
@@ -20,7 +26,6 @@ from shared.resources import (
     Field,
     Namespace,
     Schema,
-    to_builtins,
 )
 
 DEFAULT_TIMESTAMP_FIELD = "timestamp"
@@ -103,16 +108,6 @@ def decode_spec(kind: str, raw: dict[str, Any]) -> Namespace | Schema | Dataset:
     return spec
 
 
-def _diff(before: Any, after: Any, path: str = "") -> list[Change]:
-    if isinstance(before, dict) and isinstance(after, dict):
-        out: list[Change] = []
-        for key in sorted(set(before) | set(after), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            out += _diff(before.get(key), after.get(key), sub)
-        return out
-    return [] if before == after else [Change(path or "(all)", before, after)]
-
-
 class Registry:
     """Namespaces, schemas and datasets as configured; the authority on what is valid."""
 
@@ -162,11 +157,7 @@ class Registry:
             case Dataset():
                 self._check_dataset(spec)
         name = spec.symbol if isinstance(spec, Namespace) else spec.name
-        current = self.get(kind, name)
-        if current is None:
-            return spec, ApplyResult(kind, name, "created", _diff({}, to_builtins(spec)))
-        changes = _diff(to_builtins(current), to_builtins(spec))
-        return spec, ApplyResult(kind, name, "updated" if changes else "unchanged", changes)
+        return spec, apply_result(kind, name, self.get(kind, name), spec)
 
     def _check_namespace(self, ns: Namespace) -> None:
         if ns.builtin and ns.symbol not in {b.symbol for b in BUILTIN_NAMESPACES}:

@@ -17,9 +17,9 @@ from shared.admin import (
     ApplyBatch,
     ApplyBatchResult,
     ApplyResult,
-    Change,
     GetRequest,
     GetResult,
+    apply_result,
     spec_name,
     validation_failure,
 )
@@ -32,11 +32,6 @@ if TYPE_CHECKING:
 _policy_decoder = msgspec.json.Decoder(MergePolicy)
 _encoder = msgspec.json.Encoder()
 KIND = "merge_policy"
-
-
-def _diff(before: dict[str, object], after: dict[str, object]) -> list[Change]:
-    keys = sorted(set(before) | set(after))
-    return [Change(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]
 
 
 class MergePolicies:
@@ -64,12 +59,7 @@ class MergePolicies:
         ]
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                self.svc.log.debug("unsubscribe failed", error=repr(exc))
-        self._subs = []
+        await admin.unsubscribe_all(self._subs)
 
     async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
         scratch = dict(self._policies)
@@ -91,15 +81,7 @@ class MergePolicies:
                     if other.default and other.name != policy.name:
                         scratch[other.name] = msgspec.structs.replace(other, default=False)
             scratch[policy.name] = policy
-            if current is None:
-                results.append(
-                    ApplyResult(KIND, policy.name, "created", _diff({}, to_builtins(policy)))
-                )
-            else:
-                changes = _diff(to_builtins(current), to_builtins(policy))
-                results.append(
-                    ApplyResult(KIND, policy.name, "updated" if changes else "unchanged", changes)
-                )
+            results.append(apply_result(KIND, policy.name, current, policy))
         ordered = [scratch[k] for k in sorted(scratch)]
         known = set(self.svc.datasets)
         for name in {d for p in ordered for d in p.datasets} - known:

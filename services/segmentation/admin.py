@@ -191,12 +191,7 @@ class SegmentationAdmin:
         await apply(self.svc.db, tx)
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                self.svc.log.debug("unsubscribe failed", error=repr(exc))
-        self._subs = []
+        await admin.unsubscribe_all(self._subs)
 
     async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
         scratch = Catalog()
@@ -240,12 +235,18 @@ class SegmentationAdmin:
         """The merge policy must exist: ask the profile service, which owns them."""
         try:
             await admin.request(
-                self.svc.nc, subjects.admin("profile", "get"), GetRequest("merge_policy", policy),
-                GetResult, timeout=5,
+                self.svc.nc,
+                subjects.admin("profile", "get"),
+                GetRequest("merge_policy", policy),
+                GetResult,
+                timeout=5,
             )
         except AdminFailure:
             raise AdminFailure(
-                "invalid", f"unknown merge policy {policy!r}", kind=KIND, name=segment,
+                "invalid",
+                f"unknown merge policy {policy!r}",
+                kind=KIND,
+                name=segment,
                 field="merge_policy",
             ) from None
 

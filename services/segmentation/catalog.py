@@ -21,8 +21,8 @@ from services.segmentation.language import (
     reads,
     to_json,
 )
-from shared.admin import AdminFailure, ApplyResult, Change, spec_name, validation_failure
-from shared.resources import NAME_RE, Segment, to_builtins
+from shared.admin import AdminFailure, ApplyResult, apply_result, spec_name, validation_failure
+from shared.resources import NAME_RE, Segment
 
 KIND = "segment"
 
@@ -135,12 +135,7 @@ class Catalog:
                 field="expression",
             )
         current = self.segments.get(spec.name)
-        if current is None:
-            return compiled, ApplyResult(KIND, spec.name, "created", _diff({}, to_builtins(spec)))
-        changes = _diff(to_builtins(current.spec), to_builtins(spec))
-        return compiled, ApplyResult(
-            KIND, spec.name, "updated" if changes else "unchanged", changes
-        )
+        return compiled, apply_result(KIND, spec.name, current.spec if current else None, spec)
 
     def put(self, compiled: CompiledSegment) -> None:
         self.segments[compiled.name] = compiled
@@ -149,8 +144,3 @@ class Catalog:
     @staticmethod
     def ast_json(compiled: CompiledSegment) -> bytes:
         return to_json(compiled.node)
-
-
-def _diff(before: dict[str, object], after: dict[str, object]) -> list[Change]:
-    keys = sorted(set(before) | set(after))
-    return [Change(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]

@@ -24,6 +24,9 @@ from shared.admin import (
     BatchInfo,
     BatchList,
     BatchListResult,
+    DeadLetters,
+    DestinationList,
+    DestinationQuery,
     ErrorsQuery,
     ErrorsResult,
     EstimateRequest,
@@ -33,6 +36,7 @@ from shared.admin import (
     JobInfo,
     JobList,
     JobRun,
+    ReplayResult,
     SegmentList,
 )
 from shared.cli import people
@@ -404,6 +408,94 @@ def jobs_run(
             f"  {seg}: {c.get('members', 0)} members, +{c.get('realized', 0)} -{c.get('exited', 0)}"
         )
     raise typer.Exit(1 if job.status == "failed" else 0)
+
+
+# -- destinations ------------------------------------------------------------------------------
+destinations_app = typer.Typer(help="Destinations: status, dead letters, replay.")
+app.add_typer(destinations_app, name="destinations")
+
+
+@destinations_app.callback(invoke_without_command=True)
+def destinations(ctx: typer.Context, nats_url: NatsOption = None) -> None:
+    """Each destination's status, last delivery, and counts delivered, failed and skipped."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    async def go() -> DestinationList:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+            )
+
+    result = run(go)
+    table = Table()
+    for col in (
+        "destination",
+        "type",
+        "status",
+        "queued",
+        "delivered",
+        "failed",
+        "skipped",
+        "dead letters",
+        "last delivery",
+    ):
+        table.add_column(col)
+    for d in result.destinations:
+        table.add_row(
+            d.name,
+            d.type,
+            d.status,
+            str(d.queued),
+            str(d.delivered),
+            str(d.failed),
+            str(d.skipped),
+            str(d.dead_letters),
+            _when(d.last_delivery),
+        )
+    console.print(table)
+
+
+@destinations_app.command("dlq")
+def destinations_dlq(
+    name: Annotated[str, typer.Argument(help="A destination.")],
+    limit: Annotated[int, typer.Option(help="How many.")] = 100,
+    nats_url: NatsOption = None,
+) -> None:
+    """List a destination's dead letters: deliveries that failed for good."""
+
+    async def go() -> DeadLetters:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("destination", "dlq"), DestinationQuery(name, limit), DeadLetters
+            )
+
+    result = run(go)
+    table = Table(title=f"{len(result.items)} dead letters for {name}")
+    for col in ("id", "segment", "profile", "attempts", "error", "failed"):
+        table.add_column(col, overflow="fold")
+    for d in result.items:
+        table.add_row(
+            str(d.id), d.segment, d.profile_id, str(d.attempts), d.error, _when(d.failed_at)
+        )
+    console.print(table)
+
+
+@destinations_app.command("replay")
+def destinations_replay(
+    name: Annotated[str, typer.Argument(help="A destination.")],
+    nats_url: NatsOption = None,
+) -> None:
+    """Send a destination's dead letters again."""
+
+    async def go() -> ReplayResult:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc, subjects.admin("destination", "replay"), DestinationQuery(name), ReplayResult
+            )
+
+    result = run(go)
+    console.print(f"{result.requeued} deliveries queued again for {result.destination}")
 
 
 # -- people ----------------------------------------------------------------------------------
