@@ -1,0 +1,295 @@
+"""The destination service's admin API: destinations (apply, get, list), dead letters
+(list, replay), and what delivery needs from other services (segment metadata)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+from nats.aio.subscription import Subscription
+
+from services.destination.connectors import CONNECTORS
+from services.destination.connectors.base import ConnectorSettingsError
+from services.destination.model import SegmentMeta
+from shared import admin, subjects
+from shared.admin import (
+    AdminFailure,
+    ApplyBatch,
+    ApplyBatchResult,
+    ApplyResult,
+    BatchList,
+    DeadLetter,
+    DeadLetters,
+    DestinationInfo,
+    DestinationList,
+    DestinationQuery,
+    GetRequest,
+    GetResult,
+    ReplayResult,
+    SegmentList,
+    apply_result,
+    spec_name,
+    validation_failure,
+)
+from shared.db import Tx, apply
+from shared.resources import NAME_RE, PLURALS, Destination, to_builtins
+
+if TYPE_CHECKING:
+    from services.destination.service import DestinationService
+
+KIND = "destination"
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Destination)
+
+
+async def _counts(db: Any, sql: str) -> dict[str, int]:
+    return {str(r[0]): int(r[1]) for r in await db.execute_fetchall(sql)}
+
+
+class DestinationAdmin:
+    def __init__(self, service: DestinationService) -> None:
+        self.svc = service
+        self._subs: list[Subscription] = []
+        self._meta: dict[str, SegmentMeta] = {}
+        self._synced: dict[tuple[str, str], str] = {}
+
+    async def start(self) -> None:
+        for (spec,) in await self.svc.db.execute_fetchall("SELECT spec FROM destinations"):
+            dest = _decoder.decode(spec)
+            self.svc.destinations[dest.name] = dest
+        for dest, seg, remote in await self.svc.db.execute_fetchall(
+            "SELECT destination, segment, remote_id FROM connections WHERE remote_id IS NOT NULL"
+        ):
+            self._synced[(dest, seg)] = remote
+        nc = self.svc.nc
+
+        def area(op: str) -> str:
+            return subjects.admin("destination", op)
+
+        self._subs = [
+            await admin.serve(nc, area("apply"), ApplyBatch, self.apply),
+            await admin.serve(nc, area("get"), GetRequest, self.get),
+            await admin.serve(nc, area("list"), BatchList, self.list),
+            await admin.serve(nc, area("dlq"), DestinationQuery, self.dlq),
+            await admin.serve(nc, area("replay"), DestinationQuery, self.replay),
+        ]
+
+    async def stop(self) -> None:
+        await admin.unsubscribe_all(self._subs)
+
+    # -- configuration ---------------------------------------------------------------------------
+    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+        planned: list[tuple[Destination, ApplyResult]] = []
+        known = await self._segments()
+        for obj in request.objects:
+            kind = PLURALS.get(obj.kind, obj.kind)
+            if kind != KIND:
+                raise AdminFailure(
+                    "unknown_kind", f"the destination service does not own {kind!r}", kind=kind
+                )
+            name = spec_name(obj.spec)
+            try:
+                dest = msgspec.convert(obj.spec, Destination)
+            except msgspec.ValidationError as exc:
+                raise validation_failure(KIND, name, exc) from None
+            self._check(dest, known)
+            current = self.svc.destinations.get(dest.name)
+            planned.append((dest, apply_result(KIND, dest.name, current, dest)))
+        if request.dry_run:
+            return ApplyBatchResult([r for _, r in planned])
+        now = time.time()
+        for dest, result in planned:
+            if result.action == "unchanged":
+                continue
+            previous = self.svc.destinations.get(dest.name)
+            new_segments = [
+                s for s in dest.segments if previous is None or s not in previous.segments
+            ]
+            tx = Tx()
+            tx.add(
+                "INSERT INTO destinations (name, spec, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
+                "updated_at = excluded.updated_at",
+                (dest.name, _encoder.encode(dest), now, now),
+            )
+            tx.add_many(
+                "INSERT OR IGNORE INTO connections (destination, segment, connected_at) "
+                "VALUES (?, ?, ?)",
+                [(dest.name, s, now) for s in new_segments],
+            )
+            await apply(self.svc.db, tx)
+            self.svc.destinations[dest.name] = dest
+            self.svc.ensure_worker(dest.name)
+            if new_segments:
+                queued = await self.svc.enqueue_backfill(dest, new_segments)
+                self.svc.log.info(
+                    "destination connected",
+                    destination=dest.name,
+                    segments=new_segments,
+                    backfill=queued,
+                )
+        return ApplyBatchResult([r for _, r in planned])
+
+    def _check(self, dest: Destination, known: set[str]) -> None:
+        def fail(field: str, message: str) -> AdminFailure:
+            return AdminFailure("invalid", message, kind=KIND, name=dest.name, field=field)
+
+        if not NAME_RE.match(dest.name):
+            raise fail(
+                "name", "must start with a lower-case letter and hold only a-z, 0-9, '_', '-'"
+            )
+        if not dest.segments:
+            raise fail("segments", "a destination activates at least one segment")
+        unknown = [s for s in dest.segments if s not in known]
+        if unknown:
+            raise fail("segments", f"unknown segments: {', '.join(unknown)}")
+        for key, env in dest.secrets.items():
+            if not env or not env.replace("_", "").isalnum():
+                raise fail(f"secrets.{key}", "name an environment variable, not a secret value")
+        policy = dest.aggregation
+        if policy.max_users_per_request < 1 or policy.max_events < 1 or policy.max_batch_age_s <= 0:
+            raise fail("aggregation", "limits must be positive")
+        needs_url = {"webhook", "email", "sms", "social", "ads", "audience_sharing"}
+        if dest.type in needs_url and not isinstance(dest.connection.get("url"), str):
+            raise fail("connection.url", f"a {dest.type} destination needs a url")
+        if dest.type == "nats" and not isinstance(dest.connection.get("subject"), str):
+            raise fail("connection.subject", "a nats destination needs a subject")
+        connector = CONNECTORS.get(dest.type)
+        if connector is not None and dest.type != "nats":
+            try:  # settings checked now; secret values are read only when sending
+                connector(dest.connection, {k: "(set at delivery)" for k in dest.secrets})
+            except ConnectorSettingsError as exc:
+                raise fail("connection", str(exc)) from None
+
+    async def _segments(self) -> set[str]:
+        listed = await admin.request(
+            self.svc.nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+        )
+        for seg in listed.segments:
+            self._meta[seg.name] = SegmentMeta(
+                name=seg.name, description=seg.description, method=seg.method
+            )
+        return {s.name for s in listed.segments}
+
+    async def segment_meta(self, name: str) -> SegmentMeta:
+        meta = self._meta.get(name)
+        if meta is None:
+            try:
+                await self._segments()
+            except Exception as exc:
+                self.svc.log.debug("segment metadata unavailable", error=repr(exc))
+            meta = self._meta.get(name, SegmentMeta(name=name))
+        return meta
+
+    async def ensure_synced(
+        self,
+        dest: Destination,
+        connector: Any,
+        meta: SegmentMeta,
+        http: aiohttp.ClientSession | None,
+    ) -> None:
+        """Audience sharing: segment metadata is synced first, once per segment."""
+        if dest.type != "audience_sharing" or (dest.name, meta.name) in self._synced:
+            return
+        remote = await connector.sync_segment(http, meta)
+        if remote is None:
+            return
+        self._synced[(dest.name, meta.name)] = remote
+        tx = Tx()
+        tx.add(
+            "UPDATE connections SET remote_id = ? WHERE destination = ? AND segment = ?",
+            (remote, dest.name, meta.name),
+        )
+        await apply(self.svc.db, tx)
+
+    async def get(self, request: GetRequest) -> GetResult:
+        kind = PLURALS.get(request.kind, request.kind)
+        if kind != KIND:
+            raise AdminFailure("unknown_kind", f"the destination service does not own {kind!r}")
+        dests = self.svc.destinations
+        if request.name is not None:
+            dest = dests.get(request.name)
+            if dest is None:
+                raise AdminFailure("not_found", f"no destination named {request.name!r}", kind=KIND)
+            return GetResult(KIND, [to_builtins(dest)])
+        return GetResult(KIND, [to_builtins(dests[n]) for n in sorted(dests)])
+
+    # -- status, dead letters ----------------------------------------------------------------------
+    async def list(self, _request: BatchList) -> DestinationList:
+        db = self.svc.db
+        stats = {
+            r[0]: r[1:]
+            for r in await db.execute_fetchall(
+                "SELECT destination, delivered, failed, skipped, last_delivery, last_error "
+                "FROM stats"
+            )
+        }
+        queued = await _counts(db, "SELECT destination, count(*) FROM queue GROUP BY destination")
+        retrying = await _counts(
+            db, "SELECT destination, count(*) FROM queue WHERE attempts > 0 GROUP BY destination"
+        )
+        dead = await _counts(db, "SELECT destination, count(*) FROM dlq GROUP BY destination")
+        out = []
+        for name in sorted(self.svc.destinations):
+            d = self.svc.destinations[name]
+            delivered, failed, skipped, last, error = stats.get(name, (0, 0, 0, None, None))
+            status = "retrying" if retrying.get(name) else "failing" if dead.get(name) else "active"
+            out.append(
+                DestinationInfo(
+                    name=name,
+                    type=d.type,
+                    segments=d.segments,
+                    status=status,
+                    queued=int(queued.get(name, 0)),
+                    delivered=delivered,
+                    failed=failed,
+                    skipped=skipped,
+                    dead_letters=int(dead.get(name, 0)),
+                    last_delivery=last,
+                    last_error=error,
+                )
+            )
+        return DestinationList(out)
+
+    async def dlq(self, request: DestinationQuery) -> DeadLetters:
+        rows = await self.svc.db.execute_fetchall(
+            "SELECT id, segment, profile_id, attempts, error, failed_at FROM dlq "
+            "WHERE destination = ? ORDER BY id LIMIT ?",
+            (request.name, max(1, min(request.limit, 10_000))),
+        )
+        return DeadLetters(
+            request.name,
+            [
+                DeadLetter(
+                    id=r[0],
+                    segment=r[1],
+                    profile_id=r[2],
+                    attempts=r[3],
+                    error=r[4],
+                    failed_at=r[5],
+                )
+                for r in rows
+            ],
+        )
+
+    async def replay(self, request: DestinationQuery) -> ReplayResult:
+        if request.name not in self.svc.destinations:
+            raise AdminFailure("not_found", f"no destination named {request.name!r}", kind=KIND)
+        now = time.time()
+        rows = await self.svc.db.execute_fetchall(
+            "SELECT count(*) FROM dlq WHERE destination = ?", (request.name,)
+        )
+        n = int(next(iter(rows))[0])
+        tx = Tx()
+        tx.add(
+            "INSERT INTO queue (destination, segment, profile_id, payload, enqueued_at, "
+            "next_attempt) SELECT destination, segment, profile_id, payload, ?, ? FROM dlq "
+            "WHERE destination = ? ORDER BY id",
+            (now, now, request.name),
+        )
+        tx.add("DELETE FROM dlq WHERE destination = ?", (request.name,))
+        await apply(self.svc.db, tx)
+        self.svc.wake([request.name])
+        return ReplayResult(request.name, n)

@@ -1,0 +1,234 @@
+"""Activation end to end, from ingest to real local provider servers: a streaming segment
+reaching a signed webhook in batches, hashed identities for a social network, recovery
+after an outage with everything delivered once, and a consent rule."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client
+
+from services.destination.service import DestinationService
+from services.identity.service import IdentityService
+from services.ingest.service import IngestService
+from services.profile.service import ProfileService
+from services.segmentation.service import SegmentationService
+from shared import admin, subjects
+from shared.admin import (
+    AdminFailure,
+    ApplyBatch,
+    ApplyBatchResult,
+    BatchList,
+    ConfigObject,
+    DestinationList,
+)
+from shared.cli.apply import apply_objects, load_file
+from shared.natsd import NatsServer
+from shared.runtime import Service
+from tests.destination_servers import SocialAudienceServer, WebhookServer
+from tests.helpers import eventually, settings_for
+
+pytestmark = pytest.mark.asyncio
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "webhook-signing-secret"
+CLASSES: tuple[type[Service], ...] = (
+    IngestService,
+    IdentityService,
+    ProfileService,
+    SegmentationService,
+    DestinationService,
+)
+
+
+@pytest_asyncio.fixture
+async def platform(
+    nats_server: NatsServer, nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[dict[str, Service]]:
+    monkeypatch.setenv("CDP_TEST_WEBHOOK_SECRET", SECRET)
+    services = {c.name: c(settings_for(c.name, nats_server.url, tmp_path)) for c in CLASSES}
+    for svc in services.values():
+        await svc.start()
+    try:
+        config = ROOT / "examples" / "retail" / "config.yaml"
+        await apply_objects(nc, load_file(config), dry_run=False, file=str(config))
+        yield services
+    finally:
+        for svc in reversed(list(services.values())):
+            await svc.stop()
+
+
+async def destination(nc: Client, spec: dict[str, Any]) -> None:
+    await admin.request(
+        nc,
+        subjects.admin("destination", "apply"),
+        ApplyBatch([ConfigObject("destination", spec)]),
+        ApplyBatchResult,
+    )
+
+
+async def customer(nc: Client, n: int, email: str, *, sms: str = "y") -> None:
+    record = {
+        "crm_id": f"C{n}",
+        "email": email,
+        "consents": {"marketing": {"email": "y", "sms": sms, "any": "y"}},
+    }
+    await nc.jetstream().publish("cdp.ingest.crm", json.dumps(record).encode())
+
+
+def activations(server: WebhookServer) -> list[dict[str, Any]]:
+    return [a for body in server.bodies() for a in body["activations"]]
+
+
+async def status(nc: Client, name: str) -> Any:
+    listed = await admin.request(
+        nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+    )
+    return next(d for d in listed.destinations if d.name == name)
+
+
+async def test_a_streaming_segment_reaches_a_signed_webhook_in_batches(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    async with WebhookServer(signing_secret=SECRET) as hook:
+        await destination(
+            nc,
+            {
+                "name": "crm-hook",
+                "type": "webhook",
+                "segments": ["email-optin"],
+                "connection": {"url": hook.url},
+                "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+                "aggregation": {"mode": "configurable", "max_events": 3, "max_batch_age_s": 1.5},
+            },
+        )
+        for n in range(3):
+            await customer(nc, n, f"c{n}@example.com")
+        await hook.wait_for(1, timeout=20)
+        first = hook.accepted[0]
+        assert len(first.json["activations"]) == 3, "three changes waited for max_events"
+        expected = "sha256=" + hmac.new(SECRET.encode(), first.body, hashlib.sha256).hexdigest()
+        assert first.headers["X-CDP-Signature"] == expected
+        await customer(nc, 3, "c3@example.com")
+        await hook.wait_for(2, timeout=20)  # a lone change goes when it is 1.5 s old
+        assert len(hook.accepted[1].json["activations"]) == 1
+        sent = activations(hook)
+        assert sorted(a["identities"]["email"][0] for a in sent) == [
+            f"c{n}@example.com" for n in range(4)
+        ]
+        assert {a["status"] for a in sent} == {"realized"}
+        assert all(a["attributes"] == {} for a in sent), "streaming sends membership only"
+        await eventually(lambda: _counts(nc, "crm-hook", delivered=4, failed=0, queued=0))
+
+
+async def test_a_social_destination_receives_only_hashes_of_normalised_emails(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    async with SocialAudienceServer() as social:
+        await destination(
+            nc,
+            {
+                "name": "social",
+                "type": "social",
+                "segments": ["email-optin"],
+                "identity": "email",
+                "connection": {"url": social.url, "audience_id": "a1"},
+                "secrets": {"api_key": "CDP_TEST_WEBHOOK_SECRET"},
+            },
+        )
+        await customer(nc, 1, "  Ann.Lee@Example.COM ")
+        await customer(nc, 2, "bob@example.org")
+        await eventually(lambda: _rows(social, 2), timeout=20)
+        want = {
+            hashlib.sha256(e.encode()).hexdigest()
+            for e in ("ann.lee@example.com", "bob@example.org")
+        }
+        assert {email for email, _phone in social.audiences["a1"]} == want
+        for req in social.received:
+            assert b"example" not in req.body.lower(), "a raw email left the platform"
+
+
+async def test_an_outage_then_recovery_delivers_everything_once(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    async with WebhookServer(signing_secret=SECRET) as hook:
+        hook.fail_next(503, times=3)
+        await destination(
+            nc,
+            {
+                "name": "flaky",
+                "type": "webhook",
+                "segments": ["email-optin"],
+                "connection": {"url": hook.url},
+                "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+            },
+        )
+        for n in range(5):
+            await customer(nc, n, f"o{n}@example.com")
+        await eventually(lambda: _delivered(hook, 5), timeout=40)
+        assert len([r for r in hook.received if r.status == 503]) == 3
+        emails = [a["identities"]["email"][0] for a in activations(hook)]
+        assert sorted(emails) == [f"o{n}@example.com" for n in range(5)], "each change once"
+        await eventually(lambda: _counts(nc, "flaky", delivered=5, dead_letters=0, queued=0))
+
+
+async def test_a_consent_rule_keeps_opted_out_profiles_out(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    async with WebhookServer(signing_secret=SECRET) as hook:
+        await destination(
+            nc,
+            {
+                "name": "sms-ok",
+                "type": "webhook",
+                "segments": ["email-optin"],
+                "connection": {"url": hook.url},
+                "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+                "consent": {"path": "consents.marketing.sms", "allow": ["y"]},
+            },
+        )
+        await customer(nc, 1, "yes@example.com", sms="y")
+        await customer(nc, 2, "no@example.com", sms="n")
+        await hook.wait_for(1, timeout=20)
+        await eventually(lambda: _skipped(nc, "sms-ok", 1), timeout=20)
+        emails = [a["identities"]["email"][0] for a in activations(hook)]
+        assert emails == ["yes@example.com"]
+
+
+async def _counts(nc: Client, name: str, **want: int) -> bool:
+    state = await status(nc, name)
+    return all(getattr(state, k) == v for k, v in want.items())
+
+
+async def test_a_destination_missing_settings_is_refused(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    with pytest.raises(AdminFailure) as bad:
+        await destination(
+            nc,
+            {
+                "name": "s2",
+                "type": "social",
+                "segments": ["email-optin"],
+                "connection": {"url": "http://127.0.0.1:9"},
+            },
+        )
+    assert bad.value.name == "s2" and "api_key" in bad.value.message
+
+
+async def _rows(server: SocialAudienceServer, n: int) -> bool:
+    return len(server.audiences.get("a1", ())) >= n
+
+
+async def _delivered(server: WebhookServer, n: int) -> bool:
+    return len(activations(server)) >= n
+
+
+async def _skipped(nc: Client, name: str, n: int) -> bool:
+    return bool((await status(nc, name)).skipped >= n)
