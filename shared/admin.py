@@ -362,6 +362,7 @@ class DestinationInfo(msgspec.Struct, kw_only=True):
     dead_letters: int
     last_delivery: float | None
     last_error: str | None
+    export_schedule: str | None = None
 
 
 class DestinationList(msgspec.Struct):
@@ -390,3 +391,25 @@ class DeadLetters(msgspec.Struct):
 class ReplayResult(msgspec.Struct):
     destination: str
     requeued: int
+
+
+class ExportRun(msgspec.Struct):
+    destination: str
+    trigger: str = "manual"
+
+
+class ExportResult(msgspec.Struct, kw_only=True):
+    destination: str
+    trigger: str
+    status: str
+    """succeeded or failed"""
+    started_at: float
+    finished_at: float
+    mode: str
+    files: list[str]
+    """Local paths, and remote paths when uploaded."""
+    rows: int
+    counts: dict[str, dict[str, int]] = {}
+    """Per segment: rows by membership status."""
+    skipped: int = 0
+    error: str | None = None

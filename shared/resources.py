@@ -146,6 +146,33 @@ class ConsentRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     allow: list[str] = msgspec.field(default_factory=lambda: ["y"])
 
 
+class SftpTarget(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    host: str
+    username: str
+    remote_dir: str
+    port: int = 22
+    password_secret: str | None = None
+    """Name of the entry in the destination's `secrets` that holds the password."""
+    client_key: str | None = None
+    """Path of a private key file on the destination service's machine."""
+    known_hosts: str | None = None
+    """Path of a known_hosts file; without one any host key is accepted."""
+
+
+class Export(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A file destination's export: when, what and where."""
+
+    folder: str
+    """Where files are written (relative paths are under the service's data folder)."""
+    format: Literal["csv", "jsonl", "parquet"] = "csv"
+    mode: Literal["full", "incremental"] = "full"
+    """incremental: only changes since the last export, exits included; the first is full."""
+    split_rows: int = 5_000_000
+    schedule: str = "after_segmentation"
+    """"after_segmentation" (when the daily batch segmentation job ends) or "manual"."""
+    sftp: SftpTarget | None = None
+
+
 class Destination(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     name: str
     type: DestinationType
@@ -161,6 +188,8 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     """Profile attribute path -> destination field. Event attributes are never exported."""
     consent: ConsentRule | None = None
     aggregation: Aggregation = Aggregation()
+    export: Export | None = None
+    """File destinations: how and where memberships are exported."""
     description: str = ""
 
 

@@ -12,6 +12,7 @@ from nats.aio.subscription import Subscription
 
 from services.destination.connectors import CONNECTORS
 from services.destination.connectors.base import ConnectorSettingsError
+from services.destination.export_job import run_export
 from services.destination.model import SegmentMeta
 from shared import admin, subjects
 from shared.admin import (
@@ -25,6 +26,8 @@ from shared.admin import (
     DestinationInfo,
     DestinationList,
     DestinationQuery,
+    ExportResult,
+    ExportRun,
     GetRequest,
     GetResult,
     ReplayResult,
@@ -74,6 +77,7 @@ class DestinationAdmin:
             await admin.serve(nc, area("list"), BatchList, self.list),
             await admin.serve(nc, area("dlq"), DestinationQuery, self.dlq),
             await admin.serve(nc, area("replay"), DestinationQuery, self.replay),
+            await admin.serve(nc, area("export.run"), ExportRun, self.export),
         ]
 
     async def stop(self) -> None:
@@ -154,6 +158,12 @@ class DestinationAdmin:
         needs_url = {"webhook", "email", "sms", "social", "ads", "audience_sharing"}
         if dest.type in needs_url and not isinstance(dest.connection.get("url"), str):
             raise fail("connection.url", f"a {dest.type} destination needs a url")
+        if dest.type == "file" and dest.export is None:
+            raise fail("export", "a file destination needs `export` (folder, format, mode, ...)")
+        if dest.export is not None and dest.export.schedule not in ("after_segmentation", "manual"):
+            raise fail("export.schedule", 'use "after_segmentation" or "manual"')
+        if dest.export is not None and dest.export.split_rows < 1:
+            raise fail("export.split_rows", "must be at least 1")
         if dest.type == "nats" and not isinstance(dest.connection.get("subject"), str):
             raise fail("connection.subject", "a nats destination needs a subject")
         connector = CONNECTORS.get(dest.type)
@@ -249,9 +259,21 @@ class DestinationAdmin:
                     dead_letters=int(dead.get(name, 0)),
                     last_delivery=last,
                     last_error=error,
+                    export_schedule=d.export.schedule if d.export else None,
                 )
             )
         return DestinationList(out)
+
+    async def export(self, request: ExportRun) -> ExportResult:
+        dest = self.svc.destinations.get(request.destination)
+        if dest is None or dest.export is None:
+            raise AdminFailure(
+                "not_found",
+                f"no file destination named {request.destination!r}",
+                kind=KIND,
+                name=request.destination,
+            )
+        return await run_export(self.svc, dest, request.trigger)
 
     async def dlq(self, request: DestinationQuery) -> DeadLetters:
         rows = await self.svc.db.execute_fetchall(

@@ -71,6 +71,29 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "destination",
+        2,
+        """
+        CREATE TABLE export_state (
+            destination TEXT NOT NULL,
+            segment TEXT NOT NULL,
+            profile_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            PRIMARY KEY (destination, segment, profile_id)
+        );
+        CREATE TABLE export_jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            destination TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL NOT NULL,
+            rows INTEGER NOT NULL,
+            result BLOB NOT NULL
+        )
+        """,
+    ),
 )
 
 UPSERT_MEMBERSHIP = (

@@ -20,7 +20,15 @@ import nats.errors
 from services.scheduler.schedules import check, missed, next_due
 from services.scheduler.store import INSERT_JOB_EVENT, INSERT_RUN, MIGRATIONS
 from shared import admin, subjects
-from shared.admin import AdminFailure, JobInfo, JobRun
+from shared.admin import (
+    AdminFailure,
+    BatchList,
+    DestinationList,
+    ExportResult,
+    ExportRun,
+    JobInfo,
+    JobRun,
+)
 from shared.db import Tx, apply
 from shared.runtime import Batch, ConsumerSpec, Service
 
@@ -37,6 +45,7 @@ class SchedulerService(Service):
         self.tz = os.environ.get("CDP_SCHEDULE_TZ", "UTC")
         check(self.cron, self.tz)
         self._task: asyncio.Task[None] | None = None
+        self._exports: set[asyncio.Task[None]] = set()
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -64,10 +73,12 @@ class SchedulerService(Service):
         self._task = asyncio.create_task(self._loop(), name="schedule:segmentation")
 
     async def on_stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._exports) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def _loop(self) -> None:
         while True:
@@ -98,3 +109,36 @@ class SchedulerService(Service):
 
     async def handle_job_events(self, batch: Batch) -> None:
         batch.tx.add_many(INSERT_JOB_EVENT, ((d.seq, d.subject, d.data) for d in batch.deliveries))
+        if any(d.subject == subjects.SEGMENTATION_JOB_DONE for d in batch.deliveries):
+            batch.after_commit(self._start_exports)
+
+    def _start_exports(self) -> None:
+        task = asyncio.create_task(self._exports_after_segmentation(), name="exports")
+        self._exports.add(task)
+        task.add_done_callback(self._exports.discard)
+
+    async def _exports_after_segmentation(self) -> None:
+        """Every file destination exporting "after segmentation" runs its export now."""
+        try:
+            listed = await admin.request(
+                self.nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+            )
+        except (AdminFailure, nats.errors.Error, TimeoutError) as exc:
+            self.log.warning("cannot list destinations for exports", error=repr(exc))
+            return
+        for dest in listed.destinations:
+            if dest.export_schedule != "after_segmentation":
+                continue
+            try:
+                result = await admin.request(
+                    self.nc,
+                    subjects.admin("destination", "export.run"),
+                    ExportRun(dest.name, "after_segmentation"),
+                    ExportResult,
+                    timeout=600,
+                )
+                self.log.info(
+                    "export done", destination=dest.name, status=result.status, rows=result.rows
+                )
+            except (AdminFailure, nats.errors.Error, TimeoutError) as exc:
+                self.log.warning("export failed", destination=dest.name, error=repr(exc))

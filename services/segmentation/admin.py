@@ -137,6 +137,18 @@ class SegmentJobs:
             )
             if finished:
                 self.svc.log.info("segmentation job finished", job_id=job_id, profiles=done)
+                info = JobInfo(
+                    job_id=job_id,
+                    kind="segmentation",
+                    trigger="",
+                    status="succeeded",
+                    started_at=0.0,
+                    finished_at=now,
+                    total=total,
+                    scanned=done,
+                    counts=merged,
+                )
+                batch.emit(subjects.SEGMENTATION_JOB_DONE, _encoder.encode(info))
 
     async def list(self, limit: int = 20) -> list[JobInfo]:
         rows = await self.svc.db.execute_fetchall(

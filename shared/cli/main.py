@@ -31,6 +31,8 @@ from shared.admin import (
     ErrorsResult,
     EstimateRequest,
     EstimateResult,
+    ExportResult,
+    ExportRun,
     GetRequest,
     GetResult,
     JobInfo,
@@ -479,6 +481,34 @@ def destinations_dlq(
             str(d.id), d.segment, d.profile_id, str(d.attempts), d.error, _when(d.failed_at)
         )
     console.print(table)
+
+
+@destinations_app.command("export")
+def destinations_export(
+    name: Annotated[str, typer.Argument(help="A file destination.")],
+    nats_url: NatsOption = None,
+) -> None:
+    """Run a file destination's export now."""
+
+    async def go() -> ExportResult:
+        async with connect(nats_url) as nc:
+            return await admin.request(
+                nc,
+                subjects.admin("destination", "export.run"),
+                ExportRun(name),
+                ExportResult,
+                timeout=600,
+            )
+
+    r = run(go)
+    console.print(
+        f"export of {r.destination}: {r.status} ({r.mode}), {r.rows} rows, {r.skipped} skipped"
+    )
+    for f in r.files:
+        console.print(f"  {f}")
+    if r.error:
+        console.print(f"[red]{r.error}[/]")
+    raise typer.Exit(0 if r.status == "succeeded" else 1)
 
 
 @destinations_app.command("replay")
