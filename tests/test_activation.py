@@ -232,3 +232,22 @@ async def _delivered(server: WebhookServer, n: int) -> bool:
 
 async def _skipped(nc: Client, name: str, n: int) -> bool:
     return bool((await status(nc, name)).skipped >= n)
+
+
+async def test_the_example_destinations_apply(platform: dict[str, Service], nc: Client) -> None:
+    path = ROOT / "examples" / "retail" / "destinations.yaml"
+    results = await apply_objects(nc, load_file(path), dry_run=False, file=str(path))
+    assert {r.name for r in results if r.action == "created"} == {
+        "crm-webhook",
+        "newsletter",
+        "sms-gold",
+        "social-lookalike",
+        "ads-match",
+        "audience-manager",
+        "realtime-bus",
+        "crm-file",
+    }
+    listed = await admin.request(
+        nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+    )
+    assert {d.name: d.type for d in listed.destinations}["crm-file"] == "file"
