@@ -28,11 +28,13 @@ from shared.admin import (
     BatchList,
     ConfigObject,
     DestinationList,
+    JobInfo,
+    JobRun,
 )
 from shared.cli.apply import apply_objects, load_file
 from shared.natsd import NatsServer
 from shared.runtime import Service
-from tests.destination_servers import SocialAudienceServer, WebhookServer
+from tests.destination_servers import AudienceManagerServer, SocialAudienceServer, WebhookServer
 from tests.helpers import eventually, settings_for
 
 pytestmark = pytest.mark.asyncio
@@ -251,3 +253,50 @@ async def test_the_example_destinations_apply(platform: dict[str, Service], nc: 
         nc, subjects.admin("destination", "list"), BatchList(), DestinationList
     )
     assert {d.name: d.type for d in listed.destinations}["crm-file"] == "file"
+
+
+async def test_audience_sharing_syncs_metadata_first_and_existing_members_at_the_next_job(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    js = nc.jetstream()
+
+    async def gold(n: int) -> None:
+        record = {"loyalty_id": f"G{n}", "crm_id": f"GC{n}", "loyalty": {"tier": "gold"}}
+        await js.publish("cdp.ingest.loyalty", json.dumps(record).encode())
+
+    await gold(1)
+    await gold(2)
+    dest_db = platform["destination"].db
+
+    async def seen(n: int) -> bool:
+        rows = await dest_db.execute_fetchall(
+            "SELECT count(*) FROM memberships WHERE segment = 'gold-members'"
+        )
+        return bool(next(iter(rows))[0] == n)
+
+    await eventually(lambda: seen(2), timeout=20)
+    async with AudienceManagerServer() as manager:
+        await destination(
+            nc,
+            {
+                "name": "am",
+                "type": "audience_sharing",
+                "segments": ["gold-members"],
+                "connection": {"url": manager.url},
+                "secrets": {"api_key": "CDP_TEST_WEBHOOK_SECRET"},
+            },
+        )
+        await manager.wait_for(1, timeout=20)
+        assert [r.path for r in manager.accepted] == ["/segments"], "metadata first"
+        remote = "am-gold-members"
+        assert manager.segments[remote]["name"] == "gold-members"
+        await gold(3)  # realised after the sync: sent as it happens
+        await eventually(lambda: _true(len(manager.members.get(remote, {})) == 1), timeout=20)
+        assert list(manager.members[remote].values()) == ["realized"]
+        await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
+        await eventually(lambda: _true(len(manager.members[remote]) == 3), timeout=30)
+        assert sorted(manager.members[remote].values()) == ["existing", "existing", "realized"]
+
+
+async def _true(value: bool) -> bool:
+    return value

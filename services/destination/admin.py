@@ -118,14 +118,20 @@ class DestinationAdmin:
                 "updated_at = excluded.updated_at",
                 (dest.name, _encoder.encode(dest), now, now),
             )
+            sharing = dest.type == "audience_sharing"
             tx.add_many(
-                "INSERT OR IGNORE INTO connections (destination, segment, connected_at) "
-                "VALUES (?, ?, ?)",
-                [(dest.name, s, now) for s in new_segments],
+                "INSERT OR IGNORE INTO connections (destination, segment, connected_at, "
+                "existing_pending) VALUES (?, ?, ?, ?)",
+                [(dest.name, s, now, int(sharing)) for s in new_segments],
             )
             await apply(self.svc.db, tx)
             self.svc.destinations[dest.name] = dest
             self.svc.ensure_worker(dest.name)
+            self.svc.wake([dest.name])
+            if sharing:
+                # The audience manager learns the segments first (the worker syncs them);
+                # members realised before that reach it at the next batch job, as existing.
+                continue
             if new_segments:
                 queued = await self.svc.enqueue_backfill(dest, new_segments)
                 self.svc.log.info(
@@ -192,6 +198,13 @@ class DestinationAdmin:
                 self.svc.log.debug("segment metadata unavailable", error=repr(exc))
             meta = self._meta.get(name, SegmentMeta(name=name))
         return meta
+
+    def forget_sync(self, dest: str) -> None:
+        for key in [k for k in self._synced if k[0] == dest]:
+            del self._synced[key]
+
+    def synced(self, dest: str, segment: str) -> bool:
+        return (dest, segment) in self._synced
 
     async def ensure_synced(
         self,

@@ -84,6 +84,7 @@ class DestinationService(Service):
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._http: aiohttp.ClientSession | None = None
+        self._connectors: dict[str, tuple[Destination, Any]] = {}
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -92,6 +93,13 @@ class DestinationService(Service):
                 subjects.STREAM_CHANGES,
                 self.handle_profiles,
                 description="profile changes: the identities and attributes to activate",
+            ),
+            ConsumerSpec(
+                "destination-jobs",
+                subjects.STREAM_JOBS,
+                self.handle_jobs,
+                filter_subjects=(subjects.SEGMENTATION_JOB_DONE,),
+                description="batch segmentation jobs that ended",
             ),
             ConsumerSpec(
                 "destination",
@@ -153,6 +161,56 @@ class DestinationService(Service):
                         )
                     case _:
                         pass  # deletes arrive on the membership stream, after segmentation
+
+    # -- batch jobs ------------------------------------------------------------------------------
+    async def handle_jobs(self, batch: Batch) -> None:
+        """After a batch job, audience managers receive the members realised before their
+        segment metadata was synced, with status `existing`."""
+        if not batch.deliveries:
+            return
+        pending = list(
+            await self.db.execute_fetchall(
+                "SELECT destination, segment, connected_at FROM connections "
+                "WHERE existing_pending = 1"
+            )
+        )
+        now = time.time()
+        touched: set[str] = set()
+        for name, segment, connected_at in pending:
+            dest = self.destinations.get(name)
+            if dest is None or not self.admin.synced(name, segment):
+                continue  # not synced yet: wait for a later job
+            rows = list(
+                await self.db.execute_fetchall(
+                    "SELECT profile_id FROM memberships WHERE segment = ? AND status IN "
+                    "('realized', 'existing') AND at <= ?",
+                    (segment, connected_at),
+                )
+            )
+            views = await self._views({str(r[0]) for r in rows})
+            for (pid,) in rows:
+                attributes, identities = views.get(pid, ({}, []))
+                activation, _ = build(
+                    dest,
+                    profile_id=pid,
+                    segment=segment,
+                    status="existing",
+                    at=now,
+                    identities=identities,
+                    attributes=attributes,
+                    with_attributes=True,
+                )
+                if activation is not None:
+                    batch.tx.add(
+                        ENQUEUE,
+                        (name, segment, pid, msgpack_encoder.encode(activation), now, now),
+                    )
+            batch.tx.add(
+                "UPDATE connections SET existing_pending = 0 WHERE destination = ? AND segment = ?",
+                (name, segment),
+            )
+            touched.add(name)
+        batch.after_commit(lambda: self.wake(touched))
 
     # -- memberships -> activations -----------------------------------------------------------
     async def handle_memberships(self, batch: Batch) -> None:
@@ -309,24 +367,50 @@ class DestinationService(Service):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait)
 
-    async def _deliver_once(self, dest: Destination) -> float:
-        """Send what is due; returns how long to wait before looking again."""
-        connector_cls = CONNECTORS[dest.type]
+    async def _connector(self, dest: Destination) -> Any:
+        """The destination's connector, kept while its configuration stays the same (an
+        audience manager's remote segment ids live in it)."""
+        cached = self._connectors.get(dest.name)
+        if cached is not None and cached[0] is dest:
+            return cached[1]
         secrets = {k: os.environ.get(env, "") for k, env in dest.secrets.items()}
         settings = {**dest.connection}
         if dest.type == "nats":
             settings["_nc"] = self.nc
         try:
-            connector = connector_cls(settings, secrets)
+            connector = CONNECTORS[dest.type](settings, secrets)
         except Exception as exc:  # a secret's variable is not set: nothing can be sent
             self.log.warning("destination misconfigured", destination=dest.name, error=str(exc))
             tx = Tx()
             tx.add(BUMP_STATS, (dest.name, 0, 0, 0, None, f"misconfigured: {exc}"))
             await apply(self.db, tx)
+            return None
+        self._connectors[dest.name] = (dest, connector)
+        self.admin.forget_sync(dest.name)  # a new connector syncs its segments again (idempotent)
+        return connector
+
+    async def _deliver_once(self, dest: Destination) -> float:
+        """Send what is due; returns how long to wait before looking again."""
+        connector = await self._connector(dest)
+        if connector is None:
             return 60.0
         policy = dest.aggregation
         limit = min(policy.max_users_per_request, connector.max_per_request)
         now = time.time()
+        if dest.type == "audience_sharing":  # segment metadata goes first, even with no members
+            for segment in dest.segments:
+                if not self.admin.synced(dest.name, segment):
+                    try:
+                        meta = await self.admin.segment_meta(segment)
+                        await self.admin.ensure_synced(dest, connector, meta, self._http)
+                    except Exception as exc:
+                        self.log.warning(
+                            "segment sync failed",
+                            destination=dest.name,
+                            segment=segment,
+                            error=repr(exc),
+                        )
+                        return 5.0
         rows = list(
             await self.db.execute_fetchall(
                 "SELECT id, segment, payload, enqueued_at, attempts FROM queue WHERE "

@@ -22,6 +22,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             segment TEXT NOT NULL,
             connected_at REAL NOT NULL,
             remote_id TEXT,
+            existing_pending INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (destination, segment)
         );
         CREATE TABLE profiles (
