@@ -193,6 +193,19 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     description: str = ""
 
 
+class Schedule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """When a batch job runs: the daily segmentation job, or a file destination's export."""
+
+    name: str
+    job: Literal["segmentation", "export"]
+    cron: str
+    """A cron expression, e.g. "0 2 * * *" (02:00 every day)."""
+    timezone: str = "UTC"
+    destination: str | None = None
+    """For export jobs: the file destination to export."""
+    description: str = ""
+
+
 KINDS: dict[str, type[msgspec.Struct]] = {
     "namespace": Namespace,
     "schema": Schema,
@@ -200,6 +213,7 @@ KINDS: dict[str, type[msgspec.Struct]] = {
     "merge_policy": MergePolicy,
     "segment": Segment,
     "destination": Destination,
+    "schedule": Schedule,
 }
 """Kind name -> type. A configuration file lists them under the plural key."""
 
@@ -210,6 +224,7 @@ PLURALS: dict[str, str] = {
     "merge_policies": "merge_policy",
     "segments": "segment",
     "destinations": "destination",
+    "schedules": "schedule",
 }
 
 APPLY_ORDER: tuple[str, ...] = (
@@ -219,6 +234,7 @@ APPLY_ORDER: tuple[str, ...] = (
     "merge_policy",
     "segment",
     "destination",
+    "schedule",
 )
 
 OWNERS: dict[str, str] = {
@@ -228,6 +244,7 @@ OWNERS: dict[str, str] = {
     "merge_policy": "profile",
     "segment": "segmentation",
     "destination": "destination",
+    "schedule": "scheduler",
 }
 """Which service owns (validates, stores and publishes) each kind of object."""
 

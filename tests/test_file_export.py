@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from services.profile.service import ProfileService
 from services.scheduler.service import SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, JobInfo, JobRun
+from shared.admin import (
+    ApplyBatch,
+    ApplyBatchResult,
+    ConfigObject,
+    GetRequest,
+    GetResult,
+    JobInfo,
+    JobRun,
+)
 from shared.cli.apply import apply_objects, load_file
 from shared.natsd import NatsServer
 from shared.runtime import Service
@@ -151,3 +160,59 @@ async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_export_schedule_missed_while_down_runs_once_at_start(
+    platform: dict[str, Service], nc: Client, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    await admin.request(
+        nc,
+        subjects.admin("destination", "apply"),
+        ApplyBatch(
+            [
+                ConfigObject(
+                    "destination",
+                    {
+                        "name": "crm-file",
+                        "type": "file",
+                        "segments": ["email-optin"],
+                        "identity": "email",
+                        "export": {"folder": "exports", "schedule": "manual"},
+                    },
+                )
+            ]
+        ),
+        ApplyBatchResult,
+    )
+    await customer(nc, 1, "y")
+    await eventually(lambda: members(platform, 1), timeout=30)
+    schedule = {
+        "name": "crm-nightly",
+        "job": "export",
+        "destination": "crm-file",
+        "cron": "30 3 * * *",
+        "timezone": "Europe/Paris",
+    }
+    await admin.request(
+        nc,
+        subjects.admin("scheduler", "apply"),
+        ApplyBatch([ConfigObject("schedule", schedule)]),
+        ApplyBatchResult,
+    )
+    listed = await admin.request(
+        nc, subjects.admin("scheduler", "get"), GetRequest("schedule"), GetResult
+    )
+    assert [s["name"] for s in listed.items] == ["crm-nightly", "segmentation-daily"]
+    assert exported(tmp_path / "exports") == []
+    scheduler = platform["scheduler"]
+    await scheduler.stop()
+    with sqlite3.connect(tmp_path / "scheduler.db") as db:  # as if down for two days
+        db.execute("UPDATE schedule_runs SET due = due - 2 * 86400")
+    again = SchedulerService(settings_for("scheduler", nats_server.url, tmp_path))
+    platform["scheduler"] = again
+    await again.start()
+    await eventually(lambda: _true(len(exported(tmp_path / "exports")) == 1), timeout=30)
+    rows = read(exported(tmp_path / "exports")[0])
+    assert [(r["email"], r["segment_membership_status"]) for r in rows] == [
+        ("f1@example.com", "realized")
+    ]

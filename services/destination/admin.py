@@ -57,6 +57,7 @@ class DestinationAdmin:
         self._subs: list[Subscription] = []
         self._meta: dict[str, SegmentMeta] = {}
         self._synced: dict[tuple[str, str], str] = {}
+        self._exporting: set[str] = set()
 
     async def start(self) -> None:
         for (spec,) in await self.svc.db.execute_fetchall("SELECT spec FROM destinations"):
@@ -167,7 +168,10 @@ class DestinationAdmin:
         if dest.type == "file" and dest.export is None:
             raise fail("export", "a file destination needs `export` (folder, format, mode, ...)")
         if dest.export is not None and dest.export.schedule not in ("after_segmentation", "manual"):
-            raise fail("export.schedule", 'use "after_segmentation" or "manual"')
+            raise fail(
+                "export.schedule",
+                'use "after_segmentation" or "manual" (a time of day: a schedule of job export)',
+            )
         if dest.export is not None and dest.export.split_rows < 1:
             raise fail("export.split_rows", "must be at least 1")
         if dest.type == "nats" and not isinstance(dest.connection.get("subject"), str):

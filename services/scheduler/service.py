@@ -1,9 +1,12 @@
-"""The scheduler: fires the daily batch segmentation job on its cron schedule.
+"""The scheduler: runs batch jobs on their cron schedules.
 
-The schedule is `CDP_SEGMENTATION_SCHEDULE` (cron, default `0 2 * * *`) in the time zone
-`CDP_SCHEDULE_TZ` (default UTC). A run missed while the platform was down runs once at
-start-up. The segmentation service refuses a second job while one runs, so two instances
-of the job never run at once. Each run is recorded (`schedule_runs`).
+Schedules are configuration (`cdp apply`, kind schedule): the daily segmentation job and
+file destinations' exports, each a cron expression in a time zone. Without a configured
+segmentation schedule, `CDP_SEGMENTATION_SCHEDULE` (default `0 2 * * *`) in
+`CDP_SCHEDULE_TZ` (default UTC) applies. A run missed while the platform was down runs
+once at start-up. Exports set to run "after segmentation" start when a segmentation job
+ends. The services refuse a second instance of a job that is running, so two instances
+of the same job never run at once. Every run is recorded (`schedule_runs`).
 """
 
 from __future__ import annotations
@@ -15,24 +18,37 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import nats.errors
+from nats.aio.subscription import Subscription
 
-from services.scheduler.schedules import check, missed, next_due
+from services.scheduler.schedules import ScheduleError, check, missed, next_due
 from services.scheduler.store import INSERT_JOB_EVENT, INSERT_RUN, MIGRATIONS
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
+    ApplyBatch,
+    ApplyBatchResult,
     BatchList,
     DestinationList,
     ExportResult,
     ExportRun,
+    GetRequest,
+    GetResult,
     JobInfo,
     JobRun,
+    apply_result,
+    spec_name,
+    validation_failure,
 )
 from shared.db import Tx, apply
+from shared.resources import NAME_RE, PLURALS, Schedule, to_builtins
 from shared.runtime import Batch, ConsumerSpec, Service
 
 SEGMENTATION_SCHEDULE = "segmentation-daily"
+KIND = "schedule"
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Schedule)
 
 
 class SchedulerService(Service):
@@ -41,11 +57,19 @@ class SchedulerService(Service):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.cron = os.environ.get("CDP_SEGMENTATION_SCHEDULE", "0 2 * * *")
-        self.tz = os.environ.get("CDP_SCHEDULE_TZ", "UTC")
-        check(self.cron, self.tz)
-        self._task: asyncio.Task[None] | None = None
+        default = Schedule(
+            name=SEGMENTATION_SCHEDULE,
+            job="segmentation",
+            cron=os.environ.get("CDP_SEGMENTATION_SCHEDULE", "0 2 * * *"),
+            timezone=os.environ.get("CDP_SCHEDULE_TZ", "UTC"),
+            description="the daily batch segmentation job (from the environment)",
+        )
+        check(default.cron, default.timezone)
+        self.default = default
+        self.schedules: dict[str, Schedule] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._exports: set[asyncio.Task[None]] = set()
+        self._subs: list[Subscription] = []
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -57,56 +81,177 @@ class SchedulerService(Service):
             ),
         )
 
+    def active(self) -> dict[str, Schedule]:
+        """The schedules in force: configured ones, and the default daily job if no
+        configured schedule runs segmentation."""
+        out = dict(self.schedules)
+        if not any(s.job == "segmentation" for s in out.values()):
+            out[self.default.name] = self.default
+        return out
+
     async def on_start(self) -> None:
-        rows = await self.db.execute_fetchall(
-            "SELECT max(due) FROM schedule_runs WHERE schedule = ?", (SEGMENTATION_SCHEDULE,)
+        for (spec,) in await self.db.execute_fetchall("SELECT spec FROM schedules"):
+            schedule = _decoder.decode(spec)
+            self.schedules[schedule.name] = schedule
+        self._subs = await admin.serve_all(
+            self.nc,
+            [
+                (subjects.admin("scheduler", "apply"), ApplyBatch, self.apply),
+                (subjects.admin("scheduler", "get"), GetRequest, self.get),
+            ],
         )
-        last = next(iter(rows))[0]
-        now = time.time()
-        if last is None:  # first start: the schedule begins now, nothing was missed
-            await self._record(now, None, "registered", f"{self.cron} ({self.tz})")
-        else:
-            due = missed(self.cron, self.tz, float(last), now)
-            if due is not None:
-                self.log.info("running a missed schedule", schedule=SEGMENTATION_SCHEDULE)
-                await self._fire(due, "missed")
-        self._task = asyncio.create_task(self._loop(), name="schedule:segmentation")
+        for schedule in self.active().values():
+            await self._begin(schedule)
 
     async def on_stop(self) -> None:
-        tasks = [t for t in (self._task, *self._exports) if t is not None]
+        await admin.unsubscribe_all(self._subs)
+        tasks = [*self._tasks.values(), *self._exports]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks.clear()
 
-    async def _loop(self) -> None:
-        while True:
-            due = next_due(self.cron, self.tz, time.time())
-            await asyncio.sleep(max(0.0, due - time.time()))
-            await self._fire(due, "schedule")
-
-    async def _fire(self, due: float, trigger: str) -> None:
-        try:
-            job = await admin.request(
-                self.nc, subjects.admin("segmentation", "job.run"), JobRun(trigger=trigger), JobInfo
+    async def _begin(self, schedule: Schedule) -> None:
+        """Run a missed occurrence once, then follow the schedule."""
+        rows = await self.db.execute_fetchall(
+            "SELECT max(due) FROM schedule_runs WHERE schedule = ?", (schedule.name,)
+        )
+        last = next(iter(rows))[0]
+        now = time.time()
+        if last is None:  # new: it starts now, nothing was missed
+            await self._record(
+                schedule.name, now, None, "registered", f"{schedule.cron} ({schedule.timezone})"
             )
+        else:
+            due = missed(schedule.cron, schedule.timezone, float(last), now)
+            if due is not None:
+                self.log.info("running a missed schedule", schedule=schedule.name)
+                await self._fire(schedule, due, "missed")
+        self._tasks[schedule.name] = asyncio.create_task(
+            self._loop(schedule), name=f"schedule:{schedule.name}"
+        )
+
+    async def _stop_task(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self, schedule: Schedule) -> None:
+        while True:
+            due = next_due(schedule.cron, schedule.timezone, time.time())
+            await asyncio.sleep(max(0.0, due - time.time()))
+            await self._fire(schedule, due, "schedule")
+
+    async def _fire(self, schedule: Schedule, due: float, trigger: str) -> None:
+        try:
+            if schedule.job == "segmentation":
+                job = await admin.request(
+                    self.nc,
+                    subjects.admin("segmentation", "job.run"),
+                    JobRun(trigger=trigger),
+                    JobInfo,
+                )
+                job_id: str | None = job.job_id
+            else:
+                assert schedule.destination is not None
+                result = await admin.request(
+                    self.nc,
+                    subjects.admin("destination", "export.run"),
+                    ExportRun(schedule.destination, trigger),
+                    ExportResult,
+                    timeout=600,
+                )
+                job_id = f"export:{schedule.destination}:{int(result.started_at)}"
         except AdminFailure as exc:
-            await self._record(due, None, "skipped", exc.message)
+            await self._record(schedule.name, due, None, "skipped", exc.message)
             return
         except (nats.errors.Error, TimeoutError) as exc:
-            await self._record(due, None, "failed", f"segmentation unreachable: {exc!r}")
+            await self._record(schedule.name, due, None, "failed", f"unreachable: {exc!r}")
             return
-        await self._record(due, job.job_id, "started", None)
-        self.log.info("scheduled job started", job_id=job.job_id, trigger=trigger)
+        await self._record(schedule.name, due, job_id, "started", None)
+        self.log.info("scheduled job started", schedule=schedule.name, job_id=job_id)
 
     async def _record(
-        self, due: float, job_id: str | None, status: str, detail: str | None
+        self, schedule: str, due: float, job_id: str | None, status: str, detail: str | None
     ) -> None:
         tx = Tx()
-        tx.add(INSERT_RUN, (SEGMENTATION_SCHEDULE, due, time.time(), job_id, status, detail))
+        tx.add(INSERT_RUN, (schedule, due, time.time(), job_id, status, detail))
         await apply(self.db, tx)
 
+    # -- configuration -----------------------------------------------------------------------
+    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+        planned = []
+        for obj in request.objects:
+            kind = PLURALS.get(obj.kind, obj.kind)
+            if kind != KIND:
+                raise AdminFailure(
+                    "unknown_kind", f"the scheduler does not own {kind!r}", kind=kind
+                )
+            name = spec_name(obj.spec)
+            try:
+                schedule = msgspec.convert(obj.spec, Schedule)
+            except msgspec.ValidationError as exc:
+                raise validation_failure(KIND, name, exc) from None
+            self._check(schedule)
+            planned.append(
+                (
+                    schedule,
+                    apply_result(KIND, schedule.name, self.schedules.get(schedule.name), schedule),
+                )
+            )
+        if request.dry_run:
+            return ApplyBatchResult([r for _, r in planned])
+        for schedule, result in planned:
+            if result.action == "unchanged":
+                continue
+            tx = Tx()
+            tx.add(
+                "INSERT INTO schedules (name, spec) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                "SET spec = excluded.spec",
+                (schedule.name, _encoder.encode(schedule)),
+            )
+            await apply(self.db, tx)
+            before = set(self.active())
+            self.schedules[schedule.name] = schedule
+            for gone in before - set(self.active()):  # e.g. the default daily job, replaced
+                await self._stop_task(gone)
+            await self._stop_task(schedule.name)
+            await self._begin(schedule)
+        return ApplyBatchResult([r for _, r in planned])
+
+    def _check(self, schedule: Schedule) -> None:
+        def fail(field: str, message: str) -> AdminFailure:
+            return AdminFailure("invalid", message, kind=KIND, name=schedule.name, field=field)
+
+        if not NAME_RE.match(schedule.name):
+            raise fail(
+                "name", "must start with a lower-case letter and hold only a-z, 0-9, '_', '-'"
+            )
+        try:
+            check(schedule.cron, schedule.timezone)
+        except ScheduleError as exc:
+            raise fail("cron" if "cron" in str(exc) else "timezone", str(exc)) from None
+        if schedule.job == "export" and not schedule.destination:
+            raise fail("destination", "an export schedule names its file destination")
+        if schedule.job == "segmentation" and schedule.destination:
+            raise fail("destination", "only export schedules name a destination")
+
+    async def get(self, request: GetRequest) -> GetResult:
+        kind = PLURALS.get(request.kind, request.kind)
+        if kind != KIND:
+            raise AdminFailure("unknown_kind", f"the scheduler does not own {kind!r}")
+        active = self.active()
+        if request.name is not None:
+            if request.name not in active:
+                raise AdminFailure("not_found", f"no schedule named {request.name!r}", kind=KIND)
+            return GetResult(KIND, [to_builtins(active[request.name])])
+        return GetResult(KIND, [to_builtins(active[n]) for n in sorted(active)])
+
+    # -- after segmentation -------------------------------------------------------------------
     async def handle_job_events(self, batch: Batch) -> None:
         batch.tx.add_many(INSERT_JOB_EVENT, ((d.seq, d.subject, d.data) for d in batch.deliveries))
         if any(d.subject == subjects.SEGMENTATION_JOB_DONE for d in batch.deliveries):

@@ -22,6 +22,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             status TEXT NOT NULL,
             detail TEXT,
             PRIMARY KEY (schedule, due)
+        );
+        CREATE TABLE schedules (
+            name TEXT PRIMARY KEY,
+            spec BLOB NOT NULL
         )
         """,
     ),
