@@ -19,6 +19,7 @@ from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
 from services.profile.service import ProfileService
+from services.scheduler.service import SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
@@ -45,6 +46,7 @@ CLASSES: tuple[type[Service], ...] = (
     IdentityService,
     ProfileService,
     SegmentationService,
+    SchedulerService,
     DestinationService,
 )
 
@@ -248,6 +250,8 @@ async def test_the_example_destinations_apply(platform: dict[str, Service], nc: 
         "audience-manager",
         "realtime-bus",
         "crm-file",
+        "segmentation-nightly",
+        "crm-file-morning",
     }
     listed = await admin.request(
         nc, subjects.admin("destination", "list"), BatchList(), DestinationList

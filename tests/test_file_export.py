@@ -26,10 +26,12 @@ from shared import admin, subjects
 from shared.admin import (
     ApplyBatch,
     ApplyBatchResult,
+    BatchList,
     ConfigObject,
     GetRequest,
     GetResult,
     JobInfo,
+    JobList,
     JobRun,
 )
 from shared.cli.apply import apply_objects, load_file
@@ -156,6 +158,11 @@ async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
     await eventually(lambda: _true(len(list((sftp_server.root / "drop").glob("*.csv"))) == 2))
     uploaded = sorted((sftp_server.root / "drop").glob("*.csv"))
     assert [p.read_bytes() for p in uploaded] == [p.read_bytes() for p in exported(folder)]
+    jobs = await admin.request(nc, subjects.admin("destination", "jobs"), BatchList(), JobList)
+    assert [(j.kind, j.trigger, j.status, j.total) for j in jobs.jobs] == [
+        ("export:crm-file", "after_segmentation", "succeeded", 2),
+        ("export:crm-file", "after_segmentation", "succeeded", 3),
+    ]
 
 
 async def _true(value: bool) -> bool:

@@ -30,6 +30,8 @@ from shared.admin import (
     ExportRun,
     GetRequest,
     GetResult,
+    JobInfo,
+    JobList,
     ReplayResult,
     SegmentList,
     apply_result,
@@ -79,6 +81,7 @@ class DestinationAdmin:
             await admin.serve(nc, area("dlq"), DestinationQuery, self.dlq),
             await admin.serve(nc, area("replay"), DestinationQuery, self.replay),
             await admin.serve(nc, area("export.run"), ExportRun, self.export),
+            await admin.serve(nc, area("jobs"), BatchList, self.jobs),
         ]
 
     async def stop(self) -> None:
@@ -291,6 +294,31 @@ class DestinationAdmin:
                 name=request.destination,
             )
         return await run_export(self.svc, dest, request.trigger)
+
+    async def jobs(self, request: BatchList) -> JobList:
+        """Export jobs, newest first, as job records."""
+        rows = await self.svc.db.execute_fetchall(
+            "SELECT id, result FROM export_jobs ORDER BY id DESC LIMIT ?",
+            (max(1, min(request.limit, 200)),),
+        )
+        out = []
+        for job_id, raw in rows:
+            r = msgspec.json.decode(raw, type=ExportResult)
+            out.append(
+                JobInfo(
+                    job_id=f"export-{job_id}",
+                    kind=f"export:{r.destination}",
+                    trigger=r.trigger,
+                    status=r.status,
+                    started_at=r.started_at,
+                    finished_at=r.finished_at,
+                    total=r.rows,
+                    scanned=r.rows,
+                    counts=r.counts,
+                    error=r.error,
+                )
+            )
+        return JobList(out)
 
     async def dlq(self, request: DestinationQuery) -> DeadLetters:
         rows = await self.svc.db.execute_fetchall(

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import aiohttp
 import msgspec
+import nats.errors
 import typer
 import yaml
 from rich.console import Console
@@ -351,9 +352,17 @@ def jobs(ctx: typer.Context, nats_url: NatsOption = None) -> None:
 
     async def go() -> JobList:
         async with connect(nats_url) as nc:
-            return await admin.request(
+            segmentation = await admin.request(
                 nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList
             )
+            try:
+                exports = await admin.request(
+                    nc, subjects.admin("destination", "jobs"), BatchList(), JobList
+                )
+            except nats.errors.NoRespondersError:
+                exports = JobList([])
+            jobs = sorted([*segmentation.jobs, *exports.jobs], key=lambda j: -j.started_at)
+            return JobList(jobs)
 
     result = run(go)
     table = Table()
