@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
+from nats.aio.client import Client
 
+from shared.cli.apply import apply_objects, load_file
 from shared.config import Settings
+from shared.runtime import Service
 
 
 async def eventually(
@@ -26,3 +30,24 @@ async def eventually(
 def settings_for(service: str, nats_url: str, data_dir: Path, **overrides: object) -> Settings:
     base = Settings(service=service, nats_url=nats_url, data_dir=data_dir, port=0)
     return msgspec.structs.replace(base, **overrides)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RETAIL_CONFIG = ROOT / "examples" / "retail" / "config.yaml"
+
+
+@asynccontextmanager
+async def running(
+    classes: Sequence[type[Service]], nats_url: str, data_dir: Path, nc: Client
+) -> AsyncIterator[dict[str, Service]]:
+    """Start these services in-process against one nats-server, apply the retail example's
+    configuration, and stop them (in reverse order) afterwards."""
+    services = {c.name: c(settings_for(c.name, nats_url, data_dir)) for c in classes}
+    try:
+        for svc in services.values():
+            await svc.start()
+        await apply_objects(nc, load_file(RETAIL_CONFIG), dry_run=False, file=str(RETAIL_CONFIG))
+        yield services
+    finally:
+        for svc in reversed(list(services.values())):
+            await svc.stop()

@@ -36,7 +36,7 @@ from shared.cli.apply import apply_objects, load_file
 from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.destination_servers import AudienceManagerServer, SocialAudienceServer, WebhookServer
-from tests.helpers import eventually, settings_for
+from tests.helpers import eventually, running
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,16 +56,8 @@ async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[dict[str, Service]]:
     monkeypatch.setenv("CDP_TEST_WEBHOOK_SECRET", SECRET)
-    services = {c.name: c(settings_for(c.name, nats_server.url, tmp_path)) for c in CLASSES}
-    for svc in services.values():
-        await svc.start()
-    try:
-        config = ROOT / "examples" / "retail" / "config.yaml"
-        await apply_objects(nc, load_file(config), dry_run=False, file=str(config))
+    async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
         yield services
-    finally:
-        for svc in reversed(list(services.values())):
-            await svc.stop()
 
 
 async def destination(nc: Client, spec: dict[str, Any]) -> None:

@@ -34,10 +34,9 @@ from shared.admin import (
     JobList,
     JobRun,
 )
-from shared.cli.apply import apply_objects, load_file
 from shared.natsd import NatsServer
 from shared.runtime import Service
-from tests.helpers import eventually, settings_for
+from tests.helpers import eventually, running, settings_for
 from tests.test_exports import PASSWORD, USER, SftpServer, sftp_server
 
 pytestmark = pytest.mark.asyncio
@@ -58,16 +57,8 @@ async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[dict[str, Service]]:
     monkeypatch.setenv("CDP_TEST_SFTP_PASSWORD", PASSWORD)
-    services = {c.name: c(settings_for(c.name, nats_server.url, tmp_path)) for c in CLASSES}
-    for svc in services.values():
-        await svc.start()
-    try:
-        config = ROOT / "examples" / "retail" / "config.yaml"
-        await apply_objects(nc, load_file(config), dry_run=False, file=str(config))
+    async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
         yield services
-    finally:
-        for svc in reversed(list(services.values())):
-            await svc.stop()
 
 
 async def customer(nc: Client, n: int, consent: str) -> None:

@@ -23,11 +23,10 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import AdminFailure, ApplyBatch, ApplyBatchResult, ConfigObject
 from shared.cli import people
-from shared.cli.apply import apply_objects, load_file
 from shared.messages import ChangeBatch, ProfileMerged
 from shared.natsd import NatsServer
 from shared.runtime import Service
-from tests.helpers import eventually, settings_for
+from tests.helpers import eventually, running
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +43,7 @@ CLASSES: tuple[type[Service], ...] = (
 async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> AsyncIterator[dict[str, Service]]:
-    services = {c.name: c(settings_for(c.name, nats_server.url, tmp_path)) for c in CLASSES}
-    for svc in services.values():
-        await svc.start()
-    try:
-        config = ROOT / "examples" / "retail" / "config.yaml"
-        await apply_objects(nc, load_file(config), dry_run=False, file=str(config))
+    async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
         legacy = {"name": "crm-legacy", "schema": "crm-profile", "profile_enabled": True}
         await admin.request(
             nc,
@@ -58,9 +52,6 @@ async def platform(
             ApplyBatchResult,
         )
         yield services
-    finally:
-        for svc in reversed(list(services.values())):
-            await svc.stop()
 
 
 async def send(nc: Client, dataset: str, record: dict[str, Any]) -> None:

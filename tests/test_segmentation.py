@@ -37,12 +37,11 @@ from shared.admin import (
     SegmentList,
 )
 from shared.cli import people
-from shared.cli.apply import apply_objects, load_file
 from shared.cli.ingest import run_batch
 from shared.messages import MembershipEvent
 from shared.natsd import NatsServer
 from shared.runtime import Service
-from tests.helpers import eventually, settings_for
+from tests.helpers import eventually, running
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,16 +57,8 @@ CLASSES: tuple[type[Service], ...] = (
 async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> AsyncIterator[dict[str, Service]]:
-    services = {c.name: c(settings_for(c.name, nats_server.url, tmp_path)) for c in CLASSES}
-    for svc in services.values():
-        await svc.start()
-    try:
-        config = ROOT / "examples" / "retail" / "config.yaml"
-        await apply_objects(nc, load_file(config), dry_run=False, file=str(config))
+    async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
         yield services
-    finally:
-        for svc in reversed(list(services.values())):
-            await svc.stop()
 
 
 async def apply_segments(nc: Client, *segments: dict[str, Any]) -> ApplyBatchResult:
