@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.identity.graph import (
@@ -332,6 +332,39 @@ def test_a_new_person_takes_the_device_and_the_split_off_cookie() -> None:
     assert set(w.ws.profiles) == {anna, ben}
 
 
+def test_a_refused_person_id_stays_behind_when_the_devices_linking_it_move() -> None:
+    w = World(max_identities=4)
+    c1 = w.see("crm_id:C1", "idfa:d1")
+    assert w.see("loyalty_id:L1", "idfa:d1", "gaid:d2") == c1  # L1 hangs on C1's devices
+    # C2 logs in with L1 on both devices: L1's graph holds C1, so the link C2-L1 is refused;
+    # the devices move to C2, which leaves L1 on its own (not in C2's graph through d2)
+    c2 = w.see("crm_id:C2", "loyalty_id:L1", "idfa:d1", "gaid:d2")
+    assert [(r.a, r.b) for r in w.fx.refused] == [("crm_id:C2", "loyalty_id:L1")]
+    l1 = w.profile("loyalty_id:L1")
+    assert len({c1, c2, l1}) == 3
+    assert w.keys(c1) == {"crm_id:C1"}
+    assert w.keys(c2) == {"crm_id:C2", "idfa:d1", "gaid:d2"}
+    assert w.keys(l1) == {"loyalty_id:L1"}
+    assert w.fx.events == [
+        Reassigned(c1, c2, ["idfa:d1"], "moved"),
+        Reassigned(c1, l1, ["gaid:d2", "loyalty_id:L1"], "split"),
+        Reassigned(l1, c2, ["gaid:d2"], "moved"),
+    ]
+    assert set(w.fx.new_profiles) == {l1, c2}
+    assert set(w.ws.edges) == {("crm_id:C2", "idfa:d1"), ("crm_id:C2", "gaid:d2")}
+
+
+def test_a_cookie_on_a_refused_person_ids_split_off_graph_moves_too() -> None:
+    w = World()
+    c1 = w.see("crm_id:C1", "idfa:d1")
+    assert w.see("loyalty_id:L1", "idfa:d1", "ecid:k1") == c1
+    c2 = w.see("crm_id:C2", "loyalty_id:L1", "idfa:d1", "ecid:k1")
+    assert [(r.a, r.b) for r in w.fx.refused] == [("crm_id:C2", "loyalty_id:L1")]
+    assert w.keys(c2) == {"crm_id:C2", "idfa:d1", "ecid:k1"}
+    assert w.keys(w.profile("loyalty_id:L1")) == {"loyalty_id:L1"}
+    assert w.keys(c1) == {"crm_id:C1"}
+
+
 # -- the size limit ------------------------------------------------------------------------------
 
 
@@ -509,6 +542,16 @@ batches = st.lists(st.lists(records, min_size=1, max_size=4), min_size=1, max_si
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=batches, max_identities=st.integers(min_value=4, max_value=6))
+@example(  # a refused person id must not reach the anchor's graph through a moved device
+    batches=[
+        [
+            ["crm_id:C1", "idfa:d1"],
+            ["loyalty_id:L1", "idfa:d1", "gaid:d2"],
+            ["crm_id:C2", "loyalty_id:L1", "idfa:d1", "gaid:d2"],
+        ]
+    ],
+    max_identities=4,
+)
 def test_random_records_keep_the_graph_consistent(
     batches: list[list[list[str]]], max_identities: int
 ) -> None:

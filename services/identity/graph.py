@@ -326,6 +326,9 @@ class _Record:
         self.to_placeholder: list[Reassigned] = []
         """Events naming the pending profile, to be given the final id."""
         self.first_event = 0
+        self.refused: set[str] = set()
+        """Keys this record could not link to its anchor: their graphs must stay apart from
+        the anchor's until the call ends."""
 
 
 # -- the rules ----------------------------------------------------------------------------------
@@ -448,7 +451,22 @@ class IdentityGraph:
             else self._unique_values(ws, [item.key])
         )
         clashes = sorted(ns for ns in brought if ns in held)
-        if not clashes:
+        # A graph holding an identity this record was refused clashes too. A refusal is
+        # decided on the graphs as they are when it is met; a later move of a shared device
+        # can split the refused identity off from the unique value that caused it (crm_id:C2
+        # refuses loyalty_id:L1, whose graph holds crm_id:C1 through devices d1 and d2; d1
+        # moves to C2 and {L1, d2} splits off). That part no longer clashes, but merging it
+        # for d2 would put L1 in C2's graph after all. Instead the device goes to the person
+        # who authenticated last and the person identities it linked stay behind: d2 is moved
+        # too, which cuts its edge to L1, so L1 ends up on its own and the refusal stays true.
+        # (Person identities come before devices and cookies, so none meets such a graph;
+        # were one to, it would be refused as well.)
+        blocked = (
+            sorted(k for k in ws.members(node.profile_id) if k in rec.refused)
+            if node is not None and rec.refused
+            else []
+        )
+        if not clashes and not blocked:
             if node is None:
                 self._create(ws, fx, item, anchor_profile, rec.at)
             else:
@@ -459,11 +477,15 @@ class IdentityGraph:
         if node is not None and not own and item.spec.type in ("device", "cookie"):
             self._move(ws, fx, rec, anchor, item.key)
             return
-        ns = item.namespace if own else clashes[0]
-        if brought[ns] == item.key:
-            reason = f"{ns}: graph already holds {held[ns]}, cannot add {item.key}"
+        if own or clashes:
+            ns = item.namespace if own else clashes[0]
+            if brought[ns] == item.key:
+                reason = f"{ns}: graph already holds {held[ns]}, cannot add {item.key}"
+            else:
+                reason = f"{ns}: graph already holds {held[ns]}, {item.key} is with {brought[ns]}"
         else:
-            reason = f"{ns}: graph already holds {held[ns]}, {item.key} is with {brought[ns]}"
+            reason = f"{item.key} is with {blocked[0]}, which this record could not link"
+        rec.refused.add(item.key)
         fx.refused.append(RefusedLink(rec.at, rec.record_id, rec.dataset, anchor, item.key, reason))
         if node is None:
             profile_id = self.new_profile_id()
