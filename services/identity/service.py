@@ -37,6 +37,7 @@ from services.identity.store import (
 from shared import admin, subjects
 from shared.admin import AdminFailure
 from shared.config import ConfigError
+from shared.db import write_lock
 from shared.messages import (
     Deleted,
     Fragment,
@@ -372,6 +373,11 @@ class IdentityService(Service):
 
     # -- lookups -----------------------------------------------------------------------------
     async def lookup(self, request: IdentityLookup) -> IdentityGraphView:
+        """Read under the write lock: the graph, its links and refusals of one moment."""
+        async with write_lock(self.db):
+            return await self._lookup(request)
+
+    async def _lookup(self, request: IdentityLookup) -> IdentityGraphView:
         identity = parse_identity(request.identity)
         keys = self.graph.keys_of([identity])
         if not keys:

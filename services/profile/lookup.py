@@ -14,6 +14,7 @@ from nats.aio.subscription import Subscription
 from services.profile.merge import AttributeValue, default_policy, merge
 from shared import subjects
 from shared.admin import AdminError, AdminFailure, AdminReply
+from shared.db import write_lock
 from shared.messages import ExperienceEvent, Identity
 from shared.normalize import normalize
 from shared.resources import BUILTIN_NAMESPACES
@@ -100,6 +101,12 @@ class ProfileLookups:
         return web.Response(body=_encoder.encode(view), content_type="application/json")
 
     async def lookup(self, request: ProfileLookup) -> ProfileView:
+        """One consistent view: the reads hold the write lock, so no batch commits between
+        them (attributes, identities and events always belong to the same moment)."""
+        async with write_lock(self.svc.db):
+            return await self._lookup(request)
+
+    async def _lookup(self, request: ProfileLookup) -> ProfileView:
         namespace, sep, raw = request.identity.partition(":")
         if not sep or not namespace or not raw:
             raise AdminFailure(
