@@ -402,6 +402,9 @@ async def test_http_door_answers_202_and_400(ingest: IngestService, nc: Client) 
         async with s.post(f"{base}/crm/records", data=b"{oops") as r:
             assert r.status == 400
             assert (await r.json())["rejected"][0]["errors"][0]["reason"] == "malformed JSON"
+        async with s.post(f"{base}/crm/records", json=[]) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "no_records"
         async with s.post(f"{base}/unknown/records", json={"a": 1}) as r:
             assert r.status == 404
             assert (await r.json())["error"]["code"] == "unknown_dataset"

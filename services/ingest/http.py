@@ -65,6 +65,8 @@ class IngestHttp:
         _, compiled = found
         body = await request.read()
         items = split_body(body)
+        if not items:
+            return _error(400, "no_records", "the body is an empty array: no record to ingest")
         if len(items) > MAX_RECORDS_PER_REQUEST:
             return _error(
                 400,
