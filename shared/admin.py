@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared.errors import CdpError
+from shared.resources import PLURALS
 
 T = TypeVar("T")
 R = TypeVar("R", bound=msgspec.Struct)
@@ -133,6 +134,22 @@ def apply_result(
         return ApplyResult(kind, name, "created", diff({}, after))
     changes = diff(msgspec.to_builtins(current), after)
     return ApplyResult(kind, name, "updated" if changes else "unchanged", changes)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def decode_object(obj: ConfigObject, kind: str, owner: str, spec_type: type[S]) -> S:
+    """A configuration object of `kind`, decoded strictly; errors name object and field.
+
+    `owner` (the service answering) refuses objects of any other kind."""
+    got = PLURALS.get(obj.kind, obj.kind)
+    if got != kind:
+        raise AdminFailure("unknown_kind", f"the {owner} service does not own {got!r}", kind=got)
+    try:
+        return msgspec.convert(obj.spec, spec_type)
+    except msgspec.ValidationError as exc:
+        raise validation_failure(kind, spec_name(obj.spec), exc) from None
 
 
 def spec_name(spec: dict[str, Any]) -> str | None:

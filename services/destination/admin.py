@@ -35,8 +35,7 @@ from shared.admin import (
     ReplayResult,
     SegmentList,
     apply_result,
-    spec_name,
-    validation_failure,
+    decode_object,
 )
 from shared.db import Tx, apply
 from shared.resources import NAME_RE, PLURALS, Destination, to_builtins
@@ -92,16 +91,7 @@ class DestinationAdmin:
         planned: list[tuple[Destination, ApplyResult]] = []
         known = await self._segments()
         for obj in request.objects:
-            kind = PLURALS.get(obj.kind, obj.kind)
-            if kind != KIND:
-                raise AdminFailure(
-                    "unknown_kind", f"the destination service does not own {kind!r}", kind=kind
-                )
-            name = spec_name(obj.spec)
-            try:
-                dest = msgspec.convert(obj.spec, Destination)
-            except msgspec.ValidationError as exc:
-                raise validation_failure(KIND, name, exc) from None
+            dest = decode_object(obj, KIND, "destination", Destination)
             self._check(dest, known)
             current = self.svc.destinations.get(dest.name)
             planned.append((dest, apply_result(KIND, dest.name, current, dest)))

@@ -20,8 +20,7 @@ from shared.admin import (
     GetRequest,
     GetResult,
     apply_result,
-    spec_name,
-    validation_failure,
+    decode_object,
 )
 from shared.db import Tx, apply
 from shared.resources import PLURALS, MergePolicy, to_builtins
@@ -65,16 +64,7 @@ class MergePolicies:
         scratch = dict(self._policies)
         results: list[ApplyResult] = []
         for obj in request.objects:
-            kind = PLURALS.get(obj.kind, obj.kind)
-            if kind != KIND:
-                raise AdminFailure(
-                    "unknown_kind", f"the profile service does not own {kind!r}", kind=kind
-                )
-            name = spec_name(obj.spec)
-            try:
-                policy = msgspec.convert(obj.spec, MergePolicy)
-            except msgspec.ValidationError as exc:
-                raise validation_failure(KIND, name, exc) from None
+            policy = decode_object(obj, KIND, "profile", MergePolicy)
             current = scratch.get(policy.name)
             if policy.default:  # one default: the newly applied one
                 for other in list(scratch.values()):

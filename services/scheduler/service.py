@@ -38,8 +38,7 @@ from shared.admin import (
     JobInfo,
     JobRun,
     apply_result,
-    spec_name,
-    validation_failure,
+    decode_object,
 )
 from shared.db import Tx, apply
 from shared.resources import NAME_RE, PLURALS, Schedule, to_builtins
@@ -186,16 +185,7 @@ class SchedulerService(Service):
     async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
         planned = []
         for obj in request.objects:
-            kind = PLURALS.get(obj.kind, obj.kind)
-            if kind != KIND:
-                raise AdminFailure(
-                    "unknown_kind", f"the scheduler does not own {kind!r}", kind=kind
-                )
-            name = spec_name(obj.spec)
-            try:
-                schedule = msgspec.convert(obj.spec, Schedule)
-            except msgspec.ValidationError as exc:
-                raise validation_failure(KIND, name, exc) from None
+            schedule = decode_object(obj, KIND, "scheduler", Schedule)
             self._check(schedule)
             planned.append(
                 (

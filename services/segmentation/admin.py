@@ -30,6 +30,7 @@ from shared.admin import (
     JobRun,
     SegmentInfo,
     SegmentList,
+    decode_object,
 )
 from shared.db import Tx, apply
 from shared.messages import ChangeBatch, ExperienceEvent, Recheck, msgpack_encoder
@@ -210,12 +211,7 @@ class SegmentationAdmin:
         scratch.segments = dict(self.svc.catalog.segments)
         planned = []
         for obj in request.objects:
-            kind = PLURALS.get(obj.kind, obj.kind)
-            if kind != KIND:
-                raise AdminFailure(
-                    "unknown_kind", f"the segmentation service does not own {kind!r}", kind=kind
-                )
-            compiled, result = scratch.plan(obj.spec)
+            compiled, result = scratch.plan(decode_object(obj, KIND, "segmentation", Segment))
             if compiled.spec.merge_policy:
                 await self._check_policy(compiled.name, compiled.spec.merge_policy)
             scratch.put(compiled)

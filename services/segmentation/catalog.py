@@ -21,7 +21,7 @@ from services.segmentation.language import (
     reads,
     to_json,
 )
-from shared.admin import AdminFailure, ApplyResult, apply_result, spec_name, validation_failure
+from shared.admin import AdminFailure, ApplyResult, apply_result
 from shared.resources import NAME_RE, Segment
 
 KIND = "segment"
@@ -94,12 +94,7 @@ class Catalog:
             frontier = nxt
         return out
 
-    def plan(self, raw: dict[str, object]) -> tuple[CompiledSegment, ApplyResult]:
-        name = spec_name(raw)
-        try:
-            spec = msgspec.convert(raw, Segment)
-        except msgspec.ValidationError as exc:
-            raise validation_failure(KIND, name, exc) from None
+    def plan(self, spec: Segment) -> tuple[CompiledSegment, ApplyResult]:
         if not NAME_RE.match(spec.name):
             raise AdminFailure(
                 "invalid",
