@@ -126,7 +126,10 @@ async def test_webhook_posts_signed_batch(session: aiohttp.ClientSession) -> Non
             "description": "Big spenders",
             "method": "streaming",
         }
-        assert req.json["activations"] == [msgspec.to_builtins(a) for a in items]
+        assert req.json["activations"] == [
+            {"id": f"vip:{a.profile_id}:{a.status}:{a.at!r}", **msgspec.to_builtins(a)}
+            for a in items
+        ]
         # identities travel as they come: normalised, not hashed
         assert b"john.doe@example.com" in req.body
 

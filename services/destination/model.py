@@ -24,6 +24,13 @@ class Activation(msgspec.Struct, kw_only=True):
     """Mapped destination fields (profile attributes only; never event attributes)."""
 
 
+def change_id(a: Activation) -> str:
+    """The id of the membership change `a` carries (segment:profile:status:at): the same on
+    every delivery of that change (a retry, a resend after a restart), different for any
+    other change. Delivery is at least once; receivers de-duplicate by this id."""
+    return f"{a.segment}:{a.profile_id}:{a.status}:{a.at!r}"
+
+
 class SegmentMeta(msgspec.Struct, kw_only=True):
     name: str
     description: str = ""

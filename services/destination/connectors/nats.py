@@ -4,8 +4,8 @@ Settings: `subject` (required; "{segment}" is replaced by the segment name), `_n
 the connected `nats.aio.client.Client` to publish with; the service passes its own
 connection under this key, it is not part of the stored configuration), `max_per_request`,
 `timeout` (seconds to wait for the server to acknowledge the flush). No secrets.
-Each message is the Activation as JSON with header `Nats-Msg-Id`
-(segment:profile:status:at), so a JetStream stream on the subject drops duplicates.
+Each message is the Activation as JSON with header `Nats-Msg-Id` (its `change_id`,
+segment:profile:status:at), so a JetStream stream on the subject drops duplicates.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from services.destination.connectors.base import (
     positive_int,
     require,
 )
-from services.destination.model import Activation, DeliveryError, SegmentMeta
+from services.destination.model import Activation, DeliveryError, SegmentMeta, change_id
 
 DEFAULT_MAX_PER_REQUEST = 1000
 DEFAULT_TIMEOUT = 10.0
@@ -74,9 +74,8 @@ class NatsConnector:
             raise DeliveryError(f"{self.kind}: invalid subject {subject!r}", retryable=False)
         try:
             for a in items:
-                msg_id = f"{a.segment}:{a.profile_id}:{a.status}:{a.at!r}"
                 await self.nc.publish(
-                    subject, json_encoder.encode(a), headers={"Nats-Msg-Id": msg_id}
+                    subject, json_encoder.encode(a), headers={"Nats-Msg-Id": change_id(a)}
                 )
             await self.nc.flush(timeout=max(1, round(self.timeout)))
         except (nats.errors.BadSubjectError, nats.errors.MaxPayloadError) as e:

@@ -1,8 +1,10 @@
 """Webhook: POST each batch as JSON to a URL the user chooses, signed with HMAC-SHA256.
 
 Settings: `url` (required), `max_per_request`, `timeout`. Secrets: `signing_secret`.
-Body: `{"segment": {"name", "description", "method"}, "activations": [Activation, ...]}`;
-identities are sent as they come (normalised, not hashed). Headers:
+Body: `{"segment": {"name", "description", "method"}, "activations": [Activation, ...]}`,
+each activation with an `id` (`change_id`: the same on every delivery of that change, so a
+receiver can drop one it has already seen; delivery is at least once); identities are sent
+as they come (normalised, not hashed). Headers:
 `X-CDP-Timestamp` (Unix seconds) and `X-CDP-Signature: sha256=<hex HMAC-SHA256 of the exact
 body bytes keyed with the signing secret>`.
 """
@@ -19,7 +21,7 @@ import aiohttp
 import msgspec
 
 from services.destination.connectors.base import HttpConnector, json_encoder, require_secret
-from services.destination.model import Activation, SegmentMeta
+from services.destination.model import Activation, SegmentMeta, change_id
 
 SIGNATURE_HEADER = "X-CDP-Signature"
 TIMESTAMP_HEADER = "X-CDP-Timestamp"
@@ -51,6 +53,6 @@ class WebhookConnector(HttpConnector):
             return
         payload = {
             "segment": msgspec.to_builtins(segment),
-            "activations": [msgspec.to_builtins(a) for a in items],
+            "activations": [{"id": change_id(a), **msgspec.to_builtins(a)} for a in items],
         }
         await self.request(session, "POST", self.endpoint, json_encoder.encode(payload))
