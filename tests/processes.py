@@ -1,0 +1,117 @@
+"""The six services as separate OS processes under the supervisor, as `cdp up` runs them,
+against a test's nats-server: free ports, one data folder, one log file per service."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import aiohttp
+import nats
+
+from shared.cli.supervisor import ProcessSpec, Supervisor
+from shared.cli.up import readiness, wait_ready
+from shared.config import SERVICES, port_variable
+from shared.natsd import free_port
+from shared.streams import ensure_streams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Platform:
+    """`async with Platform(nats_url, data_dir, env) as p:` starts the six services, waits
+    until every /readyz answers 200, and stops them afterwards (`p.codes`: exit statuses)."""
+
+    def __init__(self, nats_url: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.nats_url = nats_url
+        self.data_dir = data_dir
+        self.ports = {name: free_port() for name in SERVICES}
+        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        common = {
+            "CDP_NATS_URL": nats_url,
+            "CDP_DATA_DIR": str(data_dir),
+            "CDP_LOG_FORMAT": "json",
+            "CDP_LOG_LEVEL": "warning",
+            "PYTHONPATH": str(ROOT),
+            **{port_variable(n): str(p) for n, p in self.ports.items()},
+            **(env or {}),
+        }
+        self.specs = [
+            ProcessSpec(
+                name,
+                [sys.executable, "-m", f"services.{name}"],
+                env=common,
+                log_file=data_dir / "logs" / f"{name}.log",
+            )
+            for name in SERVICES
+        ]
+        self.supervisor = Supervisor(self.specs, backoff_initial=0.2)
+        self.codes: dict[str, int | None] = {}
+
+    def db(self, service: str) -> Path:
+        return self.data_dir / f"{service}.db"
+
+    def log_tail(self, service: str, chars: int = 3000) -> str:
+        path = self.data_dir / "logs" / f"{service}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    async def start(self, timeout: float = 60.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        nc = await nats.connect(self.nats_url, connect_timeout=5)
+        try:
+            await ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+        await self.supervisor.start()
+        states = await wait_ready(self.urls, timeout)
+        not_ready = {n: why for n, (ok, why) in states.items() if not ok}
+        if not_ready:
+            await self.stop()
+            raise AssertionError(f"services not ready: {not_ready}")
+
+    async def stop(self) -> dict[str, int | None]:
+        self.codes = await self.supervisor.stop()
+        return self.codes
+
+    async def __aenter__(self) -> Platform:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def ready(self, service: str) -> bool:
+        """Whether `service` answers 200 on /readyz now."""
+        async with aiohttp.ClientSession() as session:
+            ok, _why = await readiness(session, self.urls[service])
+        return ok
+
+    async def all_ready(self) -> dict[str, str]:
+        """The services that do not answer 200 on /readyz, with why (empty: all ready)."""
+        async with aiohttp.ClientSession() as session:
+            out = {}
+            for name, url in self.urls.items():
+                ok, why = await readiness(session, url)
+                if not ok:
+                    out[name] = why
+            return out
+
+    def query(
+        self, service: str, sql: str, args: tuple[object, ...] = ()
+    ) -> list[tuple[object, ...]]:
+        """Rows of `sql` on the service's SQLite file (read-only; [] while a table is missing)."""
+        db = self.db(service)
+        if not db.exists():
+            return []
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+                return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+
+    def scalar(self, service: str, sql: str, args: tuple[object, ...] = ()) -> int:
+        rows = self.query(service, sql, args)
+        return int(rows[0][0] or 0) if rows else 0  # type: ignore[call-overload]
