@@ -14,15 +14,16 @@ COPY services/ services/
 RUN pip install --no-cache-dir . \
     && rm -rf build ./*.egg-info \
     && useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin cdp \
-    && mkdir -p /data \
-    && chown cdp:cdp /data
+    && mkdir -p /data /secrets \
+    && chown cdp:cdp /data /secrets
 
 ENV CDP_DATA_DIR=/data \
     CDP_BIND=0.0.0.0 \
     CDP_LOG_FORMAT=json
 
-# Created and owned by `cdp` before VOLUME, so a fresh named volume inherits the owner.
-VOLUME ["/data"]
+# Created and owned by `cdp` before VOLUME, so a fresh named volume inherits the owner
+# (/secrets: the NKey seeds that compose's `secrets` job writes, mode 0600).
+VOLUME ["/data", "/secrets"]
 USER cdp
 
 EXPOSE 8081 8082 8083 8084 8085 8086

@@ -52,6 +52,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fetch_batch: int = 256
     partitions: int = 8
     ack_wait: float = 30.0
+    nats_nkey: Path | None = None
+    """The NKey seed file this service authenticates with (none: no authentication)."""
+    ingest_token: str | None = None
+    """When set, the ingest HTTP door requires `Authorization: Bearer <token>`."""
+
+    def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
+        shown = msgspec.structs.replace(self, ingest_token="***" if self.ingest_token else None)
+        fields = ", ".join(f"{f}={getattr(shown, f)!r}" for f in self.__struct_fields__)
+        return f"Settings({fields})"
 
     @property
     def db_path(self) -> Path:
@@ -105,4 +114,6 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         fetch_batch=_int(env, "CDP_FETCH_BATCH", 256, minimum=1),
         partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
+        nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
+        ingest_token=env.get("CDP_INGEST_TOKEN") or None,
     )

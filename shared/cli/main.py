@@ -48,7 +48,14 @@ from shared.cli.client import ClientError, connect
 from shared.cli.ingest import file_format, run_batch
 from shared.cli.up import health_urls, readiness, run_up
 from shared.log import configure_logging
+from shared.natsd import server_config
 from shared.resources import KINDS, OWNERS, PLURALS
+from shared.security import (
+    activation_subjects,
+    ensure_credentials,
+    seed_path,
+    server_authorization,
+)
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
 console = Console()
@@ -87,6 +94,36 @@ def up(
     """Start nats-server (unless CDP_NATS_URL is set) and the six services; Ctrl-C stops all."""
     configure_logging("warning", "console")
     raise typer.Exit(asyncio.run(run_up(data_dir, nats_port, console)))
+
+
+@app.command()
+def secrets(
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Where the NKey seeds are (created if missing).")
+    ] = Path("var/secrets"),
+    nats_config: Annotated[
+        Path | None,
+        typer.Option(help="Also write nats-server's configuration file (public keys only)."),
+    ] = None,
+) -> None:
+    """Create the NATS credentials of every account (kept if they exist) and, with
+    --nats-config, the server configuration that admits them. `cdp up` does this itself;
+    compose.yaml runs it once before nats-server starts."""
+    keys = ensure_credentials(folder)
+    table = Table()
+    table.add_column("account")
+    table.add_column("seed file")
+    table.add_column("public key")
+    for account, key in keys.items():
+        table.add_row(account, str(seed_path(folder, account)), key)
+    console.print(table)
+    if nats_config is not None:
+        nats_config.parent.mkdir(parents=True, exist_ok=True)
+        tmp = nats_config.with_suffix(".tmp")
+        tmp.write_text(server_config(server_authorization(keys, activation_subjects())))
+        tmp.chmod(0o644)  # public keys and permissions only; nats-server may run as another user
+        tmp.replace(nats_config)
+        console.print(f"wrote {nats_config}")
 
 
 @app.command()

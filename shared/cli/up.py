@@ -19,6 +19,15 @@ from rich.table import Table
 from shared.cli.supervisor import ProcessSpec, Supervisor
 from shared.config import SERVICES, load_settings
 from shared.natsd import NatsServer
+from shared.security import (
+    ADMIN,
+    CLIENT,
+    activation_subjects,
+    ensure_credentials,
+    inbox_prefix,
+    seed_path,
+    server_authorization,
+)
 from shared.streams import ensure_streams
 
 
@@ -71,33 +80,51 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
     started = time.monotonic()
     env: dict[str, str] = {"CDP_DATA_DIR": str(data_dir)}
     server: NatsServer | None = None
+    secrets = data_dir / "secrets"
     external = os.environ.get("CDP_NATS_URL")
     if external:
         nats_url = external
         console.print(f"using NATS at [bold]{nats_url}[/]")
     else:
+        keys = ensure_credentials(secrets)
         server = NatsServer(
-            data_dir / "nats", port=nats_port, log_file=data_dir / "logs" / "nats.log"
+            data_dir / "nats",
+            port=nats_port,
+            log_file=data_dir / "logs" / "nats.log",
+            authorization=server_authorization(keys, activation_subjects()),
         )
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
         await server.start()
         nats_url = server.url
         console.print(
-            f"nats-server with JetStream on [bold]{nats_url}[/] (data in {data_dir / 'nats'})"
+            f"nats-server with JetStream on [bold]{nats_url}[/] (data in {data_dir / 'nats'}); "
+            f"credentials in {secrets}: {CLIENT}.nk for applications, {ADMIN}.nk for operators"
         )
     env["CDP_NATS_URL"] = nats_url
 
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    admin_seed = seed_path(secrets, ADMIN) if server is not None else None
+    nc = await nats.connect(
+        nats_url,
+        connect_timeout=5,
+        inbox_prefix=inbox_prefix(ADMIN),
+        nkeys_seed=str(admin_seed) if admin_seed else None,
+    )
     try:
         await ensure_streams(nc.jetstream())
     finally:
         await nc.close()
 
+    def service_env(name: str) -> dict[str, str]:
+        out = {**env, "CDP_LOG_FORMAT": os.environ.get("CDP_LOG_FORMAT", "json")}
+        if server is not None:  # the embedded server: each service has its own key
+            out["CDP_NATS_NKEY"] = str(seed_path(secrets, name))
+        return out
+
     specs = [
         ProcessSpec(
             name,
             [sys.executable, "-m", f"services.{name}"],
-            env={**env, "CDP_LOG_FORMAT": os.environ.get("CDP_LOG_FORMAT", "json")},
+            env=service_env(name),
             log_file=data_dir / "logs" / f"{name}.log",
         )
         for name in SERVICES

@@ -35,6 +35,7 @@ from shared.runtime.actor import (
     ConsumerSpec,
     flush_outbox,
 )
+from shared.security import inbox_prefix
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec
 
@@ -157,6 +158,8 @@ class Service:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
+                    inbox_prefix=inbox_prefix(self.name),
+                    nkeys_seed=str(nkey) if (nkey := self.settings.nats_nkey) else None,
                     reconnected_cb=self._on_reconnected,
                     disconnected_cb=self._on_disconnected,
                     error_cb=self._on_error,
@@ -176,6 +179,11 @@ class Service:
             self.log.warning("NATS disconnected")
 
     async def _on_error(self, exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            # A subject this service's credentials do not allow: a bug or a stale
+            # configuration of the server, never normal operation.
+            self.log.error("NATS refused a subject to this service", error=str(exc))
+            return
         self.log.warning("NATS error", error=repr(exc))
 
     def _on_runner_done(self, task: asyncio.Task[None]) -> None:
