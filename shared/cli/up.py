@@ -23,6 +23,7 @@ from shared.security import (
     ADMIN,
     CLIENT,
     activation_subjects,
+    cli_credentials,
     ensure_credentials,
     inbox_prefix,
     seed_path,
@@ -102,12 +103,14 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
         )
     env["CDP_NATS_URL"] = nats_url
 
-    admin_seed = seed_path(secrets, ADMIN) if server is not None else None
+    # The embedded server: the admin key it was just given; else the caller's credentials.
+    seed: Path | None
+    if server is not None:
+        seed, prefix = seed_path(secrets, ADMIN), inbox_prefix(ADMIN)
+    else:
+        seed, prefix = cli_credentials()
     nc = await nats.connect(
-        nats_url,
-        connect_timeout=5,
-        inbox_prefix=inbox_prefix(ADMIN),
-        nkeys_seed=str(admin_seed) if admin_seed else None,
+        nats_url, connect_timeout=5, inbox_prefix=prefix, nkeys_seed=str(seed) if seed else None
     )
     try:
         await ensure_streams(nc.jetstream())
