@@ -39,10 +39,12 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 def split_body(body: bytes) -> list[bytes]:
-    """One JSON record, or the elements of a JSON array; anything else is one (bad) record."""
+    """One JSON record, or the elements of a JSON array; anything else is one (bad) record:
+    malformed JSON, invalid UTF-8 in a string, or nesting too deep to read (msgspec raises
+    UnicodeDecodeError and RecursionError for those, not DecodeError)."""
     try:
         value = _any_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError, RecursionError):
         return [body]
     if isinstance(value, list):
         return [_encoder.encode(v) for v in value]
