@@ -168,6 +168,16 @@ class MembershipEvent(msgspec.Struct, kw_only=True):
     identities: list[Identity] = []
 
 
+MAX_ITEMS_PER_MESSAGE = 500
+"""Most items (records, profile items, changes) one internal message carries: a batch of
+many thousand records is sent as several messages, each well under NATS' payload limit."""
+
+
+def chunks(items: list[Any], size: int = MAX_ITEMS_PER_MESSAGE) -> list[list[Any]]:
+    """`items` in order, `size` at a time."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 # -- codecs, built once -------------------------------------------------------------
 msgpack_encoder = msgspec.msgpack.Encoder()
 json_encoder = msgspec.json.Encoder()

@@ -49,6 +49,7 @@ from shared.messages import (
     ProfileItem,
     Reassigned,
     Record,
+    chunks,
     json_encoder,
     msgpack_encoder,
     record_batch_decoder,
@@ -222,7 +223,8 @@ class IdentityService(Service):
                 self._delete(ws, fx, req, out, batch)
         self._persist(fx, batch)
         for part, items in out.items():
-            batch.emit(subjects.profiles(part), msgpack_encoder.encode(ProfileBatch(items)))
+            for some in chunks(items):
+                batch.emit(subjects.profiles(part), msgpack_encoder.encode(ProfileBatch(some)))
 
     def _part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.settings.partitions)

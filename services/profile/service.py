@@ -59,6 +59,7 @@ from shared.messages import (
     ProfileDeleted,
     ProfileMerged,
     Reassigned,
+    chunks,
     json_encoder,
     membership_decoder,
     msgpack_encoder,
@@ -256,7 +257,8 @@ class ProfileService(Service):
                 )
             )
         for part, change_items in out.items():
-            batch.emit(subjects.changes(part), msgpack_encoder.encode(ChangeBatch(change_items)))
+            for some in chunks(change_items):
+                batch.emit(subjects.changes(part), msgpack_encoder.encode(ChangeBatch(some)))
 
     def _part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.settings.partitions)

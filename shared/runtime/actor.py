@@ -383,7 +383,13 @@ async def publish_outbox(
         if pending:
             if stopping():
                 return False
-            log.warning("publish failed, retrying", pending=len(pending), retry_in=backoff)
+            error = next(r for r in results if isinstance(r, BaseException))
+            log.warning(
+                "publish failed, retrying",
+                pending=len(pending),
+                error=repr(error),
+                retry_in=backoff,
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
     return True
