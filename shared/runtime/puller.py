@@ -13,6 +13,7 @@ late status from an older request is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -32,13 +33,20 @@ class Puller:
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = ""
         self._sub: Subscription | None = None
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._request = 0
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
+        self._queue = asyncio.Queue()
+        # A callback that only queues: `Subscription.next_msg` costs a task, a timer and a
+        # uuid per message, a fifth of a busy consumer's time when messages are small.
         self._sub = await self._nc.subscribe(
-            f"{self._inbox}.*", pending_msgs_limit=-1, pending_bytes_limit=-1
+            f"{self._inbox}.*", cb=self._arrived, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
+
+    async def _arrived(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
@@ -65,14 +73,18 @@ class Puller:
         await self._nc.publish(self._api, json.dumps(request).encode(), reply=reply)
         out: list[Msg] = []
         deadline = time.monotonic() + timeout
+        queue = self._queue
         while len(out) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                msg = await sub.next_msg(timeout=remaining)
-            except (TimeoutError, nats.errors.TimeoutError):
-                break
+                msg = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    msg = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
             status = msg.headers.get(_STATUS) if msg.headers else None
             if status is None and msg.reply:
                 out.append(msg)
