@@ -34,6 +34,12 @@ class CompiledSegment(msgspec.Struct):
     reason: str
     reads: Reads
     deps: set[str]
+    parents: frozenset[str] = frozenset()
+    """Every proper prefix of the attribute paths it reads (`person` for `person.age`)."""
+    read_paths: tuple[str, ...] = ()
+    """The attribute paths it reads, sorted."""
+    read_segments: tuple[str, ...] = ()
+    """The segments it reads with inSegment, sorted."""
 
     @property
     def name(self) -> str:
@@ -42,6 +48,22 @@ class CompiledSegment(msgspec.Struct):
     @property
     def streaming(self) -> bool:
         return self.method == "streaming"
+
+    def touches(self, changed: set[str], closure: set[str]) -> bool:
+        """Whether a change at the paths `changed` can affect the result (`closure`: those
+        paths and their parents, from `path_closure`). The same answer as
+        `Reads.touches_paths`, by set look-ups instead of comparing every pair."""
+        paths = self.reads.attribute_paths
+        return any(p in closure for p in paths) or any(c in self.parents for c in changed)
+
+
+def path_closure(changed: set[str]) -> set[str]:
+    """The changed paths and every parent of each (`person.name.first`: also `person.name`
+    and `person`)."""
+    out = set(changed)
+    for path in changed:
+        out.update(path[:i] for i, ch in enumerate(path) if ch == ".")
+    return out
 
 
 def compile_segment(spec: Segment, node: Node | None = None) -> CompiledSegment:
@@ -53,7 +75,21 @@ def compile_segment(spec: Segment, node: Node | None = None) -> CompiledSegment:
             raise AdminFailure(
                 "syntax", str(exc), kind=KIND, name=spec.name, field="expression"
             ) from None
-    return CompiledSegment(spec, node, "batch", "", reads(node), dependencies(node))
+    read = reads(node)
+    parents = frozenset(
+        path[:i] for path in read.attribute_paths for i, ch in enumerate(path) if ch == "."
+    )
+    return CompiledSegment(
+        spec,
+        node,
+        "batch",
+        "",
+        read,
+        dependencies(node),
+        parents,
+        tuple(sorted(read.attribute_paths)),
+        tuple(sorted(read.segments)),
+    )
 
 
 class Catalog:
@@ -61,6 +97,7 @@ class Catalog:
         self.segments: dict[str, CompiledSegment] = {}
         self.order: list[str] = []
         """Dependencies before dependants (inSegment sees fresh memberships)."""
+        self._dependants: dict[frozenset[str], frozenset[str]] = {}
 
     def get(self, name: str) -> CompiledSegment | None:
         return self.segments.get(name)
@@ -71,7 +108,13 @@ class Catalog:
             self.segments[spec.name] = compile_segment(spec, from_json(ast_json))
         self.refresh_methods()
 
+    @property
+    def policies_used(self) -> bool:
+        """Whether any segment reads the profile through a merge policy of its own."""
+        return any(s.spec.merge_policy for s in self.segments.values())
+
     def refresh_methods(self) -> None:
+        self._dependants.clear()
         sorter = graphlib.TopologicalSorter({n: s.deps for n, s in self.segments.items()})
         self.order = [n for n in sorter.static_order() if n in self.segments]
 
@@ -84,15 +127,23 @@ class Catalog:
             seg.method = method(seg.node, streaming_of)
             seg.reason = method_reason(seg.node, streaming_of)
 
-    def dependants(self, names: set[str]) -> set[str]:
-        """Segments that read any of `names` through inSegment, transitively."""
+    def dependants(self, names: set[str]) -> frozenset[str]:
+        """Segments that read any of `names` through inSegment, transitively (remembered
+        until the segments change: profiles of a batch mostly ask the same)."""
+        key = frozenset(names)
+        found = self._dependants.get(key)
+        if found is not None:
+            return found
         out: set[str] = set()
         frontier = set(names)
         while frontier:
             nxt = {s.name for s in self.segments.values() if s.deps & frontier} - out
             out |= nxt
             frontier = nxt
-        return out
+        if len(self._dependants) > 1024:
+            self._dependants.clear()
+        found = self._dependants[key] = frozenset(out)
+        return found
 
     def plan(self, spec: Segment) -> tuple[CompiledSegment, ApplyResult]:
         if not NAME_RE.match(spec.name):

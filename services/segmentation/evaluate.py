@@ -77,9 +77,14 @@ def next_change(node: Node, facts: ProfileFacts, now: float) -> float | None:
 _MISSING: Any = None
 
 
+@lru_cache(maxsize=4096)
+def _steps(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def resolve(data: Any, path: str) -> Any:
     """The value at a dotted path in nested objects; None if any step is missing."""
-    for key in path.split("."):
+    for key in _steps(path):
         if not isinstance(data, dict):
             return _MISSING
         data = data.get(key)
@@ -146,7 +151,10 @@ def _string_test(node: StringTest, actual: Any) -> bool:
 
 
 def _field_test(node: Compare | Exists | InList | StringTest, get: Callable[[str], Any]) -> bool:
-    actual = get(node.path)
+    return _value_test(node, get(node.path))
+
+
+def _value_test(node: Compare | Exists | InList | StringTest, actual: Any) -> bool:
     match node:
         case Compare():
             return compare(actual, node.operator, node.value)
@@ -253,7 +261,7 @@ class _Evaluation:
     def truth(self, node: Node, now: float, after: bool) -> bool:
         match node:
             case Compare() | Exists() | InList() | StringTest():
-                return _field_test(node, lambda path: resolve(self.facts.attributes, path))
+                return _value_test(node, resolve(self.facts.attributes, node.path))
             case And():
                 return all(self.truth(i, now, after) for i in node.items)
             case Or():

@@ -25,8 +25,8 @@ from typing import Any
 import msgspec
 
 from services.segmentation.admin import SegmentationAdmin
-from services.segmentation.catalog import Catalog, CompiledSegment
-from services.segmentation.evaluate import ProfileFacts, evaluate, next_change
+from services.segmentation.catalog import Catalog, CompiledSegment, path_closure
+from services.segmentation.evaluate import ProfileFacts, evaluate, next_change, resolve
 from services.segmentation.store import (
     CAP_EVENTS,
     DELETE_TIMER,
@@ -68,6 +68,24 @@ def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
 
 
+def _memo_evaluate(
+    seg: CompiledSegment, facts: ProfileFacts, now: float, memo: dict[tuple[Any, ...], bool]
+) -> bool:
+    """`evaluate` for a profile without events, remembered by what the segment reads."""
+    try:
+        key = (
+            seg.name,
+            *(resolve(facts.attributes, path) for path in seg.read_paths),
+            *(name in facts.segments for name in seg.read_segments),
+        )
+        found = memo.get(key)
+    except TypeError:  # an object or a list at a path: not hashable, evaluate it
+        return evaluate(seg.node, facts, now)
+    if found is None:
+        found = memo[key] = evaluate(seg.node, facts, now)
+    return found
+
+
 @dataclass
 class _Profile:
     """What a batch knows of one profile while evaluating it."""
@@ -80,6 +98,8 @@ class _Profile:
     memberships: dict[str, tuple[str, float]] = field(default_factory=dict)
     """segment -> (status, since)"""
     to_check: set[str] = field(default_factory=set)
+    timers: dict[str, float] = field(default_factory=dict)
+    """segment -> when the profile is due to be evaluated again"""
     job_id: str | None = None
     fresh_events: list[ExperienceEvent] = field(default_factory=list)
 
@@ -140,6 +160,8 @@ class SegmentationService(Service):
                     p.identities = item.identities
                     p.fresh_events += item.events  # not committed yet: the query won't see them
                     types = {e.event_type for e in item.events}
+                    changed = set(item.changed)
+                    closure = path_closure(changed)
                     for seg in streaming:
                         if (
                             (
@@ -147,7 +169,7 @@ class SegmentationService(Service):
                                 and item.record_ids
                                 and seg.reads.attribute_paths
                             )
-                            or seg.reads.touches_paths(item.changed)
+                            or seg.touches(changed, closure)
                             or any(seg.reads.touches_event(t) for t in types)
                         ):
                             p.to_check.add(seg.name)
@@ -172,10 +194,11 @@ class SegmentationService(Service):
         if todo:
             await self._load(todo, now)
             counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
-                lambda: defaultdict(lambda: defaultdict(int))
+                lambda: defaultdict(lambda: {"members": 0, "realized": 0, "exited": 0})
             )
+            memo: dict[tuple[Any, ...], bool] = {}
             for pid, p in todo.items():
-                self._evaluate(batch, pid, p, now, counts)
+                self._evaluate(batch, pid, p, now, counts, memo=memo)
             if counts or job_scanned:
                 await self.admin.jobs.record_progress(batch, job_scanned, counts, now)
         elif job_scanned:
@@ -188,8 +211,15 @@ class SegmentationService(Service):
         p: _Profile,
         now: float,
         counts: dict[str, dict[str, dict[str, int]]],
+        *,
+        memo: dict[tuple[Any, ...], bool],
     ) -> None:
-        """Evaluate the segments to check (and their dependants), in dependency order."""
+        """Evaluate the segments to check (and their dependants), in dependency order.
+
+        A profile without events qualifies for a segment or not by the values at the paths
+        the segment reads and its memberships of the segments it names, nothing else (an
+        event condition over no event has one answer at any time): `memo` keeps that answer
+        for the batch, so that profiles alike (most of a batch job) are evaluated once."""
         check = p.to_check | self.catalog.dependants(p.to_check)
         member_of = {s for s, (status, _) in p.memberships.items() if status in MEMBER}
         facts = ProfileFacts(p.attributes, p.events, member_of)
@@ -204,7 +234,10 @@ class SegmentationService(Service):
             policy = seg.spec.merge_policy
             seen = views.get(policy, facts) if policy else facts
             seen.segments = facts.segments
-            qualifies = evaluate(seg.node, seen, now)
+            if p.events:
+                qualifies = evaluate(seg.node, seen, now)
+            else:
+                qualifies = _memo_evaluate(seg, seen, now, memo)
             status, since = p.memberships.get(name, ("", now))
             was = status in MEMBER
             method = "batch" if p.job_id is not None else "streaming"
@@ -223,14 +256,21 @@ class SegmentationService(Service):
                 tx.add(UPSERT_MEMBERSHIP, (pid, name, new_status, since, now, method, now))
             if p.job_id is not None:
                 c = counts[p.job_id][name]
-                c["members"] += int(qualifies)
-                c["realized"] += int(qualifies and not was)
-                c["exited"] += int(was and not qualifies)
+                if qualifies:
+                    c["members"] += 1
+                    if not was:
+                        c["realized"] += 1
+                elif was:
+                    c["exited"] += 1
             if seg.streaming and seg.reads.uses_events:
-                due = next_change(seg.node, facts, now)
+                # Without events, time alone changes nothing; write only what differs from
+                # the timers the profile has (a batch job reaches every profile).
+                due = next_change(seg.node, facts, now) if facts.events else None
+                held = p.timers.get(name)
                 if due is None:
-                    tx.add(DELETE_TIMER, (pid, name))
-                else:
+                    if held is not None:
+                        tx.add(DELETE_TIMER, (pid, name))
+                elif due != held:
                     tx.add(UPSERT_TIMER, (pid, name, due))
                     batch.after_commit(self._timer_wake.set)
 
@@ -257,13 +297,16 @@ class SegmentationService(Service):
             identities=p.identities,
         )
         batch.emit(subjects.membership(seg.name), json_encoder.encode(event))
-        self.log.info("membership changed", profile_id=pid, segment=seg.name, status=status)
+        # Debug, not info: every change is published on cdp.membership.<segment> already, and
+        # a line per change cost a tenth of the service's time when many profiles arrive.
+        self.log.debug("membership changed", profile_id=pid, segment=seg.name, status=status)
 
     async def _load(self, todo: dict[str, _Profile], now: float) -> None:
         """Facts not carried by the batch, events and memberships: one query each."""
         db = self.db
         missing = [pid for pid, p in todo.items() if not p.attributes and not p.identities]
         if missing:
+            policies = self.catalog.policies_used
             for pid, attrs, idents, views in await db.execute_fetchall(
                 "SELECT profile_id, attributes, identities, views FROM facts WHERE profile_id IN "
                 "(SELECT value FROM json_each(?))",
@@ -271,7 +314,8 @@ class SegmentationService(Service):
             ):
                 todo[pid].attributes = _any_msgpack.decode(attrs)
                 todo[pid].identities = _identities_decoder.decode(idents)
-                todo[pid].views = _any_msgpack.decode(views) if views else {}
+                if views and policies:  # only segments with a merge policy read views
+                    todo[pid].views = _any_msgpack.decode(views)
         full = [pid for pid, p in todo.items() if p.job_id is not None]
         recent = [pid for pid, p in todo.items() if p.job_id is None]
         for pids, since in ((full, None), (recent, now - STREAMING_HORIZON_S - 60.0)):
@@ -302,12 +346,19 @@ class SegmentationService(Service):
                 seen = {e.record_id for e in p.events}
                 p.events += [e for e in p.fresh_events if e.record_id not in seen]
                 p.events.sort(key=lambda e: (e.timestamp, e.record_id))
+        plist = _json_list(todo)
         for pid, seg, status, since_ in await db.execute_fetchall(
             "SELECT profile_id, segment, status, since FROM memberships WHERE profile_id IN "
             "(SELECT value FROM json_each(?))",
-            (_json_list(todo),),
+            (plist,),
         ):
             todo[pid].memberships[seg] = (status, since_)
+        for pid, seg, due in await db.execute_fetchall(
+            "SELECT profile_id, segment, due FROM timers WHERE profile_id IN "
+            "(SELECT value FROM json_each(?))",
+            (plist,),
+        ):
+            todo[pid].timers[seg] = due
 
     # -- keeping the view -------------------------------------------------------------------
     def _store_view(self, batch: Batch, item: ProfileChanged) -> None:
