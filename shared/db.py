@@ -36,6 +36,7 @@ async def open_db(path: Path | str, migrations: Sequence[Migration] = ()) -> aio
             PRAGMA synchronous=NORMAL;
             PRAGMA foreign_keys=ON;
             PRAGMA busy_timeout=5000;
+            PRAGMA cache_size=-65536;
             CREATE TABLE IF NOT EXISTS schema_migrations (
                 component TEXT NOT NULL,
                 version INTEGER NOT NULL,
