@@ -76,16 +76,21 @@ class SegmentJobs:
             (job_id, request.trigger, status, now, None if total else now, total),
         )
         await apply(db, tx)
-        last = ""
+        last = 0
         while True:  # page through every profile, in partitions, through the actor
-            rows = await db.execute_fetchall(
-                "SELECT profile_id FROM facts WHERE profile_id > ? ORDER BY profile_id LIMIT ?",
-                (last, PAGE),
+            # In the order the rows are stored (rowid), not by profile id: the actor then
+            # reads and writes neighbouring pages of facts and memberships, where random
+            # profile ids made every batch of a million profiles touch pages all over them.
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT rowid, profile_id FROM facts WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (last, PAGE),
+                )
             )
-            pids = [str(r[0]) for r in rows]
-            if not pids:
+            if not rows:
                 break
-            last = pids[-1]
+            pids = [str(r[1]) for r in rows]
+            last = int(rows[-1][0])
             by_part: dict[int, list[str]] = defaultdict(list)
             for pid in pids:
                 by_part[self.svc._part(pid)].append(pid)
