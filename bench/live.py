@@ -13,9 +13,9 @@ in this process. Then, in this order, on the same platform:
    every segment; first run (it realises the batch segments' members), then a second run
    (the daily job with nothing new);
 3. profile lookups: `cdp.profile.lookup` requests, one at a time;
-4. latency at a fixed offered load: events published at `rate` events/s, each for a
-   profile that has had none, so that each realises `bench-probe`; publish -> membership
-   event, and membership event -> webhook delivery;
+4. latency at a fixed offered load: events published at `rate` events/s (then at the
+   lighter `low_rate`), each for a profile that has had none, so that each realises
+   `bench-probe`; publish -> membership event, and membership event -> webhook delivery;
 5. throughput: the web events `scripts/gen` makes for the first `stream_profiles`
    profiles (a mix of seven event types, cookies stitched to people by their logins),
    published as fast as JetStream takes them; first publish -> last membership event.
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -728,9 +728,6 @@ async def segment_members(nc: Client, name: str) -> int:
 
 
 # -- the section -------------------------------------------------------------------------------
-Step = Callable[[], Awaitable[list[Result]]]
-
-
 async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
     scale = scale or Scale()
     results: list[Result] = []
