@@ -34,6 +34,17 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     """How long that work took (the rate is count / seconds)."""
 
 
+def rate(name: str, unit: str, count: int, seconds: float, detail: str) -> Result:
+    return Result(
+        name=name,
+        unit=unit,
+        value=count / seconds if seconds > 0 else 0.0,
+        detail=detail,
+        count=count,
+        seconds=round(seconds, 4),
+    )
+
+
 Progress = Callable[[str], None]
 Section = Callable[[Progress], Awaitable[list[Result]]]
 

@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bench import Progress, Result
+from bench import Progress, Result, rate
 from shared.config import Settings
 from shared.db import Migration, open_db
 from shared.natsd import NatsServer, free_port
@@ -115,17 +115,6 @@ async def publish_windows(
     """JetStream-publish every payload, `window` at a time, each window gathered."""
     for start in range(0, len(payloads), window):
         await asyncio.gather(*(js.publish(subject, p) for p in payloads[start : start + window]))
-
-
-def rate(name: str, unit: str, count: int, seconds: float, detail: str) -> Result:
-    return Result(
-        name=name,
-        unit=unit,
-        value=count / seconds if seconds > 0 else 0.0,
-        detail=detail,
-        count=count,
-        seconds=round(seconds, 4),
-    )
 
 
 # -- the records every SQLite floor writes ------------------------------------------------

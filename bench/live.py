@@ -50,7 +50,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bench import Progress, Result
+from bench import Progress, Result, rate
 from bench import segments as bench_segments
 from shared import admin, subjects
 from shared.admin import (
@@ -450,17 +450,6 @@ def latency_results(name: str, seconds: list[float], detail: str) -> list[Result
         )
         for p in (50, 95, 99)
     ]
-
-
-def rate(name: str, unit: str, count: int, seconds: float, detail: str) -> Result:
-    return Result(
-        name=name,
-        unit=unit,
-        value=count / seconds if seconds > 0 else 0.0,
-        detail=detail,
-        count=count,
-        seconds=round(seconds, 4),
-    )
 
 
 # -- the measures ----------------------------------------------------------------------------

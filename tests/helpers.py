@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import msgspec
 from nats.aio.client import Client
 
@@ -51,3 +52,15 @@ async def running(
     finally:
         for svc in reversed(list(services.values())):
             await svc.stop()
+
+
+async def all_ready(session: aiohttp.ClientSession, ports: dict[str, int]) -> bool:
+    """Every service on these HTTP ports answers /readyz with 200."""
+    for port in ports.values():
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if r.status != 200:
+                    return False
+        except aiohttp.ClientError:
+            return False
+    return True

@@ -14,6 +14,7 @@ import pytest
 
 from shared.config import SERVICES, port_variable
 from shared.natsd import free_port
+from tests.helpers import all_ready
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -31,17 +32,6 @@ def processes_with_env(needle: str) -> list[int]:
         if needle.encode() in env.split(b"\0"):
             found.append(int(entry.name))
     return found
-
-
-async def all_ready(session: aiohttp.ClientSession, ports: dict[str, int]) -> bool:
-    for port in ports.values():
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
-                if r.status != 200:
-                    return False
-        except aiohttp.ClientError:
-            return False
-    return True
 
 
 @pytest.mark.timeout(90)

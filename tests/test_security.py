@@ -40,7 +40,7 @@ from shared.security import (
     server_authorization,
 )
 from tests.destination_servers import WebhookServer
-from tests.helpers import RETAIL_CONFIG, eventually
+from tests.helpers import RETAIL_CONFIG, all_ready, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-ingest-token-5f1c"
@@ -119,7 +119,7 @@ async def cdp_up(tmp_path: Path, ports: dict[str, int], nats_port: int) -> Async
     try:
         started = time.monotonic()
         async with aiohttp.ClientSession() as session:
-            while not await _all_ready(session, ports):
+            while not await all_ready(session, ports):
                 assert proc.returncode is None, b"".join(output).decode()
                 assert time.monotonic() - started < 40, "not ready in 40 s"
                 await asyncio.sleep(0.1)
@@ -134,17 +134,6 @@ async def cdp_up(tmp_path: Path, ports: dict[str, int], nats_port: int) -> Async
                 await proc.wait()
         await reader
     assert proc.returncode == 0, b"".join(output).decode()[-3000:]
-
-
-async def _all_ready(session: aiohttp.ClientSession, ports: dict[str, int]) -> bool:
-    for port in ports.values():
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
-                if r.status != 200:
-                    return False
-        except aiohttp.ClientError:
-            return False
-    return True
 
 
 def person(n: int) -> dict[str, Any]:
