@@ -166,7 +166,17 @@ def test_null_optional_field_is_absent_and_null_required_field_is_wrong_type() -
 # -- malformed input ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b'{"age": 1', b"{'age': 1}", b"", b'{"age": NaN}', b"\xff\xfe{}"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"age": 1',
+        b"{'age': 1}",
+        b"",
+        b'{"age": NaN}',
+        b"\xff\xfe{}",
+        b"3\xac\x05hwC",  # a number, then garbage (found by the fuzz test)
+    ],
+)
 def test_malformed_json(data: bytes) -> None:
     got = problem(PEOPLE.validate_json(data))
     assert (got.reason, got.path, got.expected) == ("malformed JSON", "", "valid JSON")

@@ -536,6 +536,13 @@ class CompiledSchema:
             try:
                 record = self._decoder.decode(data)
             except msgspec.ValidationError as exc:
+                if " - at `" not in str(exc):
+                    # The top level is no object: the typed decoder stopped there, before
+                    # reading the rest, so `3<garbage>` is malformed JSON, not a number.
+                    try:
+                        self._any_decoder.decode(data)
+                    except (msgspec.DecodeError, UnicodeError, RecursionError) as bad:
+                        return [Problem("malformed JSON", "", "valid JSON", _shorten(str(bad)))]
                 return [self._problem(exc, lambda: self._any_decoder.decode(data))]
             except (msgspec.DecodeError, UnicodeError) as exc:
                 # msgspec raises UnicodeDecodeError for invalid UTF-8 inside strings
