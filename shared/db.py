@@ -77,28 +77,50 @@ async def migrate(db: aiosqlite.Connection, migrations: Sequence[Migration]) -> 
 
 
 class Tx:
-    """The writes of one batch, applied atomically by `apply`.
+    """The writes of one batch, applied atomically by `apply`, in the order they were added.
 
-    Statements keep the order in which they were first added; rows added to the same
-    statement are sent in one `executemany`.
+    Consecutive rows of one statement are sent in one `executemany`; a statement added
+    again after another one runs again, after it. Handlers that want one call per table
+    therefore add their writes table by table, not record by record.
     """
 
     __slots__ = ("_ops",)
 
     def __init__(self) -> None:
-        self._ops: dict[str, list[Sequence[Any]]] = {}
+        self._ops: list[tuple[str, list[Sequence[Any]]]] = []
 
     def add(self, sql: str, row: Sequence[Any]) -> None:
-        self._ops.setdefault(sql, []).append(row)
+        ops = self._ops
+        if ops and ops[-1][0] == sql:
+            ops[-1][1].append(row)
+        else:
+            ops.append((sql, [row]))
 
     def add_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._ops.setdefault(sql, []).extend(rows)
+        batch = list(rows)
+        if not batch:
+            return
+        ops = self._ops
+        if ops and ops[-1][0] == sql:
+            ops[-1][1].extend(batch)
+        else:
+            ops.append((sql, batch))
+
+    def extend(self, other: Tx) -> None:
+        """Add every write of `other` after those of this one, in its order."""
+        for sql, rows in other._ops:
+            self.add_many(sql, rows)
+
+    def steps(self) -> list[tuple[str, list[Sequence[Any]]]]:
+        """(statement, rows) in execution order."""
+        return list(self._ops)
 
     def __bool__(self) -> bool:
         return bool(self._ops)
 
     @property
     def statements(self) -> int:
+        """How many calls `apply` makes (one per run of one statement)."""
         return len(self._ops)
 
 
@@ -119,7 +141,7 @@ async def apply(db: aiosqlite.Connection, tx: Tx) -> None:
     async with write_lock(db):
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, rows in tx._ops.items():
+            for sql, rows in tx._ops:
                 if len(rows) == 1:
                     await db.execute(sql, rows[0])
                 else:

@@ -19,6 +19,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosqlite
 import msgspec
@@ -96,9 +97,11 @@ class Batch:
     A handler reads what it needs from `db` (one query per batch, not per record), adds
     its writes to `tx`, calls `emit` for downstream messages and registers in-memory
     updates with `after_commit`: nothing of it takes effect unless the batch commits.
+    `notify` sends a core NATS message (not stored) once the batch is committed and its
+    outbox published: for signals that only matter to whoever listens now (probe reports).
     """
 
-    __slots__ = ("_after", "_out", "consumer", "db", "deliveries", "tx")
+    __slots__ = ("_after", "_notes", "_out", "consumer", "db", "deliveries", "tx")
 
     def __init__(self, consumer: str, deliveries: list[Delivery], db: aiosqlite.Connection):
         self.consumer = consumer
@@ -107,12 +110,23 @@ class Batch:
         self.tx = Tx()
         self._out: list[tuple[str, bytes]] = []
         self._after: list[Callable[[], None]] = []
+        self._notes: list[tuple[str, bytes]] = []
 
     def emit(self, subject: str, payload: bytes) -> None:
         self._out.append((subject, payload))
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._after.append(fn)
+
+    def notify(self, subject: str, payload: bytes) -> None:
+        self._notes.append((subject, payload))
+
+    async def send_notes(self, nc: Client, log: structlog.typing.FilteringBoundLogger) -> None:
+        for subject, payload in self._notes:
+            try:
+                await nc.publish(subject, payload)
+            except nats.errors.Error as exc:  # whoever waits asks again
+                log.warning("notification not sent", subject=subject, error=repr(exc))
 
 
 Handler = Callable[[Batch], Awaitable[None]]
@@ -297,17 +311,15 @@ class ConsumerRunner:
 
     async def _commit(self, deliveries: list[Delivery]) -> None:
         batch = Batch(self.spec.name, deliveries, self._db)
-        failed: list[tuple[Delivery, str]] = []
         try:
             with structlog.contextvars.bound_contextvars(
                 consumer=self.spec.name, first_seq=deliveries[0].seq, last_seq=deliveries[-1].seq
             ):
                 await self.spec.handler(batch)
-            batches = [batch]
         except Exception:
-            # Isolate the message(s) that fail; the others are applied in order.
+            # Isolate the message(s) that fail: the others are applied in order, each
+            # committed before the next is handled, so that each sees what came before it.
             self._log.warning("batch failed, retrying message by message", size=len(deliveries))
-            batches = []
             for d in deliveries:
                 single = Batch(self.spec.name, [d], self._db)
                 with structlog.contextvars.bound_contextvars(
@@ -315,18 +327,27 @@ class ConsumerRunner:
                 ):
                     try:
                         await self.spec.handler(single)
-                        batches.append(single)
                     except Exception as exc:
                         self._log.exception("message failed")
-                        failed.append((d, f"{type(exc).__name__}: {exc}"))
+                        await self._apply(None, [(d, f"{type(exc).__name__}: {exc}")], d.seq)
+                        continue
+                await self._apply(single, [], d.seq)
+            return
+        await self._apply(batch, [], deliveries[-1].seq)
+
+    async def _apply(
+        self, batch: Batch | None, failed: list[tuple[Delivery, str]], last_seq: int
+    ) -> None:
+        """Commit a handled batch (its writes, its outbox, the failed messages, the offset)
+        in one transaction, then run its after-commit updates and publish its outbox."""
         tx = Tx()
         out: list[Outgoing] = []
-        last_seq = deliveries[-1].seq
-        for b in batches:
-            for sql, rows in b.tx._ops.items():
-                tx.add_many(sql, rows)
-            for subject, payload in b._out:
-                out.append(Outgoing(f"{self.spec.name}:{last_seq}:{len(out)}", subject, payload))
+        if batch is not None:
+            tx.extend(batch.tx)
+            out = [
+                Outgoing(f"{self.spec.name}:{last_seq}:{i}", subject, payload)
+                for i, (subject, payload) in enumerate(batch._out)
+            ]
         now = time.time()
         tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
         tx.add_many(
@@ -336,14 +357,19 @@ class ConsumerRunner:
         tx.add(_SET_OFFSET, (self.spec.name, last_seq))
         await apply(self._db, tx)
         self._offset = last_seq
-        for b in batches:
-            for fn in b._after:
+        handled = 0
+        if batch is not None:
+            handled = len(batch.deliveries)
+            for fn in batch._after:
                 fn()
-        self._metrics.handled.labels(*self._labels).inc(len(deliveries) - len(failed))
+        if handled:
+            self._metrics.handled.labels(*self._labels).inc(handled)
         if failed:
             self._metrics.failed.labels(*self._labels).inc(len(failed))
         if out:
             await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
+        if batch is not None and batch._notes:
+            await batch.send_notes(self._nc, self._log)
 
     async def _ack(self, msg: Msg) -> None:
         try:
@@ -354,6 +380,10 @@ class ConsumerRunner:
             self._resync_needed = True
 
 
+PUBLISH_ACK_TIMEOUT = 10.0
+"""Seconds to wait for JetStream's acknowledgements of one outbox round."""
+
+
 async def publish_outbox(
     js: JetStreamContext,
     db: aiosqlite.Connection,
@@ -361,29 +391,51 @@ async def publish_outbox(
     log: structlog.typing.FilteringBoundLogger,
     stopping: Callable[[], bool],
 ) -> bool:
-    """Publish committed outgoing messages, then remove them from the outbox.
+    """Publish committed outgoing messages in their order, then remove them from the outbox.
 
-    Retries until every message is stored by JetStream. Returns False if asked to stop
+    The messages are written to the connection one after the other, in order, without
+    waiting for each acknowledgement (they are gathered once per round). If any is not
+    acknowledged, the round is repeated from the first one that was not: the ones after
+    it are published again, and JetStream drops those it already stored (same
+    Nats-Msg-Id), so the stream keeps the outbox's order. Returns False if asked to stop
     first; the rest stays in the outbox and is published at the next start.
     """
     pending = list(out)
     backoff = 0.05
     while pending:
-        results = await asyncio.gather(
-            *(js.publish(o.subject, o.payload, headers={"Nats-Msg-Id": o.msg_id}) for o in pending),
-            return_exceptions=True,
-        )
-        done = [
-            o for o, r in zip(pending, results, strict=True) if not isinstance(r, BaseException)
-        ]
-        if done:
+        first_failed: int | None = None
+        error: BaseException | None = None
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for o in pending:
+                futures.append(
+                    await js.publish_async(o.subject, o.payload, headers={"Nats-Msg-Id": o.msg_id})
+                )
+        except Exception as exc:  # not connected, or too many publishes pending
+            first_failed, error = len(futures), exc
+        if futures:
+            _done, late = await asyncio.wait(futures, timeout=PUBLISH_ACK_TIMEOUT)
+            for fut in late:
+                fut.cancel()
+            for i, fut in enumerate(futures):
+                if fut in late:
+                    problem: BaseException | None = TimeoutError("no acknowledgement")
+                elif fut.cancelled():
+                    problem = asyncio.CancelledError()
+                else:
+                    problem = fut.exception()
+                if problem is not None:
+                    if first_failed is None or i < first_failed:
+                        first_failed, error = i, problem
+                    break
+        stored = pending if first_failed is None else pending[:first_failed]
+        if stored:
             async with write_lock(db):
-                await db.executemany(_OUTBOX_DELETE, [(o.msg_id,) for o in done])
-        pending = [o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+                await db.executemany(_OUTBOX_DELETE, [(o.msg_id,) for o in stored])
+        pending = [] if first_failed is None else pending[first_failed:]
         if pending:
             if stopping():
                 return False
-            error = next(r for r in results if isinstance(r, BaseException))
             log.warning(
                 "publish failed, retrying",
                 pending=len(pending),
