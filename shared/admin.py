@@ -430,3 +430,64 @@ class ExportResult(msgspec.Struct, kw_only=True):
     """Per segment: rows by membership status."""
     skipped: int = 0
     error: str | None = None
+
+
+# -- landing and backlog (cdp ingest --wait, cdp status) ------------------------------------
+LANDING_STAGES: tuple[str, ...] = (
+    "identity",
+    "profile",
+    "segmentation",
+    "profile-memberships",
+    "destination-profiles",
+    "destination",
+)
+"""The stages a probe passes: identity once, every other one once per partition."""
+
+
+class LandedRequest(msgspec.Struct, kw_only=True):
+    """Wait until everything published to `cdp.ingest.>` before this request (and every
+    batch file that finished before it) is reflected in profiles and memberships."""
+
+    timeout: float = 60.0
+    stages: list[str] | None = None
+    """The stages to wait for (default: all of `LANDING_STAGES`)."""
+
+
+class LandedResult(msgspec.Struct, kw_only=True):
+    probe_id: str
+    landed: bool
+    waited_s: float
+    partitions: int
+    missing: list[str] = []
+    """Stage/partition pairs not reported in time ("profile/3"), when `landed` is false."""
+
+
+class StatusRequest(msgspec.Struct):
+    pass
+
+
+class ConsumerStatus(msgspec.Struct, kw_only=True):
+    name: str
+    stream: str
+    pending: int
+    """Messages in the stream this consumer has not been given yet."""
+    ack_pending: int
+    """Messages given to it and not yet acknowledged (being worked on)."""
+    offset: int
+    """The stream sequence of the last message applied (committed with its effects)."""
+    error: str | None = None
+
+
+class ServiceStatus(msgspec.Struct, kw_only=True):
+    service: str
+    ready: bool
+    reason: str | None = None
+    consumers: list[ConsumerStatus] = []
+    outbox: int = 0
+    """Committed messages not yet published."""
+    failed: int = 0
+    """Messages that failed and were set aside (rt_failed)."""
+
+    @property
+    def backlog(self) -> int:
+        return self.outbox + sum(c.pending + c.ack_pending for c in self.consumers)

@@ -47,11 +47,34 @@ class PrivacyDelete(msgspec.Struct, kw_only=True):
     requested_at: float
 
 
+class Probe(msgspec.Struct, tag="probe"):
+    """A marker that follows the data through every service, behind everything published
+    before it, to tell when that data has landed (reflected in profiles and memberships).
+
+    Identity sends one copy on every partition (`partition`, of `partitions`); each stage
+    reports each copy it passes on `cdp.probe.<probe_id>` (see `ProbeReport`)."""
+
+    probe_id: str
+    partition: int = -1
+    partitions: int = 0
+
+
+class ProbeReport(msgspec.Struct, kw_only=True):
+    """A stage (a consumer of a service) passed a probe: everything before it is applied."""
+
+    probe_id: str
+    stage: str
+    partition: int = -1
+    partitions: int = 0
+    at: float
+
+
 # -- ingest -> identity ---------------------------------------------------------
 class RecordBatch(msgspec.Struct, tag="records"):
     records: list[Record]
     deletes: list[PrivacyDelete] = []
-    """A message carries records or deletes; deletes come after the records before them."""
+    """A message carries records, deletes or probes; each comes after the records before it."""
+    probes: list[Probe] = []
 
 
 # -- identity -> profile (cdp.x.profiles.<partition>) ---------------------------
@@ -60,6 +83,12 @@ class Fragment(msgspec.Struct, tag="fragment"):
 
     profile_id: str
     record: Record
+    anchor: str | None = None
+    """The record's anchor: its highest-ranked identity key ("namespace:value"). An event
+    sits on the profile that holds its anchor and follows it when it moves."""
+    persons: list[str] = []
+    """The record's other person identities (keys): a privacy delete of whoever holds one
+    of them removes the record too, wherever it sits."""
 
 
 class Merged(msgspec.Struct, tag="merged"):
@@ -82,13 +111,15 @@ class Reassigned(msgspec.Struct, tag="reassigned"):
 
 
 class Deleted(msgspec.Struct, tag="deleted"):
-    """A privacy delete: remove these profiles entirely."""
+    """A privacy delete: remove these profiles entirely, and every record that carries one
+    of `person_keys` (the person identities the deleted graph held), wherever it sits."""
 
     profile_ids: list[str]
     request: PrivacyDelete
+    person_keys: list[str] = []
 
 
-ProfileItem = Fragment | Merged | Reassigned | Deleted
+ProfileItem = Fragment | Merged | Reassigned | Deleted | Probe
 
 
 class ProfileBatch(msgspec.Struct, tag="profiles"):
@@ -118,6 +149,13 @@ class ProfileChanged(msgspec.Struct, tag="changed"):
     views: dict[str, dict[str, Any]] = {}
     """The merged attributes under each configured merge policy other than the default,
     for segments that name one."""
+    folded: list[str] = []
+    """Profiles folded into this one by the batch this change sums up (their merge went
+    before it): every segment is checked again."""
+    removed_events: list[str] = []
+    """Record ids of events that left this profile (they moved with their anchor identity
+    to another profile, whose change carries them in `events`, or a privacy delete
+    removed them)."""
 
 
 class ProfileMerged(msgspec.Struct, tag="merged"):
@@ -140,7 +178,7 @@ class Recheck(msgspec.Struct, tag="recheck"):
     job_id: str | None = None
 
 
-ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted | Recheck
+ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted | Recheck | Probe
 
 
 class ChangeBatch(msgspec.Struct, tag="changes"):
@@ -166,6 +204,9 @@ class MembershipEvent(msgspec.Struct, kw_only=True):
     at: float
     method: str
     identities: list[Identity] = []
+    merged_into: str | None = None
+    """Set on the exits of a profile folded into another by a merge: the surviving profile
+    id (which a lookup by the folded id also answers with)."""
 
 
 MAX_ITEMS_PER_MESSAGE = 500
@@ -186,3 +227,5 @@ profile_batch_decoder = msgspec.msgpack.Decoder(ProfileBatch)
 change_batch_decoder = msgspec.msgpack.Decoder(ChangeBatch)
 membership_decoder = msgspec.json.Decoder(MembershipEvent)
 privacy_report_decoder = msgspec.json.Decoder(PrivacyReport)
+probe_decoder = msgspec.json.Decoder(Probe)
+probe_report_decoder = msgspec.json.Decoder(ProbeReport)

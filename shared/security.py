@@ -101,6 +101,9 @@ def _report(service: str) -> str:
     return s.privacy_report("*", service)
 
 
+_PROBE_REPORTS = s.probe_report("*")
+
+
 def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
     return {
         "ingest": _Uses(
@@ -112,17 +115,17 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 s.batch_progress("*"),
                 _report("ingest"),
             ),
-            serves=(s.admin("ingest", ">"),),
+            serves=(s.admin("ingest", ">"), _PROBE_REPORTS),
             object_store=s.BATCH_BUCKET,
         ),
         "identity": _Uses(
             consumes=(s.STREAM_CONFIG, s.STREAM_RECORDS),
-            publishes=(f"{s.PROFILES_PREFIX}.*", _report("identity")),
+            publishes=(f"{s.PROFILES_PREFIX}.*", _report("identity"), _PROBE_REPORTS),
             serves=(s.admin("identity", ">"),),
         ),
         "profile": _Uses(
             consumes=(s.STREAM_CONFIG, s.STREAM_MEMBERSHIP, s.STREAM_PROFILES),
-            publishes=(f"{s.CHANGES_PREFIX}.*", _report("profile")),
+            publishes=(f"{s.CHANGES_PREFIX}.*", _report("profile"), _PROBE_REPORTS),
             serves=(s.admin("profile", ">"), s.PROFILE_LOOKUP),
             reads_last=(s.STREAM_CONFIG,),
         ),
@@ -133,6 +136,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 f"{s.CHANGES_PREFIX}.*",  # re-checks (time-based exits, batch jobs) go to its input
                 s.JOBS_ALL,
                 _report("segmentation"),
+                _PROBE_REPORTS,
             ),
             serves=(s.admin("segmentation", ">"),),
             requests=(s.admin("profile", "get"),),
@@ -149,7 +153,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
         ),
         "destination": _Uses(
             consumes=(s.STREAM_CHANGES, s.STREAM_JOBS, s.STREAM_MEMBERSHIP),
-            publishes=(_report("destination"), s.JOBS_ALL, *activation),
+            publishes=(_report("destination"), s.JOBS_ALL, _PROBE_REPORTS, *activation),
             serves=(s.admin("destination", ">"),),
             requests=(s.admin("segmentation", "list"),),
         ),
@@ -201,7 +205,7 @@ def permissions(
     if account == CLIENT:
         return Permissions(
             publish=(s.INGEST_ALL, s.PROFILE_LOOKUP),
-            publish_deny=(s.PRIVACY_DELETE,),
+            publish_deny=(s.PRIVACY_DELETE, s.PROBE),
             subscribe=(s.MEMBERSHIP_ALL, f"{inbox_prefix(CLIENT)}.>"),
         )
     uses = _uses(activation_subjects).get(account)

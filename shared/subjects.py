@@ -14,6 +14,9 @@ Internal subjects (msgpack, one message carries a batch of records):
     cdp.config.<kind>.<name>      the latest version of each configured object (CDP_CONFIG)
     cdp.batches.<id>.progress     progress of a batch file ingestion (core NATS, not stored)
     cdp.ingest._delete            a privacy delete request, in-band with the records
+    cdp.ingest._probe             a probe that follows the records to tell when they landed
+    cdp.membership._probe         the probe, passed on behind the membership changes
+    cdp.probe.<id>                each stage's report that it passed probe <id> (core NATS)
     cdp.privacy.<id>.<service>    a service's report that it removed a person  (CDP_PRIVACY)
 """
 
@@ -48,6 +51,11 @@ BATCHES_PREFIX = "cdp.batches"
 PRIVACY_PREFIX = "cdp.privacy"
 PRIVACY_DELETE = f"{INGEST_PREFIX}._delete"
 """Privacy deletes enter through the ingest stream, behind the records before them."""
+PROBE = f"{INGEST_PREFIX}._probe"
+"""A probe enters through the ingest stream, behind the records published before it."""
+MEMBERSHIP_PROBE = f"{MEMBERSHIP_PREFIX}._probe"
+"""The probe, passed on by segmentation behind the membership changes before it."""
+PROBE_REPORT_PREFIX = "cdp.probe"
 BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
 
@@ -71,6 +79,10 @@ def config(kind: str, name: str) -> str:
 
 def privacy_report(request_id: str, service: str) -> str:
     return f"{PRIVACY_PREFIX}.{request_id}.{service}"
+
+
+def probe_report(probe_id: str) -> str:
+    return f"{PROBE_REPORT_PREFIX}.{probe_id}"
 
 
 def batch_progress(batch_id: str) -> str:

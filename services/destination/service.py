@@ -42,6 +42,8 @@ from shared.messages import (
     Identity,
     MembershipEvent,
     PrivacyReport,
+    Probe,
+    ProbeReport,
     ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
@@ -49,6 +51,7 @@ from shared.messages import (
     json_encoder,
     membership_decoder,
     msgpack_encoder,
+    probe_decoder,
 )
 from shared.resources import Destination
 from shared.runtime import Batch, ConsumerSpec, Service
@@ -140,27 +143,36 @@ class DestinationService(Service):
 
     # -- the profile view ---------------------------------------------------------------------
     async def handle_profiles(self, batch: Batch) -> None:
+        upserts: dict[str, tuple[bytes, bytes, float]] = {}
+        folded: list[str] = []
         for d in batch.deliveries:
             for item in change_batch_decoder.decode(d.data).items:
                 match item:
                     case ProfileChanged():
-                        batch.tx.add(
-                            UPSERT_PROFILE,
-                            (
-                                item.profile_id,
-                                msgpack_encoder.encode(item.attributes),
-                                msgpack_encoder.encode(item.identities),
-                                item.at,
-                            ),
+                        upserts[item.profile_id] = (
+                            msgpack_encoder.encode(item.attributes),
+                            msgpack_encoder.encode(item.identities),
+                            item.at,
                         )
                     case ProfileMerged():
-                        batch.tx.add(
-                            "DELETE FROM profiles WHERE profile_id IN "
-                            "(SELECT value FROM json_each(?))",
-                            (_json_list(item.folded),),
+                        for pid in item.folded:
+                            upserts.pop(pid, None)
+                            folded.append(pid)
+                    case Probe():
+                        passed = ProbeReport(
+                            probe_id=item.probe_id,
+                            stage="destination-profiles",
+                            partition=item.partition,
+                            partitions=item.partitions,
+                            at=time.time(),
+                        )
+                        batch.notify(
+                            subjects.probe_report(item.probe_id), json_encoder.encode(passed)
                         )
                     case _:
                         pass  # deletes arrive on the membership stream, after segmentation
+        batch.tx.add_many("DELETE FROM profiles WHERE profile_id = ?", [(f,) for f in folded])
+        batch.tx.add_many(UPSERT_PROFILE, [(pid, *view) for pid, view in upserts.items()])
 
     # -- batch jobs ------------------------------------------------------------------------------
     async def handle_jobs(self, batch: Batch) -> None:
@@ -221,11 +233,29 @@ class DestinationService(Service):
                 events = []
                 await self._delete(batch, d.data)
                 continue
+            if d.subject == subjects.MEMBERSHIP_PROBE:
+                self._report_probe(batch, d.data)
+                continue
             try:
                 events.append(membership_decoder.decode(d.data))
             except msgspec.DecodeError:
                 self.log.warning("undecodable membership event", seq=d.seq)
         await self._enqueue(batch, events)
+
+    def _report_probe(self, batch: Batch, data: bytes) -> None:
+        try:
+            probe = probe_decoder.decode(data)
+        except msgspec.DecodeError:
+            self.log.warning("undecodable probe")
+            return
+        passed = ProbeReport(
+            probe_id=probe.probe_id,
+            stage=self.name,
+            partition=probe.partition,
+            partitions=probe.partitions,
+            at=time.time(),
+        )
+        batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(passed))
 
     async def _enqueue(self, batch: Batch, events: list[MembershipEvent]) -> None:
         if not events:

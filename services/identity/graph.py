@@ -388,6 +388,20 @@ class IdentityGraph:
             seen.setdefault(key, _Item(key, ident.namespace, value, spec))
         return list(seen.values())
 
+    def _ranked(self, items: list[_Item]) -> list[_Item]:
+        """Items by rank (type, then priority), ties in record order: the first is the
+        record's anchor."""
+        order = {item.key: i for i, item in enumerate(items)}
+        return sorted(items, key=lambda it: (*self.rank(it.namespace), order[it.key]))
+
+    def anchor_of(self, identities: Iterable[Identity]) -> tuple[str | None, list[str]]:
+        """The record's anchor key (its highest-ranked identity, which `link` attaches the
+        record to) and its other person identity keys."""
+        items = self._ranked(self._items(identities))
+        if not items:
+            return None, []
+        return items[0].key, [it.key for it in items[1:] if it.spec.type == "person"]
+
     def keys_of(self, identities: Iterable[Identity]) -> list[str]:
         """Normalised keys of identities, without duplicates; unusable values are dropped."""
         return [item.key for item in self._items(identities)]
@@ -408,11 +422,9 @@ class IdentityGraph:
         record_id: str,
     ) -> str | None:
         """Apply one record; return the profile id it belongs to (None: no usable identity)."""
-        items = self._items(identities)
+        items = self._ranked(self._items(identities))
         if not items:
             return None
-        order = {item.key: i for i, item in enumerate(items)}
-        items.sort(key=lambda it: (*self.rank(it.namespace), order[it.key]))
         rec = _Record(at, dataset, record_id, {item.key for item in items})
         rec.first_event = len(fx.events)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,17 +44,19 @@ from shared.messages import (
     Merged,
     PrivacyDelete,
     PrivacyReport,
+    Probe,
+    ProbeReport,
     ProfileBatch,
     ProfileItem,
     Reassigned,
     Record,
-    chunks,
     json_encoder,
     msgpack_encoder,
     record_batch_decoder,
 )
 from shared.resources import BUILTIN_NAMESPACES, Namespace
 from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime.partitioned import PartitionedOutput
 
 _namespace_decoder = msgspec.json.Decoder(Namespace)
 _keys_encoder = msgspec.json.Encoder()
@@ -122,6 +123,10 @@ def _env_int(name: str, default: int) -> int:
 
 def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
+
+
+def _encode_items(items: list[ProfileItem]) -> bytes:
+    return msgpack_encoder.encode(ProfileBatch(items))
 
 
 class IdentityService(Service):
@@ -191,6 +196,8 @@ class IdentityService(Service):
 
     # -- records ---------------------------------------------------------------------------
     async def handle_records(self, batch: Batch) -> None:
+        """Link every record in order; tell the profile service, partition by partition and
+        in causal order, which profile each record belongs to and what merged or moved."""
         messages = [record_batch_decoder.decode(d.data) for d in batch.deliveries]
         keys: set[str] = set()
         for m in messages:
@@ -200,11 +207,12 @@ class IdentityService(Service):
                 keys.update(self.graph.keys_of([req.identity]))
         ws = await self._load(keys)
         fx = Effects()
-        out: dict[int, list[ProfileItem]] = defaultdict(list)
+        out: PartitionedOutput[ProfileItem] = PartitionedOutput(
+            subjects.profiles, _encode_items, self.settings.partitions
+        )
         reported = 0
         for m in messages:
             for record in m.records:
-                with_bound = self.log.bind(record_id=record.record_id, dataset=record.dataset)
                 profile_id = self.graph.link(
                     ws,
                     fx,
@@ -215,16 +223,30 @@ class IdentityService(Service):
                 )
                 reported = self._announce(fx, reported, out, record.ingested_at)
                 if profile_id is None:
-                    with_bound.info("record has no usable identity; not linked")
+                    self.log.info(
+                        "record has no usable identity; not linked",
+                        record_id=record.record_id,
+                        dataset=record.dataset,
+                    )
                     continue
-                normalised = self._normalised(record)
-                out[self._part(profile_id)].append(Fragment(profile_id, normalised))
+                anchor, persons = self.graph.anchor_of(record.identities)
+                out.add(
+                    self._part(profile_id),
+                    Fragment(profile_id, self._normalised(record), anchor, persons),
+                )
             for req in m.deletes:
                 self._delete(ws, fx, req, out, batch)
+            for probe in m.probes:
+                self._pass_probe(probe, out, batch)
         self._persist(fx, batch)
-        for part, items in out.items():
-            for some in chunks(items):
-                batch.emit(subjects.profiles(part), msgpack_encoder.encode(ProfileBatch(some)))
+        for subject, payload in out.messages():
+            batch.emit(subject, payload)
+
+    def _pass_probe(self, probe: Probe, out: PartitionedOutput[ProfileItem], batch: Batch) -> None:
+        n = self.settings.partitions
+        out.add_everywhere(lambda p: Probe(probe.probe_id, p, n))
+        report = ProbeReport(probe_id=probe.probe_id, stage=self.name, partitions=n, at=time.time())
+        batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(report))
 
     def _part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.settings.partitions)
@@ -239,19 +261,30 @@ class IdentityService(Service):
         return msgspec.structs.replace(record, identities=identities, primary_identity=primary)
 
     def _announce(
-        self, fx: Effects, reported: int, out: dict[int, list[ProfileItem]], at: float
+        self, fx: Effects, reported: int, out: PartitionedOutput[ProfileItem], at: float
     ) -> int:
-        """Turn graph events new since `reported` into messages for the profile service."""
+        """Turn graph events new since `reported` into items for the profile service.
+
+        A merge goes on the partition of the (first) folded profile, behind every earlier
+        item of the folded and surviving profiles; identities that move go on the
+        partition of the profile they leave, behind every earlier item of both profiles."""
         for event in fx.events[reported:]:
             match event:
                 case GraphMerged(survivor=survivor, folded=folded):
-                    out[self._part(survivor)].append(Merged(survivor, list(folded), at))
+                    parts = [self._part(f) for f in folded]
+                    out.add_across(
+                        parts[0],
+                        [self._part(survivor), *parts],
+                        Merged(survivor, list(folded), at),
+                    )
                     self.log.info("profiles merged", profile_id=survivor, folded=folded)
                 case GraphReassigned(from_profile=source, to_profile=target, keys=keys):
                     identities = [Identity(*k.split(":", 1)) for k in keys]
-                    out[self._part(source)].append(
-                        Reassigned(source, target, identities, event.reason, at)
-                    )
+                    item = Reassigned(source, target, identities, event.reason, at)
+                    if target is None:
+                        out.add(self._part(source), item)
+                    else:
+                        out.add_across(self._part(source), [self._part(target)], item)
                     self.log.info(
                         "identities reassigned",
                         profile_id=source,
@@ -266,17 +299,21 @@ class IdentityService(Service):
         ws: WorkingSet,
         fx: Effects,
         req: PrivacyDelete,
-        out: dict[int, list[ProfileItem]],
+        out: PartitionedOutput[ProfileItem],
         batch: Batch,
     ) -> None:
         keys = self.graph.keys_of([req.identity])
         node = ws.nodes.get(keys[0]) if keys else None
         profile_ids: list[str] = []
+        person_keys: list[str] = []
         removed = 0
         if node is not None:
             pid = node.profile_id
             profile_ids.append(pid)
             members = [n.key for n in ws.nodes.values() if n.profile_id == pid]
+            person_keys = sorted(
+                k for k in members if self.graph.namespace(ws.nodes[k].namespace).type == "person"
+            )
             for key in members:
                 del ws.nodes[key]
                 fx.upsert_nodes.pop(key, None)
@@ -296,7 +333,11 @@ class IdentityService(Service):
                 (_json_list(members), _json_list(members)),
             )
         part = self._part(profile_ids[0]) if profile_ids else 0
-        out[part].append(Deleted(profile_ids, req))
+        # Behind everything before it on every partition: the records that carry one of
+        # the person's identities may sit on any profile.
+        out.add_across(
+            part, range(self.settings.partitions), Deleted(profile_ids, req, person_keys)
+        )
         report = PrivacyReport(
             request_id=req.request_id,
             service=self.name,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.aio.subscription import Subscription
 
+from services.ingest.landing import wait_landed
 from services.ingest.registry import Registry
 from services.ingest.store import BATCH_COLUMNS, UPSERT_CONFIG
 from shared import admin, subjects
@@ -129,7 +130,13 @@ class IngestAdmin:
             ),
             await admin.serve(nc, subjects.admin("ingest", "batch.list"), BatchList, self.batches),
             await admin.serve(nc, subjects.admin("ingest", "errors"), ErrorsQuery, self.errors),
+            await admin.serve(
+                nc, subjects.admin("ingest", "landed"), admin.LandedRequest, self.landed
+            ),
         ]
+
+    async def landed(self, request: admin.LandedRequest) -> admin.LandedResult:
+        return await wait_landed(self.svc.nc, request)
 
     async def stop(self) -> None:
         await admin.unsubscribe_all(self._subs)

@@ -33,6 +33,7 @@ from shared.messages import (
     RecordBatch,
     json_encoder,
     msgpack_encoder,
+    probe_decoder,
 )
 from shared.resources import Dataset
 from shared.runtime import Batch, ConsumerSpec, Service
@@ -116,6 +117,12 @@ class IngestService(Service):
                 accepted = []
                 await self._privacy_delete(batch, d.data, now)
                 continue
+            if d.subject == subjects.PROBE:
+                for part in chunked(accepted):  # the probe follows the records before it
+                    batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+                accepted = []
+                self._pass_probe(batch, d.data)
+                continue
             dataset = subjects.dataset_of(d.subject)
             record_id = self.record_id(d.seq)
             found = self.compiled(dataset)
@@ -157,6 +164,14 @@ class IngestService(Service):
             batch.tx.add(BUMP_COUNTS, (dataset, n if ok else 0, 0 if ok else n))
         for part in chunked(accepted):
             batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+
+    def _pass_probe(self, batch: Batch, data: bytes) -> None:
+        try:
+            probe = probe_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self.log.warning("malformed probe ignored", error=str(exc))
+            return
+        batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], probes=[probe])))
 
     async def _privacy_delete(self, batch: Batch, data: bytes, now: float) -> None:
         try:

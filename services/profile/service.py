@@ -11,64 +11,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from services.profile.lookup import ProfileLookups
-from services.profile.merge import (
-    AttributeValue,
-    changed_paths,
-    default_policy,
-    fold_rows,
-    fragment_updates,
-    merge_flat,
-    record_time,
-    unflatten,
-)
+from services.profile.merge import AttributeValue, default_policy
 from services.profile.policies import MergePolicies
-from services.profile.store import (
-    CAP_EVENTS,
-    DELETE_ATTRIBUTES,
-    DELETE_IDENTITY,
-    FOLD_PROFILE,
-    INSERT_EVENT,
-    MIGRATIONS,
-    MOVE_EVENTS,
-    MOVE_IDENTITIES,
-    UPSERT_ATTRIBUTE,
-    UPSERT_DATASET,
-    UPSERT_IDENTITY,
-    UPSERT_PROFILE,
-)
+from services.profile.step import Loaded, ProfileStep, StoredEvent
+from services.profile.store import MIGRATIONS, UPSERT_DATASET, UPSERT_MEMBERSHIP
 from shared import subjects
 from shared.db import Tx, apply
 from shared.messages import (
-    ChangeBatch,
-    ChangeItem,
     Deleted,
     ExperienceEvent,
     Fragment,
-    Identity,
+    MembershipEvent,
     Merged,
-    PrivacyReport,
-    ProfileChanged,
-    ProfileDeleted,
-    ProfileMerged,
+    ProbeReport,
+    ProfileItem,
     Reassigned,
-    chunks,
     json_encoder,
     membership_decoder,
-    msgpack_encoder,
+    probe_decoder,
     profile_batch_decoder,
 )
 from shared.resources import Dataset
 from shared.runtime import Batch, ConsumerSpec, Service
 
-MAX_EVENTS_PER_PROFILE = 5000
 EXPIRY_EVERY_S = 600.0
 _dataset_decoder = msgspec.json.Decoder(Dataset)
 _value_decoder = msgspec.msgpack.Decoder()
@@ -77,28 +48,6 @@ _keys_encoder = msgspec.json.Encoder()
 
 def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
-
-
-@dataclass
-class _Touched:
-    record_ids: list[str] = field(default_factory=list)
-    events: list[ExperienceEvent] = field(default_factory=list)
-
-
-class _State:
-    """The attribute rows and identities of the profiles a batch touches."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[tuple[str, str], AttributeValue]] = defaultdict(dict)
-        self.identities: dict[str, set[tuple[str, str]]] = defaultdict(set)
-        self.redirect: dict[str, str] = {}
-
-    def resolve(self, profile_id: str) -> str:
-        seen = 0
-        while profile_id in self.redirect and seen < 32:
-            profile_id = self.redirect[profile_id]
-            seen += 1
-        return profile_id
 
 
 class ProfileService(Service):
@@ -179,269 +128,131 @@ class ProfileService(Service):
         batch.after_commit(lambda: self.datasets.update(updates))
 
     async def handle_memberships(self, batch: Batch) -> None:
+        """Write membership changes back onto the profile, for live profiles only: a change
+        of a profile folded or deleted since is no one's any more."""
+        events: list[MembershipEvent] = []
         for d in batch.deliveries:
             if d.subject == subjects.PRIVACY_MEMBERSHIP:
                 continue  # the profile was deleted here first
+            if d.subject == subjects.MEMBERSHIP_PROBE:
+                self._report_probe(batch, d.data, "profile-memberships")
+                continue
             try:
-                ev = membership_decoder.decode(d.data)
+                events.append(membership_decoder.decode(d.data))
             except msgspec.DecodeError:
                 self.log.warning("undecodable membership event", seq=d.seq)
-                continue
-            batch.tx.add(
-                "INSERT INTO memberships (profile_id, segment, status, at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (profile_id, segment) DO UPDATE SET status = excluded.status, "
-                "at = excluded.at WHERE excluded.at >= memberships.at",
-                (ev.profile_id, ev.segment, ev.status, ev.at),
-            )
+        if not events:
+            return
+        rows = await self.db.execute_fetchall(
+            "SELECT profile_id FROM profiles WHERE folded_into IS NULL AND profile_id IN "
+            "(SELECT value FROM json_each(?))",
+            (_json_list({e.profile_id for e in events}),),
+        )
+        live = {str(r[0]) for r in rows}
+        batch.tx.add_many(
+            UPSERT_MEMBERSHIP,
+            [(e.profile_id, e.segment, e.status, e.at) for e in events if e.profile_id in live],
+        )
+
+    def _report_probe(self, batch: Batch, data: bytes, stage: str) -> None:
+        try:
+            probe = probe_decoder.decode(data)
+        except msgspec.DecodeError:
+            self.log.warning("undecodable probe", stage=stage)
+            return
+        report = ProbeReport(
+            probe_id=probe.probe_id,
+            stage=stage,
+            partition=probe.partition,
+            partitions=probe.partitions,
+            at=time.time(),
+        )
+        batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(report))
 
     # -- the unified profile -----------------------------------------------------------------
     async def handle_items(self, batch: Batch) -> None:
+        """Load what the items touch (a query per table), apply them in order in memory
+        (`ProfileStep`), and commit the writes and the changes for segmentation."""
         items = [i for d in batch.deliveries for i in profile_batch_decoder.decode(d.data).items]
-        state = await self._load(items)
+        loaded = await self._load(items)
         policy = default_policy(self.policies.items())
-        others = [p for p in self.policies.items() if p.name != policy.name]
-        before = {
-            pid: _flat_values(merge_flat(rows.values(), policy)) for pid, rows in state.rows.items()
-        }
-        touched: dict[str, _Touched] = {}
-        out: dict[int, list[ChangeItem]] = defaultdict(list)
-        tx = batch.tx
+        step = ProfileStep(
+            loaded,
+            policy=policy,
+            others=[p for p in self.policies.items() if p.name != policy.name],
+            partitions=self.settings.partitions,
+        )
+        step.apply(items)
+        batch.tx.extend(step.tx)
+        for subject, payload in step.out.messages():
+            batch.emit(subject, payload)
+        for report in step.reports:
+            batch.emit(
+                subjects.privacy_report(report.request_id, self.name), json_encoder.encode(report)
+            )
+        for probe in step.probes:
+            passed = ProbeReport(
+                probe_id=probe.probe_id,
+                stage=self.name,
+                partition=probe.partition,
+                partitions=probe.partitions,
+                at=time.time(),
+            )
+            batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(passed))
+
+    async def _load(self, items: Sequence[ProfileItem]) -> Loaded:
+        """The state the items touch, as stored: a handful of set-based queries."""
+        loaded = Loaded()
+        ids: set[str] = set()
+        moving: set[str] = set()
+        persons: set[str] = set()
+        deleted: set[str] = set()
         for item in items:
             match item:
                 case Fragment():
-                    pid = state.resolve(item.profile_id)
-                    self._apply_fragment(state, tx, touched.setdefault(pid, _Touched()), pid, item)
-                case Merged():
-                    survivor = state.resolve(item.profile_id)
-                    for folded in item.folded:
-                        if folded == survivor:
-                            continue
-                        self._fold(state, tx, survivor, folded)
-                        touched.pop(folded, None)
-                        before.pop(folded, None)
-                    touched.setdefault(survivor, _Touched())
-                    out[self._part(survivor)].append(ProfileMerged(survivor, item.folded, item.at))
-                case Reassigned():
-                    self._reassign(state, tx, touched, item)
-                case Deleted():
-                    await self._delete(
-                        state=state,
-                        tx=tx,
-                        touched=touched,
-                        before=before,
-                        out=out,
-                        batch=batch,
-                        item=item,
-                    )
-        now = time.time()
-        for pid, acc in touched.items():
-            after_flat = merge_flat(state.rows.get(pid, {}).values(), policy)
-            after = _flat_values(after_flat)
-            changed = changed_paths(before.get(pid, {}), after)
-            if acc.events:
-                tx.add(CAP_EVENTS, (pid, MAX_EVENTS_PER_PROFILE))
-            out[self._part(pid)].append(
-                ProfileChanged(
-                    pid,
-                    acc.record_ids,
-                    now,
-                    attributes=unflatten(after),
-                    changed=changed,
-                    events=acc.events,
-                    identities=[Identity(ns, v) for ns, v in sorted(state.identities.get(pid, ()))],
-                    views={
-                        p.name: unflatten(_flat_values(merge_flat(rows.values(), p)))
-                        for p in others
-                        if (rows := state.rows.get(pid))
-                    },
-                )
-            )
-        for part, change_items in out.items():
-            for some in chunks(change_items):
-                batch.emit(subjects.changes(part), msgpack_encoder.encode(ChangeBatch(some)))
-
-    def _part(self, profile_id: str) -> int:
-        return subjects.partition_of(profile_id, self.settings.partitions)
-
-    def _apply_fragment(
-        self, state: _State, tx: Any, acc: _Touched, pid: str, item: Fragment
-    ) -> None:
-        r = item.record
-        tx.add(UPSERT_PROFILE, (pid, r.ingested_at, r.ingested_at))
-        for ident in r.identities:
-            state.identities[pid].add((ident.namespace, ident.value))
-            tx.add(UPSERT_IDENTITY, (ident.namespace, ident.value, pid))
-        acc.record_ids.append(r.record_id)
-        if r.record_class == "event":
-            ts = r.timestamp if r.timestamp is not None else r.ingested_at
-            keys = [f"{i.namespace}:{i.value}" for i in r.identities]
-            tx.add(
-                INSERT_EVENT,
-                (
-                    r.record_id,
-                    pid,
-                    r.dataset,
-                    r.event_type,
-                    ts,
-                    _keys_encoder.encode(keys),
-                    msgpack_encoder.encode(r.payload),
-                ),
-            )
-            acc.events.append(
-                ExperienceEvent(
-                    record_id=r.record_id,
-                    dataset=r.dataset,
-                    event_type=r.event_type,
-                    timestamp=ts,
-                    payload=r.payload,
-                )
-            )
-            return
-        rows = state.rows[pid]
-        for row in fragment_updates(rows, r.dataset, r.payload, record_time(r), r.record_id):
-            rows[(row.dataset, row.path)] = row
-            tx.add(
-                UPSERT_ATTRIBUTE,
-                (
-                    pid,
-                    row.dataset,
-                    row.path,
-                    msgpack_encoder.encode(row.value),
-                    row.ts,
-                    row.record_id,
-                ),
-            )
-
-    def _fold(self, state: _State, tx: Any, survivor: str, folded: str) -> None:
-        """Everything of `folded` now belongs to `survivor`; per attribute the newer wins."""
-        merged = fold_rows(
-            [*state.rows.get(survivor, {}).values(), *state.rows.get(folded, {}).values()]
-        )
-        state.rows[survivor] = dict(merged)
-        state.rows.pop(folded, None)
-        state.identities[survivor] |= state.identities.pop(folded, set())
-        state.redirect[folded] = survivor
-        tx.add(DELETE_ATTRIBUTES, (folded,))
-        for row in merged.values():
-            tx.add(
-                UPSERT_ATTRIBUTE,
-                (
-                    survivor,
-                    row.dataset,
-                    row.path,
-                    msgpack_encoder.encode(row.value),
-                    row.ts,
-                    row.record_id,
-                ),
-            )
-        tx.add(MOVE_EVENTS, (survivor, folded))
-        tx.add("DELETE FROM memberships WHERE profile_id = ?", (folded,))  # re-evaluated upstream
-        tx.add(MOVE_IDENTITIES, (survivor, folded))
-        tx.add(UPSERT_PROFILE, (survivor, time.time(), time.time()))
-        tx.add(FOLD_PROFILE, (survivor, folded))
-
-    def _reassign(
-        self, state: _State, tx: Any, touched: dict[str, _Touched], item: Reassigned
-    ) -> None:
-        source = state.resolve(item.profile_id)
-        moved = {(i.namespace, i.value) for i in item.identities}
-        state.identities[source] -= moved
-        touched.setdefault(source, _Touched())
-        if item.to_profile is None:
-            tx.add_many(DELETE_IDENTITY, list(moved))
-            return
-        target = state.resolve(item.to_profile)
-        state.identities[target] |= moved
-        tx.add(UPSERT_PROFILE, (target, item.at, item.at))
-        tx.add_many(UPSERT_IDENTITY, [(ns, v, target) for ns, v in moved])
-        keys = [f"{ns}:{v}" for ns, v in moved]
-        tx.add(
-            "UPDATE events SET profile_id = ? WHERE profile_id = ? AND EXISTS (SELECT 1 FROM "
-            "json_each(events.identity_keys) AS k WHERE k.value IN "
-            "(SELECT value FROM json_each(?)))",
-            (target, source, _json_list(keys)),
-        )
-        touched.setdefault(target, _Touched())
-
-    async def _delete(
-        self,
-        *,
-        state: _State,
-        tx: Any,
-        touched: dict[str, _Touched],
-        before: dict[str, dict[str, Any]],
-        out: dict[int, list[ChangeItem]],
-        batch: Batch,
-        item: Deleted,
-    ) -> None:
-        pids = sorted({state.resolve(p) for p in item.profile_ids})
-        plist = _json_list(pids)
-        counts = {}
-        for table in ("attributes", "events", "identities", "memberships"):
-            rows = await self.db.execute_fetchall(
-                f"SELECT count(*) FROM {table} WHERE profile_id IN "
-                "(SELECT value FROM json_each(?))",
-                (plist,),
-            )
-            counts[table] = int(next(iter(rows))[0])
-        for table in ("attributes", "events", "identities", "memberships"):
-            tx.add(
-                f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
-                (plist,),
-            )
-        tx.add(
-            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?)) "
-            "OR folded_into IN (SELECT value FROM json_each(?))",
-            (plist, plist),
-        )
-        counts["attributes"] = sum(len(state.rows.get(pid, {})) for pid in pids)  # loaded + new
-        for pid in pids:
-            state.rows.pop(pid, None)
-            state.identities.pop(pid, None)
-            touched.pop(pid, None)
-            before.pop(pid, None)
-        part = self._part(pids[0]) if pids else 0
-        out[part].append(ProfileDeleted(pids, item.request))
-        report = PrivacyReport(
-            request_id=item.request.request_id,
-            service=self.name,
-            identity=item.request.identity,
-            profile_ids=pids,
-            removed=counts,
-            at=time.time(),
-        )
-        batch.emit(
-            subjects.privacy_report(item.request.request_id, self.name), json_encoder.encode(report)
-        )
-
-    async def _load(self, items: Sequence[Any]) -> _State:
-        state = _State()
-        ids: set[str] = set()
-        for item in items:
-            match item:
-                case Fragment() | Merged():
                     ids.add(item.profile_id)
-                    if isinstance(item, Merged):
-                        ids.update(item.folded)
+                case Merged():
+                    ids.add(item.profile_id)
+                    ids.update(item.folded)
                 case Reassigned():
                     ids.add(item.profile_id)
                     if item.to_profile:
                         ids.add(item.to_profile)
+                        moving.update(f"{i.namespace}:{i.value}" for i in item.identities)
                 case Deleted():
                     ids.update(item.profile_ids)
-        if not ids:
-            return state
+                    deleted.update(item.profile_ids)
+                    persons.update(item.person_keys)
         db = self.db
+        if persons:
+            for key, rid, kind, pid in await db.execute_fetchall(
+                "SELECT key, record_id, kind, profile_id FROM carried WHERE key IN "
+                "(SELECT value FROM json_each(?))",
+                (_json_list(persons),),
+            ):
+                loaded.carried[str(key)].append((str(rid), str(kind), str(pid)))
+                ids.add(str(pid))
+            event_ids = {
+                rid for v in loaded.carried.values() for rid, kind, _ in v if kind == "event"
+            }
+            for stored in await self._events("record_id", event_ids):
+                loaded.events[stored.event.record_id] = stored
+                ids.add(stored.profile_id)
+        if not ids:
+            return loaded
         frontier = set(ids)
-        for _ in range(8):  # follow folded ids to their survivors
+        for _ in range(64):  # follow folded ids to their survivors
             rows = await db.execute_fetchall(
-                "SELECT profile_id, folded_into FROM profiles WHERE folded_into IS NOT NULL AND "
-                "profile_id IN (SELECT value FROM json_each(?))",
+                "SELECT profile_id, folded_into FROM profiles WHERE profile_id IN "
+                "(SELECT value FROM json_each(?))",
                 (_json_list(frontier),),
             )
             frontier = set()
             for pid, into in rows:
-                state.redirect[str(pid)] = str(into)
+                if into is None:
+                    loaded.known.add(str(pid))
+                    continue
+                loaded.redirect[str(pid)] = str(into)
                 if into not in ids:
                     frontier.add(str(into))
             ids |= frontier
@@ -453,7 +264,7 @@ class ProfileService(Service):
             "profile_id IN (SELECT value FROM json_each(?))",
             (plist,),
         ):
-            state.rows[pid][(ds, path)] = AttributeValue(
+            loaded.rows[pid][(ds, path)] = AttributeValue(
                 ds, path, _value_decoder.decode(value), ts, rid
             )
         for ns, value, pid in await db.execute_fetchall(
@@ -461,8 +272,53 @@ class ProfileService(Service):
             "profile_id IN (SELECT value FROM json_each(?))",
             (plist,),
         ):
-            state.identities[pid].add((ns, value))
-        return state
+            loaded.identities[pid].add((ns, value))
+        if moving:
+            for stored in await self._events("anchor", moving):
+                if stored.anchor is not None:
+                    loaded.anchored[stored.anchor].append(stored)
+        if deleted:
+            gone = {_resolve(loaded.redirect, p) for p in deleted}
+            glist = _json_list(gone)
+            for table in ("attributes", "events", "identities", "memberships"):
+                for pid, n in await db.execute_fetchall(
+                    f"SELECT profile_id, count(*) FROM {table} WHERE profile_id IN "
+                    "(SELECT value FROM json_each(?)) GROUP BY profile_id",
+                    (glist,),
+                ):
+                    loaded.counts.setdefault(str(pid), {})[table] = int(n)
+        return loaded
+
+    async def _events(self, column: str, values: set[str]) -> list[StoredEvent]:
+        if not values:
+            return []
+        rows = await self.db.execute_fetchall(
+            "SELECT record_id, profile_id, anchor, dataset, event_type, ts, payload FROM events "
+            f"WHERE {column} IN (SELECT value FROM json_each(?))",
+            (_json_list(values),),
+        )
+        return [
+            StoredEvent(
+                str(pid),
+                anchor,
+                ExperienceEvent(
+                    record_id=rid,
+                    dataset=ds,
+                    event_type=et,
+                    timestamp=ts,
+                    payload=_value_decoder.decode(payload),
+                ),
+            )
+            for rid, pid, anchor, ds, et, ts, payload in rows
+        ]
+
+
+def _resolve(redirect: dict[str, str], profile_id: str) -> str:
+    seen = 0
+    while profile_id in redirect and seen < 64:
+        profile_id = redirect[profile_id]
+        seen += 1
+    return profile_id
 
 
 def _flat_values(flat: dict[str, tuple[Any, AttributeValue]]) -> dict[str, Any]:

@@ -65,7 +65,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "profile",
+        2,
+        """
+        ALTER TABLE events ADD COLUMN anchor TEXT;
+        CREATE INDEX events_by_anchor ON events (anchor) WHERE anchor IS NOT NULL;
+        CREATE TABLE carried (
+            key TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            profile_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            PRIMARY KEY (key, record_id)
+        )
+        """,
+    ),
 )
+"""Version 2: an event's anchor (the identity it follows), and `carried`: the records that
+carry a person identity they are not anchored on (a privacy delete of that person reaches
+them). Events stored before version 2 have no anchor and stay where they are."""
 
 UPSERT_PROFILE = (
     "INSERT INTO profiles (profile_id, created_at, updated_at) VALUES (?, ?, ?) "
@@ -78,11 +96,20 @@ UPSERT_ATTRIBUTE = (
     "value = excluded.value, ts = excluded.ts, record_id = excluded.record_id"
 )
 DELETE_ATTRIBUTES = "DELETE FROM attributes WHERE profile_id = ?"
+DELETE_ATTRIBUTE = "DELETE FROM attributes WHERE profile_id = ? AND dataset = ? AND path = ?"
 INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (record_id, profile_id, dataset, event_type, ts, "
-    "identity_keys, payload) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "identity_keys, payload, anchor) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+DELETE_EVENT = "DELETE FROM events WHERE record_id = ?"
 MOVE_EVENTS = "UPDATE events SET profile_id = ? WHERE profile_id = ?"
+MOVE_EVENTS_BY_ANCHOR = "UPDATE events SET profile_id = ? WHERE anchor = ?"
+PIN_EVENTS = "UPDATE events SET anchor = NULL WHERE anchor = ?"
+INSERT_CARRIED = (
+    "INSERT OR IGNORE INTO carried (key, record_id, profile_id, kind) VALUES (?, ?, ?, ?)"
+)
+DELETE_CARRIED = "DELETE FROM carried WHERE key = ?"
+DELETE_MEMBERSHIPS = "DELETE FROM memberships WHERE profile_id = ?"
 UPSERT_IDENTITY = (
     "INSERT INTO identities (namespace, value, profile_id) VALUES (?, ?, ?) "
     "ON CONFLICT (namespace, value) DO UPDATE SET profile_id = excluded.profile_id"
@@ -92,6 +119,11 @@ DELETE_IDENTITY = "DELETE FROM identities WHERE namespace = ? AND value = ?"
 CAP_EVENTS = (
     "DELETE FROM events WHERE record_id IN (SELECT record_id FROM events WHERE profile_id = ? "
     "ORDER BY ts DESC, record_id DESC LIMIT -1 OFFSET ?)"
+)
+UPSERT_MEMBERSHIP = (
+    "INSERT INTO memberships (profile_id, segment, status, at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (profile_id, segment) DO UPDATE SET status = excluded.status, "
+    "at = excluded.at WHERE excluded.at >= memberships.at"
 )
 UPSERT_DATASET = (
     "INSERT INTO datasets (name, spec) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "

@@ -30,8 +30,10 @@ from services.segmentation.evaluate import ProfileFacts, evaluate, next_change, 
 from services.segmentation.store import (
     CAP_EVENTS,
     DELETE_TIMER,
-    INSERT_EVENT,
     MIGRATIONS,
+    MOVE_EVENTS,
+    REMOVE_EVENT,
+    UPSERT_EVENT,
     UPSERT_FACTS,
     UPSERT_MEMBERSHIP,
     UPSERT_TIMER,
@@ -40,10 +42,13 @@ from shared import subjects
 from shared.db import Tx, apply
 from shared.messages import (
     ChangeBatch,
+    ChangeItem,
     ExperienceEvent,
     Identity,
     MembershipEvent,
     PrivacyReport,
+    Probe,
+    ProbeReport,
     ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
@@ -88,20 +93,45 @@ def _memo_evaluate(
 
 @dataclass
 class _Profile:
-    """What a batch knows of one profile while evaluating it."""
+    """What a batch knows of one profile while applying its items and evaluating it."""
 
     attributes: dict[str, Any] = field(default_factory=dict)
     views: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Attributes under other merge policies, by policy name."""
     identities: list[Identity] = field(default_factory=list)
-    events: list[ExperienceEvent] = field(default_factory=list)
+    events: dict[str, ExperienceEvent] = field(default_factory=dict)
+    """Record id -> event (within the streaming horizon, or all of them for a batch job)."""
     memberships: dict[str, tuple[str, float]] = field(default_factory=dict)
     """segment -> (status, since)"""
     to_check: set[str] = field(default_factory=set)
     timers: dict[str, float] = field(default_factory=dict)
     """segment -> when the profile is due to be evaluated again"""
     job_id: str | None = None
-    fresh_events: list[ExperienceEvent] = field(default_factory=list)
+    known: bool = False
+    """Segmentation has the profile's view (stored, or carried by a change of the batch)."""
+    changed_at: float | None = None
+    """Set when a change of this batch carried the profile's view: it is written back."""
+
+    def sorted_events(self) -> list[ExperienceEvent]:
+        return sorted(self.events.values(), key=lambda e: (e.timestamp, e.record_id))
+
+
+class _Writes:
+    """Writes whose relative order does not matter (one row per key, or the rows of one
+    statement kept in order), grouped by statement so that each is one call."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[Any, ...]]] = {}
+
+    def add(self, sql: str, row: tuple[Any, ...]) -> None:
+        self.rows.setdefault(sql, []).append(row)
+
+    def add_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        self.rows.setdefault(sql, []).extend(rows)
+
+    def into(self, tx: Tx) -> None:
+        for sql, rows in self.rows.items():
+            tx.add_many(sql, rows)
 
 
 class SegmentationService(Service):
@@ -145,21 +175,49 @@ class SegmentationService(Service):
 
     # -- the actor -------------------------------------------------------------------------
     async def handle_changes(self, batch: Batch) -> None:
+        """Load every profile the items name (a query per table), apply the items in order
+        in memory (changes, merges, deletes, rechecks), evaluate what they may affect, and
+        write the outcome once per table."""
         items = [i for d in batch.deliveries for i in change_batch_decoder.decode(d.data).items]
         now = time.time()
-        profiles: dict[str, _Profile] = {}
+        profiles = await self._load(items, now)
         job_scanned: dict[str, int] = defaultdict(int)
         streaming = [s for s in self.catalog.segments.values() if s.streaming]
+        w = _Writes()
+        folded: dict[str, str] = {}
+        deleted: set[str] = set()
+        added: dict[str, ExperienceEvent] = {}
+        """Record id -> an event this batch puts on `placed[record id]`."""
+        placed: dict[str, str] = {}
+        removed: list[tuple[str, str]] = []
+        probes: list[Probe] = []
+
+        def resolve(pid: str) -> str:
+            while pid in folded:
+                pid = folded[pid]
+            return pid
+
         for item in items:
             match item:
                 case ProfileChanged():
-                    p = profiles.setdefault(item.profile_id, _Profile())
-                    self._store_view(batch, item)
+                    p = profiles[item.profile_id]
                     p.attributes = item.attributes
                     p.views = item.views
                     p.identities = item.identities
-                    p.fresh_events += item.events  # not committed yet: the query won't see them
+                    p.changed_at = item.at
+                    p.known = True
                     types = {e.event_type for e in item.events}
+                    for e in item.events:
+                        p.events[e.record_id] = e
+                        added[e.record_id] = e
+                        placed[e.record_id] = item.profile_id
+                    for rid in item.removed_events:
+                        left = p.events.pop(rid, None)
+                        if left is not None:
+                            types.add(left.event_type)
+                        if placed.get(rid) == item.profile_id:
+                            del placed[rid]
+                        removed.append((rid, item.profile_id))
                     changed = set(item.changed)
                     closure = path_closure(changed)
                     for seg in streaming:
@@ -171,28 +229,49 @@ class SegmentationService(Service):
                             )
                             or seg.touches(changed, closure)
                             or any(seg.reads.touches_event(t) for t in types)
+                            or (item.removed_events and seg.reads.uses_events)
                         ):
                             p.to_check.add(seg.name)
+                    if item.folded:
+                        p.to_check |= set(self.catalog.segments)
                 case ProfileMerged():
-                    await self._fold(batch, item, now)
-                    p = profiles.setdefault(item.profile_id, _Profile())
-                    p.to_check |= set(self.catalog.segments)
+                    survivor = resolve(item.profile_id)
+                    for pid in item.folded:
+                        if resolve(pid) == survivor or pid in deleted:
+                            continue
+                        self._fold(
+                            batch, w, profiles=profiles, folded=pid, survivor=survivor, now=now
+                        )
+                        folded[pid] = survivor
+                        for rid, at in placed.items():
+                            if at == pid:
+                                placed[rid] = survivor
+                    if profiles[survivor].known:
+                        profiles[survivor].to_check |= set(self.catalog.segments)
+                    # else its first change follows, naming the folded profiles
                 case ProfileDeleted():
-                    for pid in item.profile_ids:
-                        profiles.pop(pid, None)
                     await self._delete(batch, item)
+                    for pid in item.profile_ids:
+                        deleted.add(pid)
+                        profiles.pop(pid, None)
+                    for rid in [r for r, at in placed.items() if at in item.profile_ids]:
+                        del placed[rid]
                 case Recheck():
                     for pid in item.profile_ids:
-                        p = profiles.setdefault(pid, _Profile())
+                        p = profiles[pid]
                         if item.job_id is not None:
                             p.job_id = item.job_id
                             p.to_check |= set(self.catalog.segments)
                             job_scanned[item.job_id] += 1
                         else:
                             p.to_check |= {s.name for s in streaming if s.reads.uses_events}
-        todo = {pid: p for pid, p in profiles.items() if p.to_check}
+                case Probe():
+                    probes.append(item)
+        gone = folded.keys() | deleted
+        # Only profiles segmentation has a view of: a recheck that comes after a merge or a
+        # delete names a profile that is no one any more.
+        todo = {pid: p for pid, p in profiles.items() if p.to_check and p.known and pid not in gone}
         if todo:
-            await self._load(todo, now)
             counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
                 lambda: defaultdict(lambda: {"members": 0, "realized": 0, "exited": 0})
             )
@@ -203,24 +282,50 @@ class SegmentationService(Service):
                 if columns and p.job_id is not None and not p.events:
                     by_job[p.job_id].append(pid)  # evaluated segment by segment, below
                 else:
-                    self._evaluate(batch, pid, p, now, counts, memo=memo)
+                    self._evaluate(batch, w, pid=pid, p=p, now=now, counts=counts, memo=memo)
             for job_id, pids in by_job.items():
                 self._evaluate_columns(
-                    batch, job_id, [(pid, todo[pid]) for pid in pids], now, counts
+                    batch,
+                    w,
+                    job_id=job_id,
+                    group=[(pid, todo[pid]) for pid in pids],
+                    now=now,
+                    counts=counts,
                 )
             if counts or job_scanned:
                 await self.admin.jobs.record_progress(batch, job_scanned, counts, now)
         elif job_scanned:
             await self.admin.jobs.record_progress(batch, job_scanned, {}, now)
+        self._persist(
+            batch,
+            w,
+            profiles=profiles,
+            folded=folded,
+            deleted=deleted,
+            added=added,
+            placed=placed,
+            removed=removed,
+        )
+        for probe in probes:
+            batch.emit(subjects.MEMBERSHIP_PROBE, json_encoder.encode(probe))
+            report = ProbeReport(
+                probe_id=probe.probe_id,
+                stage=self.name,
+                partition=probe.partition,
+                partitions=probe.partitions,
+                at=time.time(),
+            )
+            batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(report))
 
     def _evaluate(
         self,
         batch: Batch,
+        w: _Writes,
+        *,
         pid: str,
         p: _Profile,
         now: float,
         counts: dict[str, dict[str, dict[str, int]]],
-        *,
         memo: dict[tuple[Any, ...], bool],
     ) -> None:
         """Evaluate the segments to check (and their dependants), in dependency order.
@@ -231,9 +336,10 @@ class SegmentationService(Service):
         for the batch, so that profiles alike (most of a batch job) are evaluated once."""
         check = p.to_check | self.catalog.dependants(p.to_check)
         member_of = {s for s, (status, _) in p.memberships.items() if status in MEMBER}
-        facts = ProfileFacts(p.attributes, p.events, member_of)
-        views = {name: ProfileFacts(attrs, p.events, member_of) for name, attrs in p.views.items()}
-        tx = batch.tx
+        events = p.sorted_events()
+        facts = ProfileFacts(p.attributes, events, member_of)
+        views = {name: ProfileFacts(attrs, events, member_of) for name, attrs in p.views.items()}
+        tx = w
         for name in self.catalog.order:
             if name not in check:
                 continue
@@ -252,12 +358,26 @@ class SegmentationService(Service):
             method = "batch" if p.job_id is not None else "streaming"
             if qualifies and not was:
                 self._set(
-                    batch=batch, pid=pid, p=p, seg=seg, status="realized", now=now, method=method
+                    batch=batch,
+                    w=w,
+                    pid=pid,
+                    p=p,
+                    seg=seg,
+                    status="realized",
+                    now=now,
+                    method=method,
                 )
                 facts.segments.add(name)
             elif was and not qualifies:
                 self._set(
-                    batch=batch, pid=pid, p=p, seg=seg, status="exited", now=now, method=method
+                    batch=batch,
+                    w=w,
+                    pid=pid,
+                    p=p,
+                    seg=seg,
+                    status="exited",
+                    now=now,
+                    method=method,
                 )
                 facts.segments.discard(name)
             elif qualifies:
@@ -286,6 +406,8 @@ class SegmentationService(Service):
     def _evaluate_columns(
         self,
         batch: Batch,
+        w: _Writes,
+        *,
         job_id: str,
         group: list[tuple[str, _Profile]],
         now: float,
@@ -300,7 +422,7 @@ class SegmentationService(Service):
         and of the memberships it reads (an event condition over no event has one answer),
         then who qualifies, compared with who was a member: realized and exited changes as
         `_set` makes them, and `existing` for those confirmed."""
-        tx = batch.tx
+        tx = w
         attrs = [p.attributes for _, p in group]
         member_of = [
             {s for s, (status, _) in p.memberships.items() if status in MEMBER} for _, p in group
@@ -340,13 +462,27 @@ class SegmentationService(Service):
             for i in sorted(qualified - was):
                 pid, p = group[i]
                 self._set(
-                    batch=batch, pid=pid, p=p, seg=seg, status="realized", now=now, method="batch"
+                    batch=batch,
+                    w=w,
+                    pid=pid,
+                    p=p,
+                    seg=seg,
+                    status="realized",
+                    now=now,
+                    method="batch",
                 )
                 member_of[i].add(name)
             for i in sorted(was - qualified):
                 pid, p = group[i]
                 self._set(
-                    batch=batch, pid=pid, p=p, seg=seg, status="exited", now=now, method="batch"
+                    batch=batch,
+                    w=w,
+                    pid=pid,
+                    p=p,
+                    seg=seg,
+                    status="exited",
+                    now=now,
+                    method="batch",
                 )
                 member_of[i].discard(name)
             stays = sorted(qualified & was)
@@ -384,6 +520,7 @@ class SegmentationService(Service):
         self,
         *,
         batch: Batch,
+        w: _Writes,
         pid: str,
         p: _Profile,
         seg: CompiledSegment,
@@ -392,7 +529,7 @@ class SegmentationService(Service):
         method: str,
     ) -> None:
         qualified = now if status == "realized" else None
-        batch.tx.add(UPSERT_MEMBERSHIP, (pid, seg.name, status, now, qualified, method, now))
+        w.add(UPSERT_MEMBERSHIP, (pid, seg.name, status, now, qualified, method, now))
         p.memberships[seg.name] = (status, now)
         event = MembershipEvent(
             profile_id=pid,
@@ -407,10 +544,32 @@ class SegmentationService(Service):
         # a line per change cost a tenth of the service's time when many profiles arrive.
         self.log.debug("membership changed", profile_id=pid, segment=seg.name, status=status)
 
-    async def _load(self, todo: dict[str, _Profile], now: float) -> None:
-        """Facts not carried by the batch, events and memberships: one query each."""
+    async def _load(self, items: list[ChangeItem], now: float) -> dict[str, _Profile]:
+        """Every profile the items name, as stored: the view (unless a change of the batch
+        carries it), the events (within the streaming horizon, or all of them when a batch
+        job is in the batch), memberships and timers. One query per table."""
+        profiles: dict[str, _Profile] = defaultdict(_Profile)
+        carried: set[str] = set()
+        job = False
+        for item in items:
+            match item:
+                case ProfileChanged():
+                    profiles[item.profile_id]  # creates it
+                    carried.add(item.profile_id)
+                case ProfileMerged():
+                    for pid in (item.profile_id, *item.folded):
+                        profiles[pid]
+                case Recheck():
+                    job = job or item.job_id is not None
+                    for pid in item.profile_ids:
+                        profiles[pid]
+                case _:
+                    pass
+        if not profiles:
+            return profiles
         db = self.db
-        missing = [pid for pid, p in todo.items() if not p.attributes and not p.identities]
+        plist = _json_list(profiles)
+        missing = [pid for pid in profiles if pid not in carried]
         if missing:
             policies = self.catalog.policies_used
             for pid, attrs, idents, views in await db.execute_fetchall(
@@ -418,118 +577,152 @@ class SegmentationService(Service):
                 "(SELECT value FROM json_each(?))",
                 (_json_list(missing),),
             ):
-                todo[pid].attributes = _any_msgpack.decode(attrs)
-                todo[pid].identities = _identities_decoder.decode(idents)
+                p = profiles[pid]
+                p.known = True
+                p.attributes = _any_msgpack.decode(attrs)
+                p.identities = _identities_decoder.decode(idents)
                 if views and policies:  # only segments with a merge policy read views
-                    todo[pid].views = _any_msgpack.decode(views)
-        full = [pid for pid, p in todo.items() if p.job_id is not None]
-        recent = [pid for pid, p in todo.items() if p.job_id is None]
-        for pids, since in ((full, None), (recent, now - STREAMING_HORIZON_S - 60.0)):
-            if not pids:
-                continue
-            sql = (
-                "SELECT profile_id, record_id, dataset, event_type, ts, payload FROM events "
-                "WHERE profile_id IN (SELECT value FROM json_each(?))"
+                    p.views = _any_msgpack.decode(views)
+        sql = (
+            "SELECT profile_id, record_id, dataset, event_type, ts, payload FROM events "
+            "WHERE profile_id IN (SELECT value FROM json_each(?))"
+        )
+        args: tuple[Any, ...] = (plist,)
+        if not job:
+            sql += " AND ts >= ?"
+            args = (plist, now - STREAMING_HORIZON_S - 60.0)
+        for pid, rid, ds, et, ts, payload in await db.execute_fetchall(sql, args):
+            profiles[pid].events[rid] = ExperienceEvent(
+                record_id=rid,
+                dataset=ds,
+                event_type=et,
+                timestamp=ts,
+                payload=_any_msgpack.decode(payload),
             )
-            args: tuple[Any, ...] = (_json_list(pids),)
-            if since is not None:
-                sql += " AND ts >= ?"
-                args = (*args, since)
-            for pid, rid, ds, et, ts, payload in await db.execute_fetchall(
-                sql + " ORDER BY ts", args
-            ):
-                todo[pid].events.append(
-                    ExperienceEvent(
-                        record_id=rid,
-                        dataset=ds,
-                        event_type=et,
-                        timestamp=ts,
-                        payload=_any_msgpack.decode(payload),
-                    )
-                )
-        for p in todo.values():
-            if p.fresh_events:
-                seen = {e.record_id for e in p.events}
-                p.events += [e for e in p.fresh_events if e.record_id not in seen]
-                p.events.sort(key=lambda e: (e.timestamp, e.record_id))
-        plist = _json_list(todo)
         for pid, seg, status, since_ in await db.execute_fetchall(
             "SELECT profile_id, segment, status, since FROM memberships WHERE profile_id IN "
             "(SELECT value FROM json_each(?))",
             (plist,),
         ):
-            todo[pid].memberships[seg] = (status, since_)
+            profiles[pid].memberships[seg] = (status, since_)
         for pid, seg, due in await db.execute_fetchall(
             "SELECT profile_id, segment, due FROM timers WHERE profile_id IN "
             "(SELECT value FROM json_each(?))",
             (plist,),
         ):
-            todo[pid].timers[seg] = due
+            profiles[pid].timers[seg] = due
+        return profiles
 
-    # -- keeping the view -------------------------------------------------------------------
-    def _store_view(self, batch: Batch, item: ProfileChanged) -> None:
-        tx = batch.tx
-        tx.add(
-            UPSERT_FACTS,
-            (
-                item.profile_id,
-                msgpack_encoder.encode(item.attributes),
-                msgpack_encoder.encode(item.identities),
-                item.at,
-                msgpack_encoder.encode(item.views),
-            ),
-        )
-        for e in item.events:
-            tx.add(
-                INSERT_EVENT,
-                (
-                    e.record_id,
-                    item.profile_id,
-                    e.dataset,
-                    e.event_type,
-                    e.timestamp,
-                    msgpack_encoder.encode(e.payload),
-                ),
-            )
-        if item.events:
-            tx.add(CAP_EVENTS, (item.profile_id, MAX_EVENTS_PER_PROFILE))
-
-    async def _fold(self, batch: Batch, item: ProfileMerged, now: float) -> None:
-        """The folded profiles leave their segments; the survivor is re-evaluated."""
-        folded = _json_list(item.folded)
-        survivor = item.profile_id
-        rows = await self.db.execute_fetchall(
-            "SELECT profile_id, segment, status FROM memberships WHERE profile_id IN "
-            "(SELECT value FROM json_each(?)) OR profile_id = ?",
-            (folded, survivor),
-        )
-        held = {str(seg) for pid, seg, status in rows if pid == survivor and status in MEMBER}
-        tx = batch.tx
-        for pid, seg, status in rows:
-            if pid == survivor or status not in MEMBER:
+    # -- merges and deletes ---------------------------------------------------------------
+    def _fold(
+        self,
+        batch: Batch,
+        w: _Writes,
+        *,
+        profiles: dict[str, _Profile],
+        folded: str,
+        survivor: str,
+        now: float,
+    ) -> None:
+        """`folded` leaves its segments (its exits name its identities and the survivor);
+        its events are the survivor's now; its batch memberships move to the survivor until
+        the next job checks them."""
+        x = profiles.pop(folded, _Profile())
+        s = profiles[survivor]
+        held = {seg for seg, (status, _) in s.memberships.items() if status in MEMBER}
+        for seg, (status, _since) in sorted(x.memberships.items()):
+            if status not in MEMBER:
                 continue
             event = MembershipEvent(
-                profile_id=pid, segment=seg, status="exited", at=now, method="streaming"
+                profile_id=folded,
+                segment=seg,
+                status="exited",
+                at=now,
+                method="streaming",
+                identities=x.identities,
+                merged_into=survivor,
             )
             batch.emit(subjects.membership(seg), json_encoder.encode(event))
             compiled = self.catalog.get(seg)
             if compiled is not None and not compiled.streaming and seg not in held:
-                # Batch memberships move to the survivor now; the next job re-checks them.
                 held.add(seg)
-                tx.add(UPSERT_MEMBERSHIP, (survivor, seg, "realized", now, now, "batch", now))
+                w.add(UPSERT_MEMBERSHIP, (survivor, seg, "realized", now, now, "batch", now))
+                s.memberships[seg] = ("realized", now)
                 moved = MembershipEvent(
-                    profile_id=survivor, segment=seg, status="realized", at=now, method="batch"
+                    profile_id=survivor,
+                    segment=seg,
+                    status="realized",
+                    at=now,
+                    method="batch",
+                    identities=s.identities or x.identities,
                 )
                 batch.emit(subjects.membership(seg), json_encoder.encode(moved))
-        for table in ("memberships", "timers", "facts"):
-            tx.add(
-                f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
-                (folded,),
-            )
-        tx.add(
-            "UPDATE events SET profile_id = ? WHERE profile_id IN (SELECT value FROM json_each(?))",
-            (item.profile_id, folded),
+        for rid, e in x.events.items():
+            s.events.setdefault(rid, e)
+
+    def _persist(
+        self,
+        batch: Batch,
+        w: _Writes,
+        *,
+        profiles: dict[str, _Profile],
+        folded: dict[str, str],
+        deleted: set[str],
+        added: dict[str, ExperienceEvent],
+        placed: dict[str, str],
+        removed: list[tuple[str, str]],
+    ) -> None:
+        """The batch's outcome, once per table: events move with folds, then leave the
+        profiles they left (only if still there: an event may have reached its new profile
+        in an earlier batch), then are written where they are now."""
+        tx = batch.tx
+        gone = folded.keys() | deleted
+
+        def final(pid: str) -> str:
+            while pid in folded:
+                pid = folded[pid]
+            return pid
+
+        tx.add_many(MOVE_EVENTS, [(final(f), f) for f in folded if final(f) not in deleted])
+        tx.add_many(
+            "DELETE FROM events WHERE profile_id = ?",
+            [(f,) for f in folded if final(f) in deleted],
         )
+        tx.add_many("DELETE FROM facts WHERE profile_id = ?", [(f,) for f in folded])
+        tx.add_many("DELETE FROM memberships WHERE profile_id = ?", [(f,) for f in folded])
+        tx.add_many("DELETE FROM timers WHERE profile_id = ?", [(f,) for f in folded])
+        tx.add_many(
+            REMOVE_EVENT,
+            [(rid, final(pid)) for rid, pid in removed if final(pid) not in deleted],
+        )
+        tx.add_many(
+            UPSERT_FACTS,
+            [
+                (
+                    pid,
+                    msgpack_encoder.encode(p.attributes),
+                    msgpack_encoder.encode(p.identities),
+                    p.changed_at,
+                    msgpack_encoder.encode(p.views),
+                )
+                for pid, p in profiles.items()
+                if p.changed_at is not None and pid not in gone
+            ],
+        )
+        rows = []
+        capped: set[str] = set()
+        for rid, pid in placed.items():
+            at = final(pid)
+            if at in deleted:
+                continue
+            e = added[rid]
+            rows.append(
+                (rid, at, e.dataset, e.event_type, e.timestamp, msgpack_encoder.encode(e.payload))
+            )
+            capped.add(at)
+        tx.add_many(UPSERT_EVENT, rows)
+        tx.add_many(CAP_EVENTS, [(pid, MAX_EVENTS_PER_PROFILE) for pid in sorted(capped)])
+        w.into(tx)
 
     async def _delete(self, batch: Batch, item: ProfileDeleted) -> None:
         plist = _json_list(item.profile_ids)

@@ -75,10 +75,16 @@ UPSERT_FACTS = (
     "attributes = excluded.attributes, identities = excluded.identities, "
     "updated_at = excluded.updated_at, views = excluded.views"
 )
-INSERT_EVENT = (
-    "INSERT OR IGNORE INTO events (record_id, profile_id, dataset, event_type, ts, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+UPSERT_EVENT = (
+    "INSERT INTO events (record_id, profile_id, dataset, event_type, ts, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (record_id) DO UPDATE SET "
+    "profile_id = excluded.profile_id"
 )
+"""An event arrives on a profile, or moves to it (with its anchor identity, or a merge)."""
+REMOVE_EVENT = "DELETE FROM events WHERE record_id = ? AND profile_id = ?"
+"""An event left a profile: removed only if it is still there (its arrival on another
+profile may have been applied in an earlier batch)."""
+MOVE_EVENTS = "UPDATE events SET profile_id = ? WHERE profile_id = ?"
 UPSERT_MEMBERSHIP = (
     "INSERT INTO memberships (profile_id, segment, status, since, last_qualified, method, "
     "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id, segment) DO UPDATE SET "

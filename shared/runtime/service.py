@@ -21,8 +21,10 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
+from shared import admin, subjects
 from shared.config import Settings, load_settings
 from shared.db import Migration, open_db
 from shared.errors import StartupError
@@ -67,6 +69,7 @@ class Service:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._fatal: asyncio.Event = asyncio.Event()
+        self._status_sub: Subscription | None = None
         self.exit_code = 0
 
     # -- what subclasses provide ----------------------------------------------------
@@ -143,6 +146,9 @@ class Service:
             runner.start()
             assert runner.task is not None
             runner.task.add_done_callback(self._on_runner_done)
+        self._status_sub = await admin.serve(
+            self._nc, subjects.admin(self.name, "status"), admin.StatusRequest, self.status
+        )
         self._phase = "ready"
         self._ready = True
         self.log.info("ready", port=self.health.port, db=str(s.db_path))
@@ -205,6 +211,9 @@ class Service:
         try:
             for runner in self.runners:
                 await runner.stop()
+            if self._status_sub is not None:
+                await admin.unsubscribe_all([self._status_sub])
+                self._status_sub = None
             await self.on_stop()
             nc, self._nc = self._nc, None
             if nc is not None and not nc.is_closed:
@@ -219,6 +228,48 @@ class Service:
             self.log.info("stopped")
         finally:
             self._stopped.set()
+
+    async def status(self, _request: admin.StatusRequest) -> admin.ServiceStatus:
+        """The service's backlog: what its consumers have not applied yet, what its
+        outbox has not published (`cdp status`, `cdp.admin.<service>.status`)."""
+        reason = await self.readiness()
+        consumers = []
+        js = self._js
+        for runner in self.runners:
+            spec = runner.spec
+            pending = ack_pending = 0
+            error = None
+            if js is not None:
+                try:
+                    info = await js.consumer_info(spec.stream.name, spec.name, timeout=2)
+                    pending = int(info.num_pending or 0)
+                    ack_pending = int(info.num_ack_pending or 0)
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            consumers.append(
+                admin.ConsumerStatus(
+                    name=spec.name,
+                    stream=spec.stream.name,
+                    pending=pending,
+                    ack_pending=ack_pending,
+                    offset=runner.offset,
+                    error=error,
+                )
+            )
+        outbox = failed = 0
+        if self._db is not None:
+            rows = await self._db.execute_fetchall(
+                "SELECT (SELECT count(*) FROM rt_outbox), (SELECT count(*) FROM rt_failed)"
+            )
+            outbox, failed = (int(x) for x in next(iter(rows)))
+        return admin.ServiceStatus(
+            service=self.name,
+            ready=reason is None,
+            reason=reason,
+            consumers=consumers,
+            outbox=outbox,
+            failed=failed,
+        )
 
     async def readiness(self) -> str | None:
         """None when ready; else why not (served on /readyz)."""

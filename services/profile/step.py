@@ -1,0 +1,545 @@
+"""The profile actor's step, without I/O: a fetch's items applied in order, in memory.
+
+The service loads what the items touch (`Loaded`: the attribute rows and identities of
+every profile they name, the survivors of folded ids, the stored events anchored on
+identities that move, the records a privacy delete reaches), `ProfileStep.apply` decides,
+and the service commits `tx` and publishes `out`.
+
+Rules kept here:
+
+- Attributes belong to the profile a record was attributed to; on a merge they fold into
+  the survivor (per dataset and path the newest wins); after a split or a move they stay.
+- An experience event sits on the profile that holds its anchor identity (the record's
+  highest-ranked identity, decided by the identity service) and follows it: a shared
+  device's anonymous events go to whoever authenticated on it last, while an event that
+  carries a person identity is anchored on it and stays with that person. If the graph
+  size limit drops the anchor, the event stays where it is (its anchor is cleared).
+- A privacy delete removes the deleted profiles and every record carrying one of the
+  person's identities, wherever it sits.
+
+Writes to stored data that depend on order (moving events by profile or by anchor,
+deletes) are added to `tx` in item order; the new state (attribute rows, identities,
+profiles, new events) is written once at the end. What segmentation needs comes out in
+causal order on the profile's partition (`PartitionedOutput`): a merge behind every
+earlier change of both profiles, then one change per profile touched, then the probes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from services.profile.merge import (
+    AttributeValue,
+    changed_paths,
+    fold_rows,
+    fragment_updates,
+    merge_flat,
+    record_time,
+    unflatten,
+)
+from services.profile.store import (
+    CAP_EVENTS,
+    DELETE_ATTRIBUTE,
+    DELETE_ATTRIBUTES,
+    DELETE_CARRIED,
+    DELETE_EVENT,
+    DELETE_IDENTITY,
+    DELETE_MEMBERSHIPS,
+    FOLD_PROFILE,
+    INSERT_CARRIED,
+    INSERT_EVENT,
+    MOVE_EVENTS,
+    MOVE_EVENTS_BY_ANCHOR,
+    PIN_EVENTS,
+    UPSERT_ATTRIBUTE,
+    UPSERT_IDENTITY,
+    UPSERT_PROFILE,
+)
+from shared import subjects
+from shared.db import Tx
+from shared.messages import (
+    ChangeBatch,
+    ChangeItem,
+    Deleted,
+    ExperienceEvent,
+    Fragment,
+    Identity,
+    Merged,
+    PrivacyReport,
+    Probe,
+    ProfileChanged,
+    ProfileDeleted,
+    ProfileItem,
+    ProfileMerged,
+    Reassigned,
+    msgpack_encoder,
+)
+from shared.resources import MergePolicy
+from shared.runtime.partitioned import PartitionedOutput
+
+MAX_EVENTS_PER_PROFILE = 5000
+_keys_encoder = msgspec.json.Encoder()
+IdentityKey = tuple[str, str]
+"""(namespace, value)"""
+
+
+def key_text(ident: IdentityKey) -> str:
+    return f"{ident[0]}:{ident[1]}"
+
+
+def key_pair(text: str) -> IdentityKey:
+    ns, _, value = text.partition(":")
+    return (ns, value)
+
+
+def _json_list(values: Iterable[str]) -> bytes:
+    return _keys_encoder.encode(list(values))
+
+
+def _encode_changes(items: list[ChangeItem]) -> bytes:
+    return msgpack_encoder.encode(ChangeBatch(items))
+
+
+@dataclass
+class StoredEvent:
+    """An event already stored, that this fetch may move or remove."""
+
+    profile_id: str
+    anchor: str | None
+    event: ExperienceEvent
+
+
+@dataclass
+class Loaded:
+    """What a fetch's items touch, as stored before it."""
+
+    redirect: dict[str, str] = field(default_factory=dict)
+    """Folded profile id -> the profile it was folded into."""
+    known: set[str] = field(default_factory=set)
+    """Live profile ids that have a row (folded ones excluded)."""
+    rows: dict[str, dict[tuple[str, str], AttributeValue]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    identities: dict[str, set[IdentityKey]] = field(default_factory=lambda: defaultdict(set))
+    anchored: dict[str, list[StoredEvent]] = field(default_factory=lambda: defaultdict(list))
+    """Anchor key -> stored events anchored on it (for the keys that move in the fetch)."""
+    events: dict[str, StoredEvent] = field(default_factory=dict)
+    """Record id -> stored event, for the events a privacy delete reaches."""
+    carried: dict[str, list[tuple[str, str, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    """Person key -> (record id, "event" or "profile", profile id it was put on) of the
+    stored records that carry it without being anchored on it."""
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Deleted profile id -> table -> stored rows (for the privacy report)."""
+
+
+class _Event:
+    """An event the fetch inserts, moves or removes: where it started, where it is now."""
+
+    __slots__ = ("anchor", "event", "gone", "keys", "loc", "new", "start")
+
+    def __init__(
+        self,
+        event: ExperienceEvent,
+        loc: str,
+        anchor: str | None,
+        *,
+        new: bool,
+        keys: list[str] | None = None,
+    ) -> None:
+        self.event = event
+        self.loc = loc
+        self.start = loc
+        self.anchor = anchor
+        self.new = new
+        self.keys = keys or []
+        self.gone = False
+
+
+class ProfileStep:
+    """Apply one fetch's items. `tx`, `out`, `reports` and `probes` are the outcome."""
+
+    def __init__(
+        self,
+        loaded: Loaded,
+        *,
+        policy: MergePolicy,
+        others: Sequence[MergePolicy],
+        partitions: int,
+        now: float | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.policy = policy
+        self.others = list(others)
+        self.partitions = partitions
+        self.now = time.time() if now is None else now
+        self.tx = Tx()
+        self.out: PartitionedOutput[ChangeItem] = PartitionedOutput(
+            subjects.changes, _encode_changes, partitions
+        )
+        self.reports: list[PrivacyReport] = []
+        self.probes: list[Probe] = []
+        self.redirect = dict(loaded.redirect)
+        self.live = set(loaded.known)
+        self.created: dict[str, float] = {}
+        self.rows = loaded.rows
+        self.identities = loaded.identities
+        self.before = {
+            pid: _flat_values(merge_flat(rows.values(), policy)) for pid, rows in self.rows.items()
+        }
+        self.touched: dict[str, list[str]] = {}
+        """Profile -> the record ids this fetch gave it."""
+        self.holder: dict[IdentityKey, str | None] = {}
+        """Identities whose profile changed in this fetch -> the profile (None: dropped)."""
+        self.dropped_rows: set[tuple[str, str, str]] = set()
+        self.folded: dict[str, str] = {}
+        self.absorbed: dict[str, list[str]] = defaultdict(list)
+        """Survivor -> the profiles folded into it by this fetch."""
+        self.deleted: set[str] = set()
+        self.events: dict[str, _Event] = {}
+        """Record id -> the events this fetch inserts or may move or remove."""
+        self.by_anchor: dict[str, list[_Event]] = defaultdict(list)
+        self.carried: list[tuple[str, str, str, str]] = []
+        """(person key, record id, profile id, kind) of this fetch's records."""
+        for stored in (*loaded.events.values(), *(e for v in loaded.anchored.values() for e in v)):
+            rid = stored.event.record_id
+            if rid in self.events:
+                continue
+            ev = _Event(stored.event, self.resolve(stored.profile_id), stored.anchor, new=False)
+            self.events[rid] = ev
+            if stored.anchor is not None:
+                self.by_anchor[stored.anchor].append(ev)
+
+    # -- helpers -------------------------------------------------------------------------
+    def resolve(self, profile_id: str) -> str:
+        seen = 0
+        while profile_id in self.redirect and seen < 64:
+            profile_id = self.redirect[profile_id]
+            seen += 1
+        return profile_id
+
+    def _part(self, profile_id: str) -> int:
+        return subjects.partition_of(profile_id, self.partitions)
+
+    def _touch(self, pid: str) -> list[str]:
+        return self.touched.setdefault(pid, [])
+
+    def _ensure(self, pid: str, at: float) -> None:
+        if pid not in self.live:
+            self.live.add(pid)
+            self.created.setdefault(pid, at)
+
+    # -- the step ------------------------------------------------------------------------
+    def apply(self, items: Iterable[ProfileItem]) -> None:
+        for item in items:
+            match item:
+                case Fragment():
+                    self._fragment(item)
+                case Merged():
+                    self._merge(item)
+                case Reassigned():
+                    self._reassign(item)
+                case Deleted():
+                    self._delete(item)
+                case Probe():
+                    self.probes.append(item)
+        self._finish()
+
+    def _fragment(self, item: Fragment) -> None:
+        r = item.record
+        pid = self.resolve(item.profile_id)
+        if pid in self.deleted:  # never in order; a deleted profile does not come back
+            return
+        self._ensure(pid, r.ingested_at)
+        held = self.identities[pid]
+        for ident in r.identities:
+            pair = (ident.namespace, ident.value)
+            if pair not in held:
+                held.add(pair)
+                self.holder[pair] = pid
+        self._touch(pid).append(r.record_id)
+        kind = "event" if r.record_class == "event" else "profile"
+        self.carried += [(person, r.record_id, pid, kind) for person in item.persons]
+        if r.record_class == "event":
+            ev = _Event(
+                ExperienceEvent(
+                    record_id=r.record_id,
+                    dataset=r.dataset,
+                    event_type=r.event_type,
+                    timestamp=r.timestamp if r.timestamp is not None else r.ingested_at,
+                    payload=r.payload,
+                ),
+                pid,
+                item.anchor,
+                new=True,
+                keys=[f"{i.namespace}:{i.value}" for i in r.identities],
+            )
+            self.events[r.record_id] = ev
+            if item.anchor is not None:
+                self.by_anchor[item.anchor].append(ev)
+            return
+        rows = self.rows[pid]
+        for row in fragment_updates(rows, r.dataset, r.payload, record_time(r), r.record_id):
+            rows[(row.dataset, row.path)] = row
+            self.dropped_rows.discard((pid, row.dataset, row.path))
+
+    def _merge(self, item: Merged) -> None:
+        survivor = self.resolve(item.profile_id)
+        folded_now: list[str] = []
+        for raw in item.folded:
+            folded = self.resolve(raw)
+            if folded == survivor or folded in self.deleted:
+                continue
+            folded_now.append(folded)
+            self._ensure(survivor, item.at)
+            merged = fold_rows(
+                [*self.rows.get(survivor, {}).values(), *self.rows.pop(folded, {}).values()]
+            )
+            self.rows[survivor] = dict(merged)
+            self.dropped_rows = {d for d in self.dropped_rows if d[0] != folded}
+            for pair in self.identities.pop(folded, set()):
+                self.identities[survivor].add(pair)
+                self.holder[pair] = survivor
+            self.redirect[folded] = survivor
+            self.folded[folded] = survivor
+            self.live.discard(folded)
+            self.before.pop(folded, None)
+            # What the folded profile received in this fetch reaches segmentation on the
+            # survivor: its records and events are the survivor's now.
+            self._touch(survivor).extend(self.touched.pop(folded, []))
+            self.absorbed[survivor] += [folded, *self.absorbed.pop(folded, [])]
+            self.tx.add(MOVE_EVENTS, (survivor, folded))
+        if folded_now:
+            parts = [self._part(f) for f in folded_now]
+            self.out.add_across(
+                parts[0],
+                [self._part(survivor), *parts],
+                ProfileMerged(survivor, folded_now, item.at),
+            )
+
+    def _reassign(self, item: Reassigned) -> None:
+        source = self.resolve(item.profile_id)
+        moved = {(i.namespace, i.value) for i in item.identities}
+        self.identities[source] -= moved
+        self._touch(source)
+        if item.to_profile is None:  # dropped by the size limit: their events stay
+            for pair in moved:
+                self.holder[pair] = None
+                key = key_text(pair)
+                for ev in self.by_anchor.pop(key, []):
+                    ev.anchor = None
+                self.tx.add(PIN_EVENTS, (key,))
+            return
+        target = self.resolve(item.to_profile)
+        self._ensure(target, item.at)
+        self._touch(target)
+        for pair in moved:
+            self.identities[target].add(pair)
+            self.holder[pair] = target
+            key = key_text(pair)
+            for ev in self.by_anchor.get(key, ()):
+                ev.loc = target
+            self.tx.add(MOVE_EVENTS_BY_ANCHOR, (target, key))
+
+    def _delete(self, item: Deleted) -> None:
+        pids = sorted({self.resolve(p) for p in item.profile_ids})
+        gone_pids = set(pids)
+        counts: dict[str, int] = defaultdict(int)
+        for pid in pids:
+            for table, n in self.loaded.counts.get(pid, {}).items():
+                counts[table] += n
+        persons = set(item.person_keys)
+        # Records that carry one of the person's identities, wherever they sit: stored
+        # ones (`carried`) and this fetch's, before this point.
+        swept: set[str] = set()
+        swept_rows: set[tuple[str, str]] = set()  # (profile, record id) of profile records
+        for key in persons:
+            for rid, kind, pid in self.loaded.carried.get(key, ()):
+                if kind == "event":
+                    swept.add(rid)
+                else:
+                    swept_rows.add((self.resolve(pid), rid))
+        for key, rid, pid, kind in self.carried:
+            if key in persons:
+                if kind == "event":
+                    swept.add(rid)
+                else:
+                    swept_rows.add((self.resolve(pid), rid))
+        for rid, ev in self.events.items():
+            if ev.gone:
+                continue
+            where = self.resolve(ev.loc)
+            if where in gone_pids:
+                ev.gone = True
+            elif rid in swept:
+                ev.gone = True
+                counts["events"] += 1
+        for pid, rid in swept_rows:
+            if pid in gone_pids:
+                continue
+            rows = self.rows.get(pid, {})
+            for k, row in list(rows.items()):
+                if row.record_id == rid:
+                    del rows[k]
+                    self.dropped_rows.add((pid, row.dataset, row.path))
+                    counts["attributes"] += 1
+                    self._touch(pid)
+        for pid in pids:
+            for pair in self.identities.pop(pid, set()):
+                self.holder[pair] = None
+            self.rows.pop(pid, None)
+            self.touched.pop(pid, None)
+            self.before.pop(pid, None)
+            self.live.discard(pid)
+            self.deleted.add(pid)
+        self.dropped_rows = {d for d in self.dropped_rows if d[0] not in gone_pids}
+        self.carried = [c for c in self.carried if c[1] not in swept and c[0] not in persons]
+        # Stored data, in order.
+        plist = _json_list(pids)
+        for table in ("attributes", "events", "identities", "memberships", "carried"):
+            self.tx.add(
+                f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
+                (plist,),
+            )
+        self.tx.add_many(DELETE_EVENT, [(rid,) for rid in sorted(swept)])
+        self.tx.add_many(DELETE_CARRIED, [(k,) for k in sorted(persons)])
+        self.tx.add(
+            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?)) "
+            "OR folded_into IN (SELECT value FROM json_each(?))",
+            (plist, plist),
+        )
+        part = self._part(pids[0]) if pids else 0
+        self.out.add_across(part, range(self.partitions), ProfileDeleted(pids, item.request))
+        self.reports.append(
+            PrivacyReport(
+                request_id=item.request.request_id,
+                service="profile",
+                identity=item.request.identity,
+                profile_ids=pids,
+                removed=dict(counts),
+                at=self.now,
+            )
+        )
+
+    # -- the end of the fetch ----------------------------------------------------------
+    def _finish(self) -> None:
+        tx = self.tx
+        now = self.now
+        # Where each event ends: new ones are inserted there; stored ones that moved or
+        # went reach segmentation as removed from where it has them, added where they are.
+        added: dict[str, list[ExperienceEvent]] = defaultdict(list)
+        removed: dict[str, list[str]] = defaultdict(list)
+        new_rows = []
+        for ev in self.events.values():
+            start, end = self.resolve(ev.start), self.resolve(ev.loc)
+            if ev.new:
+                if ev.gone or end in self.deleted:
+                    continue
+                e = ev.event
+                new_rows.append(
+                    (
+                        e.record_id,
+                        end,
+                        e.dataset,
+                        e.event_type,
+                        e.timestamp,
+                        _keys_encoder.encode(ev.keys),
+                        msgpack_encoder.encode(e.payload),
+                        ev.anchor,
+                    )
+                )
+                added[end].append(e)
+                self._touch(end)
+                continue
+            if ev.gone:
+                if start not in self.deleted:
+                    removed[start].append(ev.event.record_id)
+                    self._touch(start)
+                continue
+            if start == end or end in self.deleted:
+                continue
+            added[end].append(ev.event)
+            self._touch(end)
+            if start not in self.deleted:
+                removed[start].append(ev.event.record_id)
+                self._touch(start)
+        # The new state, once per table.
+        tx.add_many(DELETE_ATTRIBUTES, [(f,) for f in self.folded])
+        tx.add_many(DELETE_MEMBERSHIPS, [(f,) for f in self.folded])  # segmentation re-evaluates
+        tx.add_many(FOLD_PROFILE, [(self.resolve(f), f) for f in self.folded])
+        live_touched = [pid for pid in self.touched if pid in self.live]
+        tx.add_many(
+            UPSERT_PROFILE, [(pid, self.created.get(pid, now), now) for pid in live_touched]
+        )
+        tx.add_many(DELETE_ATTRIBUTE, sorted(d for d in self.dropped_rows if d[0] in self.live))
+        tx.add_many(
+            UPSERT_ATTRIBUTE,
+            [
+                (
+                    pid,
+                    row.dataset,
+                    row.path,
+                    msgpack_encoder.encode(row.value),
+                    row.ts,
+                    row.record_id,
+                )
+                for pid in live_touched
+                for row in self.rows.get(pid, {}).values()
+            ],
+        )
+        drops: list[IdentityKey] = []
+        upserts: list[tuple[str, str, str]] = []
+        for pair, pid in self.holder.items():
+            final = self.resolve(pid) if pid is not None else None
+            if final is None or final in self.deleted:
+                drops.append(pair)
+            else:
+                upserts.append((pair[0], pair[1], final))
+        tx.add_many(DELETE_IDENTITY, drops)
+        tx.add_many(UPSERT_IDENTITY, upserts)
+        tx.add_many(INSERT_EVENT, new_rows)
+        tx.add_many(
+            INSERT_CARRIED,
+            [
+                (key, rid, self.resolve(pid), kind)
+                for key, rid, pid, kind in self.carried
+                if self.resolve(pid) not in self.deleted
+            ],
+        )
+        tx.add_many(CAP_EVENTS, [(pid, MAX_EVENTS_PER_PROFILE) for pid in added])
+        # What segmentation needs: one change per live profile touched, then the probes.
+        for pid in live_touched:
+            rows = self.rows.get(pid, {})
+            after = _flat_values(merge_flat(rows.values(), self.policy))
+            self.out.add(
+                self._part(pid),
+                ProfileChanged(
+                    pid,
+                    self.touched[pid],
+                    now,
+                    attributes=unflatten(after),
+                    changed=changed_paths(self.before.get(pid, {}), after),
+                    events=sorted(added.get(pid, []), key=lambda e: (e.timestamp, e.record_id)),
+                    identities=[Identity(ns, v) for ns, v in sorted(self.identities.get(pid, ()))],
+                    views={
+                        p.name: unflatten(_flat_values(merge_flat(rows.values(), p)))
+                        for p in self.others
+                        if rows
+                    },
+                    folded=self.absorbed.get(pid, []),
+                    removed_events=sorted(set(removed.get(pid, []))),
+                ),
+            )
+        for probe in self.probes:
+            self.out.add(probe.partition % self.partitions, probe)
+
+
+def _flat_values(flat: dict[str, tuple[Any, AttributeValue]]) -> dict[str, Any]:
+    return {path: value for path, (value, _) in flat.items()}
