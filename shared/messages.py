@@ -89,6 +89,9 @@ class Fragment(msgspec.Struct, tag="fragment"):
     persons: list[str] = []
     """The record's other person identities (keys): a privacy delete of whoever holds one
     of them removes the record too, wherever it sits."""
+    unlinked: list[str] = []
+    """The record's identity keys that are not in this profile's graph (a link the rules
+    refused): the record carries them, the profile does not hold them."""
 
 
 class Merged(msgspec.Struct, tag="merged"):

@@ -20,7 +20,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import msgspec
@@ -78,6 +78,11 @@ def _max_age() -> float:
 class DestinationService(Service):
     name = "destination"
     migrations = MIGRATIONS
+    listings: ClassVar[dict[str, str]] = {
+        "profiles": "SELECT rowid, profile_id FROM profiles WHERE rowid > ? ORDER BY rowid LIMIT ?",
+        "members": "SELECT rowid, profile_id, segment FROM memberships WHERE status IN "
+        "('realized', 'existing') AND rowid > ? ORDER BY rowid LIMIT ?",
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

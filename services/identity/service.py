@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from nats.aio.subscription import Subscription
@@ -132,6 +132,9 @@ def _encode_items(items: list[ProfileItem]) -> bytes:
 class IdentityService(Service):
     name = "identity"
     migrations = MIGRATIONS
+    listings: ClassVar[dict[str, str]] = {
+        "nodes": "SELECT rowid, key, profile_id FROM nodes WHERE rowid > ? ORDER BY rowid LIMIT ?",
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -230,9 +233,16 @@ class IdentityService(Service):
                     )
                     continue
                 anchor, persons = self.graph.anchor_of(record.identities)
+                normalised = self._normalised(record)
+                unlinked = [
+                    key
+                    for i in normalised.identities
+                    if (node := ws.nodes.get(key := f"{i.namespace}:{i.value}")) is None
+                    or node.profile_id != profile_id
+                ]
                 out.add(
                     self._part(profile_id),
-                    Fragment(profile_id, self._normalised(record), anchor, persons),
+                    Fragment(profile_id, normalised, anchor, persons, unlinked),
                 )
             for req in m.deletes:
                 self._delete(ws, fx, req, out, batch)

@@ -28,11 +28,14 @@ _NAMESPACES = {n.symbol: n for n in BUILTIN_NAMESPACES}
 
 
 class ProfileLookup(msgspec.Struct):
-    identity: str
+    identity: str = ""
     """`<namespace>:<value>`"""
     merge_policy: str | None = None
     events: int = 20
     """How many of the most recent events to include."""
+    profile_id: str | None = None
+    """Look up by profile id instead of an identity. A profile folded into another by a
+    merge answers with the profile it was folded into."""
 
 
 class Membership(msgspec.Struct):
@@ -89,7 +92,12 @@ class ProfileLookups:
         try:
             events = int(request.query.get("events", "20"))
             view = await self.lookup(
-                ProfileLookup(identity, request.query.get("merge_policy"), events)
+                ProfileLookup(
+                    identity,
+                    request.query.get("merge_policy"),
+                    events,
+                    profile_id=request.query.get("profile_id"),
+                )
             )
         except ValueError:
             return web.json_response(
@@ -106,17 +114,42 @@ class ProfileLookups:
         async with write_lock(self.svc.db):
             return await self._lookup(request)
 
+    async def _by_profile_id(self, profile_id: str) -> str:
+        """The live profile a profile id names now: itself, or the one it was folded into."""
+        db = self.svc.db
+        pid = profile_id
+        for _ in range(64):
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT folded_into FROM profiles WHERE profile_id = ?", (pid,)
+                )
+            )
+            if not rows:
+                raise AdminFailure("not_found", f"no profile {profile_id!r}", field="profile_id")
+            into = rows[0][0]
+            if into is None:
+                return pid
+            pid = str(into)
+        raise AdminFailure("not_found", f"no live profile for {profile_id!r}", field="profile_id")
+
     async def _lookup(self, request: ProfileLookup) -> ProfileView:
-        namespace, sep, raw = request.identity.partition(":")
+        if request.profile_id is not None:
+            pid = await self._by_profile_id(request.profile_id)
+        else:
+            pid = await self._by_identity(request.identity)
+        return await self._view(pid, request)
+
+    async def _by_identity(self, identity: str) -> str:
+        namespace, sep, raw = identity.partition(":")
         if not sep or not namespace or not raw:
             raise AdminFailure(
                 "invalid",
-                f"expected <namespace>:<value>, got {request.identity!r}",
+                f"expected <namespace>:<value>, got {identity!r}",
                 field="identity",
             )
         value = normalize(_NAMESPACES.get(namespace), namespace, raw)
         if value is None:
-            raise AdminFailure("not_found", f"{request.identity} is not a usable identity value")
+            raise AdminFailure("not_found", f"{identity} is not a usable identity value")
         db = self.svc.db
         rows = await db.execute_fetchall(
             "SELECT profile_id FROM identities WHERE namespace = ? AND value = ?",
@@ -125,7 +158,10 @@ class ProfileLookups:
         found = [str(r[0]) for r in rows]
         if not found:
             raise AdminFailure("not_found", f"no profile holds {namespace}:{raw}")
-        pid = found[0]
+        return found[0]
+
+    async def _view(self, pid: str, request: ProfileLookup) -> ProfileView:
+        db = self.svc.db
         policies = self.svc.policies
         if request.merge_policy is not None:
             policy = policies.get(request.merge_policy)

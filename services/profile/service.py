@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -53,6 +53,16 @@ def _json_list(values: Iterable[str]) -> bytes:
 class ProfileService(Service):
     name = "profile"
     migrations = MIGRATIONS
+    listings: ClassVar[dict[str, str]] = {
+        "profiles": "SELECT rowid, profile_id FROM profiles WHERE folded_into IS NULL "
+        "AND rowid > ? ORDER BY rowid LIMIT ?",
+        "identities": "SELECT rowid, namespace || ':' || value, profile_id FROM identities "
+        "WHERE rowid > ? ORDER BY rowid LIMIT ?",
+        "events": "SELECT rowid, record_id, profile_id, anchor FROM events WHERE rowid > ? "
+        "ORDER BY rowid LIMIT ?",
+        "members": "SELECT rowid, profile_id, segment FROM memberships WHERE status IN "
+        "('realized', 'existing') AND rowid > ? ORDER BY rowid LIMIT ?",
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -93,11 +93,6 @@ def key_text(ident: IdentityKey) -> str:
     return f"{ident[0]}:{ident[1]}"
 
 
-def key_pair(text: str) -> IdentityKey:
-    ns, _, value = text.partition(":")
-    return (ns, value)
-
-
 def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
 
@@ -259,9 +254,10 @@ class ProfileStep:
             return
         self._ensure(pid, r.ingested_at)
         held = self.identities[pid]
+        unlinked = set(item.unlinked)
         for ident in r.identities:
             pair = (ident.namespace, ident.value)
-            if pair not in held:
+            if pair not in held and key_text(pair) not in unlinked:
                 held.add(pair)
                 self.holder[pair] = pid
         self._touch(pid).append(r.record_id)

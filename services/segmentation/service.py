@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -137,6 +137,13 @@ class _Writes:
 class SegmentationService(Service):
     name = "segmentation"
     migrations = MIGRATIONS
+    listings: ClassVar[dict[str, str]] = {
+        "profiles": "SELECT rowid, profile_id FROM facts WHERE rowid > ? ORDER BY rowid LIMIT ?",
+        "events": "SELECT rowid, record_id, profile_id, dataset, ts FROM events WHERE rowid > ? "
+        "ORDER BY rowid LIMIT ?",
+        "members": "SELECT rowid, profile_id, segment FROM memberships WHERE status IN "
+        "('realized', 'existing') AND rowid > ? ORDER BY rowid LIMIT ?",
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

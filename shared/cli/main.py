@@ -39,14 +39,20 @@ from shared.admin import (
     JobInfo,
     JobList,
     JobRun,
+    LandedResult,
     ReplayResult,
     SegmentList,
+    ServiceStatus,
+    StatusRequest,
 )
 from shared.cli import people
 from shared.cli.apply import apply_objects, load_file
+from shared.cli.check import CheckReport, wait_landed
+from shared.cli.check import check as run_check
 from shared.cli.client import ClientError, connect
 from shared.cli.ingest import file_format, run_batch
 from shared.cli.up import health_urls, readiness, run_up
+from shared.config import SERVICES
 from shared.log import configure_logging
 from shared.natsd import server_config
 from shared.resources import KINDS, OWNERS, PLURALS
@@ -208,10 +214,18 @@ def get(
 
 # -- batch ingestion --------------------------------------------------------------------------
 @app.command()
-def ingest(
+def ingest(  # noqa: PLR0917 - typer options are declared as parameters
     dataset: Annotated[str, typer.Argument(help="Dataset the file's rows belong to.")],
     file: Annotated[Path, typer.Argument(help="CSV (with a header), JSON Lines or Parquet file.")],
     fmt: Annotated[str | None, typer.Option("--format", help="csv, jsonl or parquet")] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Return only when the batch is reflected in profiles and memberships.",
+        ),
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most.")] = 600.0,
     nats_url: NatsOption = None,
 ) -> None:
     """Ingest a file as one batch: validate every row, then ingest it (or fail it as a whole)."""
@@ -239,11 +253,154 @@ def ingest(
                 )
 
             async with connect(nats_url) as nc:
-                return await run_batch(nc, dataset, file, fmt_, on_progress)
+                info = await run_batch(nc, dataset, file, fmt_, on_progress)
+                if wait and info.status != "failed":
+                    progress.update(task, description="landing")
+                    result = await wait_landed(nc, timeout)
+                    if not result.landed:
+                        raise ClientError(
+                            f"batch {info.batch_id} was ingested but not reflected everywhere "
+                            f"within {timeout:.0f}s: waiting for {', '.join(result.missing[:8])}"
+                        )
+                return info
 
     info = run(go)
     _print_batch_summary(info)
     raise typer.Exit(1 if info.status == "failed" else 0)
+
+
+@app.command()
+def wait(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 600.0,
+    nats_url: NatsOption = None,
+) -> None:
+    """Wait until everything published so far is reflected in profiles and memberships."""
+
+    async def go() -> LandedResult:
+        async with connect(nats_url) as nc:
+            return await wait_landed(nc, timeout)
+
+    result = run(go)
+    if not result.landed:
+        err_console.print(
+            f"[red]not landed[/] within {timeout:.0f}s: waiting for "
+            f"{', '.join(result.missing[:12])}"
+        )
+        raise typer.Exit(1)
+    console.print(f"landed ({result.waited_s:.3f} s, {result.partitions} partitions)")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    nats_url: NatsOption = None,
+) -> None:
+    """Each service's backlog: what its consumers have not applied, its unpublished outbox."""
+
+    async def go() -> list[ServiceStatus | str]:
+        out: list[ServiceStatus | str] = []
+        async with connect(nats_url) as nc:
+            for name in SERVICES:
+                try:
+                    out.append(
+                        await admin.request(
+                            nc,
+                            subjects.admin(name, "status"),
+                            StatusRequest(),
+                            ServiceStatus,
+                            timeout=5.0,
+                        )
+                    )
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    out.append(name)
+        return out
+
+    found = run(go)
+    if as_json:
+        console.print_json(
+            json.dumps(
+                [
+                    msgspec.to_builtins(s)
+                    if isinstance(s, ServiceStatus)
+                    else {"service": s, "ready": False, "reason": "not running"}
+                    for s in found
+                ]
+            )
+        )
+        return
+    table = Table()
+    for col in ("service", "ready", "consumer", "stream", "pending", "in flight", "applied up to"):
+        table.add_column(col)
+    down = False
+    for s in found:
+        if isinstance(s, str):
+            table.add_row(s, "[red]not running[/]", "", "", "", "", "")
+            down = True
+            continue
+        ready = "[green]yes[/]" if s.ready else f"[red]no[/] {s.reason or ''}"
+        extra = []
+        if s.outbox:
+            extra.append(f"outbox {s.outbox}")
+        if s.failed:
+            extra.append(f"{s.failed} failed")
+        name = s.service + (f" ({', '.join(extra)})" if extra else "")
+        if not s.consumers:
+            table.add_row(name, ready, "", "", "", "", "")
+        for i, c in enumerate(s.consumers):
+            table.add_row(
+                name if i == 0 else "",
+                ready if i == 0 else "",
+                c.name,
+                c.stream,
+                str(c.pending),
+                str(c.ack_pending),
+                str(c.offset) if c.error is None else f"[red]{c.error}[/]",
+            )
+    console.print(table)
+    raise typer.Exit(1 if down else 0)
+
+
+@app.command("check")
+def check_cmd(
+    events: Annotated[bool, typer.Option(help="Also check where every event sits.")] = True,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Do not wait for published data to land first.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    nats_url: NatsOption = None,
+) -> None:
+    """Check the platform's invariants across services: live profiles only, identities and
+    events where the identity graph says."""
+
+    async def go() -> CheckReport:
+        async with connect(nats_url) as nc:
+            if not no_wait:
+                result = await wait_landed(nc, 600.0)
+                if not result.landed:
+                    raise ClientError(
+                        "published data has not landed; check it with --no-wait, or later"
+                    )
+            return await run_check(nc, events=events)
+
+    report = run(go)
+    if as_json:
+        console.print_json(json.dumps(msgspec.to_builtins(report)))
+    else:
+        table = Table(title="what was checked")
+        table.add_column("state")
+        table.add_column("rows", justify="right")
+        for what, n in report.counts.items():
+            table.add_row(what, str(n))
+        console.print(table)
+        if report.ok:
+            console.print("[green]no violation[/]")
+        else:
+            console.print(
+                f"[red]{report.total} violation(s)[/], the first {len(report.violations)}:"
+            )
+            for v in report.violations:
+                console.print(f"  {v}")
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def _print_batch_summary(info: BatchInfo) -> None:
@@ -606,7 +763,10 @@ def identity(
 
 @app.command()
 def profile(
-    identity: Annotated[str, typer.Argument(help="<namespace>:<value>")],
+    identity: Annotated[str, typer.Argument(help="<namespace>:<value>, or a profile id with --id")],
+    by_id: Annotated[
+        bool, typer.Option("--id", help="IDENTITY is a profile id (a folded one is followed).")
+    ] = False,
     merge_policy: Annotated[str | None, typer.Option(help="A configured merge policy.")] = None,
     events: Annotated[int, typer.Option(help="How many recent events to show.")] = 20,
     nats_url: NatsOption = None,
@@ -615,6 +775,8 @@ def profile(
 
     async def go() -> dict[str, Any]:
         async with connect(nats_url) as nc:
+            if by_id:
+                return await people.profile(nc, "", merge_policy, events, profile_id=identity)
             return await people.profile(nc, identity, merge_policy, events)
 
     console.print_json(data=run(go))

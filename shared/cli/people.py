@@ -24,10 +24,11 @@ class IdentityQuery(msgspec.Struct):
     identity: str
 
 
-class ProfileQuery(msgspec.Struct):
-    identity: str
+class ProfileQuery(msgspec.Struct, omit_defaults=True):
+    identity: str = ""
     merge_policy: str | None = None
     events: int = 20
+    profile_id: str | None = None
 
 
 def parse_identity(text: str) -> Identity:
@@ -55,12 +56,19 @@ async def identity_graph(nc: Client, identity: str) -> dict[str, Any]:
 
 
 async def profile(
-    nc: Client, identity: str, merge_policy: str | None, events: int
+    nc: Client,
+    identity: str,
+    merge_policy: str | None,
+    events: int,
+    *,
+    profile_id: str | None = None,
 ) -> dict[str, Any]:
-    parse_identity(identity)
-    result: dict[str, Any] = await _request(
-        nc, subjects.PROFILE_LOOKUP, ProfileQuery(identity, merge_policy, events), "profile"
-    )
+    """The unified profile holding `identity`, or the one `profile_id` names (a profile
+    folded into another by a merge answers with that one)."""
+    if profile_id is None:
+        parse_identity(identity)
+    query = ProfileQuery(identity, merge_policy, events, profile_id)
+    result: dict[str, Any] = await _request(nc, subjects.PROFILE_LOOKUP, query, "profile")
     return result
 
 

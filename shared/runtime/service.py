@@ -29,6 +29,7 @@ from shared.config import Settings, load_settings
 from shared.db import Migration, open_db
 from shared.errors import StartupError
 from shared.health import HealthServer
+from shared.listing import serve_listings
 from shared.log import configure_logging
 from shared.metrics import ServiceMetrics
 from shared.runtime.actor import (
@@ -52,6 +53,8 @@ class Service:
     name: ClassVar[str] = "service"
     migrations: ClassVar[tuple[Migration, ...]] = ()
     streams: ClassVar[tuple[StreamSpec, ...]] = ALL_STREAMS
+    listings: ClassVar[dict[str, str]] = {}
+    """Named listings of the service's state for `cdp check` (see shared.listing)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -70,6 +73,7 @@ class Service:
         self._stopped = asyncio.Event()
         self._fatal: asyncio.Event = asyncio.Event()
         self._status_sub: Subscription | None = None
+        self._listing_sub: Subscription | None = None
         self.exit_code = 0
 
     # -- what subclasses provide ----------------------------------------------------
@@ -149,6 +153,8 @@ class Service:
         self._status_sub = await admin.serve(
             self._nc, subjects.admin(self.name, "status"), admin.StatusRequest, self.status
         )
+        if self.listings:
+            self._listing_sub = await serve_listings(self._nc, self.name, self._db, self.listings)
         self._phase = "ready"
         self._ready = True
         self.log.info("ready", port=self.health.port, db=str(s.db_path))
@@ -211,9 +217,9 @@ class Service:
         try:
             for runner in self.runners:
                 await runner.stop()
-            if self._status_sub is not None:
-                await admin.unsubscribe_all([self._status_sub])
-                self._status_sub = None
+            subs = [x for x in (self._status_sub, self._listing_sub) if x is not None]
+            self._status_sub = self._listing_sub = None
+            await admin.unsubscribe_all(subs)
             await self.on_stop()
             nc, self._nc = self._nc, None
             if nc is not None and not nc.is_closed:
