@@ -8,23 +8,30 @@ events and its segment memberships. It is the executable specification of the ru
 identity, profile, privacy delete and segmentation for these shapes, written from the rules
 and not from the services' code, which it does not import.
 
+- `journeys(prefix, now)`: a hypothesis strategy of small journeys (2 to 4 people);
+  `big_journey(prefix, now, people, seed)`: a large one, deterministic.
 - `model(journey)`, `coverage(journey)`, `differences(expected, actual)`.
 - `runs(journey)`: the steps grouped for delivery as batch files.
 
-Every identity value and stable id of a journey starts with its prefix, so that journeys can
-share one platform.
+Every identity value and stable id of a journey starts with its prefix (emails with the
+prefix lower-cased), so that journeys can share one platform. Phone numbers cannot carry it:
+each is derived from a hash of the prefix and the person (see `phone_of`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
+import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
+from hypothesis import strategies as st
 
 DAY = 86400
 HOUR = 3600
@@ -665,3 +672,448 @@ def journey_identities(journey: Journey) -> frozenset[str]:
         else:
             keys.update(record_keys(step.dataset, step.payload))
     return frozenset(keys)
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+_AREA_CODES = (
+    201, 202, 203, 205, 206, 207, 208, 209, 210, 212, 213, 214, 215, 216, 217, 218, 219, 224,
+    225, 228, 229, 231, 234, 239, 240, 248, 251, 252, 253, 254, 256, 260, 262, 267, 269, 270,
+    276, 281, 301, 302, 303, 304, 305, 307, 308, 309, 310, 312, 313, 314, 315, 316, 317, 318,
+    319, 320, 321, 323, 330, 334, 336, 337, 339, 347, 351, 352, 360, 361, 386, 401, 402, 404,
+    405, 406, 407, 408, 409, 410, 412, 413, 414, 415, 417, 419, 423, 425, 430, 432, 434, 435,
+    440, 443, 469, 478, 479, 480, 484, 501, 502, 503, 504, 505, 507, 508, 509, 510, 512, 513,
+    515, 516, 517, 518, 520, 530, 540, 541, 559, 561, 562, 563, 567, 570, 571, 573, 574, 580,
+    585, 586, 601, 602, 603, 605, 606, 607, 608, 609, 610, 612, 614, 615, 616, 617, 618, 619,
+    620, 623, 626, 630, 631, 636, 641, 646, 650, 651, 660, 661, 662, 678, 682, 701, 702, 703,
+    704, 706, 707, 708, 712, 713, 714, 715, 716, 717, 718, 719, 720, 724, 727, 731, 732, 734,
+    740, 754, 757, 760, 763, 765, 770, 772, 773, 774, 775, 781, 785, 786, 801, 802, 803, 804,
+    805, 806, 808, 810, 812, 813, 814, 815, 816, 817, 818, 828, 830, 831, 832, 843, 845, 847,
+    848, 850, 856, 857, 858, 859, 860, 862, 863, 864, 865, 870, 901, 903, 904, 906, 907, 908,
+    909, 910, 912, 913, 914, 915, 916, 917, 918, 919, 920, 925, 928, 931, 936, 937, 940, 941,
+    947, 949, 951, 952, 954, 956, 970, 971, 972, 973, 978, 979, 980, 985, 989,
+)  # fmt: skip
+"""US area codes in service."""
+
+
+def email_of(prefix: str, person: int) -> str:
+    return f"{prefix}p{person}@example.com".lower()
+
+
+def crm_of(prefix: str, person: int) -> str:
+    return f"{prefix}C{person}"
+
+
+def phone_of(prefix: str, person: int) -> str:
+    """A valid US number in E.164 for a person of the journeys of `prefix`: +1, an area code in
+    service, an exchange 200-999 (not N11, not 555) and a line, all from a hash of the prefix
+    and the person, so that journeys of different prefixes (almost surely) never share one."""
+    n = int.from_bytes(hashlib.sha256(f"{prefix}\x00{person}".encode()).digest()[:8], "big")
+    n, area = divmod(n, len(_AREA_CODES))
+    n, exchange = divmod(n, 800)
+    exchange += 200
+    if exchange % 100 == 11 or exchange == 555:
+        exchange += 1
+    line = n % 10000
+    return f"+1{_AREA_CODES[area]}{exchange}{line:04d}"
+
+
+class _Chooser(Protocol):
+    def integer(self, lo: int, hi: int) -> int: ...
+
+    def chance(self, percent: int) -> bool: ...
+
+    def shuffle(self, items: list[Any]) -> None: ...
+
+
+class _RandomChooser:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.rng.randint(lo, hi)
+
+    def chance(self, percent: int) -> bool:
+        return self.rng.randrange(100) < percent
+
+    def shuffle(self, items: list[Any]) -> None:
+        self.rng.shuffle(items)
+
+
+class _DrawChooser:
+    """Choices drawn by hypothesis, so that they shrink: to the low end of ranges, to no for
+    chances and to the planned order for shuffles."""
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.draw(st.integers(lo, hi))
+
+    def chance(self, percent: int) -> bool:
+        return self.draw(st.integers(0, 99)) >= 100 - percent
+
+    def shuffle(self, items: list[Any]) -> None:
+        rest = items[:]
+        items.clear()
+        while rest:
+            items.append(rest.pop(self.integer(0, len(rest) - 1)))
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Ranges and chances (percent) of a generated journey."""
+
+    pageviews: int
+    """Most anonymous page views per cookie."""
+    logins: int
+    """Most logins of a person on one cookie."""
+    orders: int
+    """Most orders per loyalty card."""
+    second_cookie: int
+    anonymous_cookie: int
+    """A person's cookie that never logs in."""
+    phone: int
+    crm: int
+    second_crm_row: int
+    late_crm_row: int
+    loyalty: int
+    second_loyalty_row: int
+    late_loyalty_row: int
+    reissued_card: int
+    transferred_card: int
+    household: int
+    """A person shares a cookie with the next person ..."""
+    trio: int
+    """... and with the one after too."""
+    odd_email: int
+    """A login's email upper-cased or space-padded."""
+    visitor: int
+    """Anonymous visitors: per person in a big journey, once in a small one."""
+    delete: int
+    max_steps: int
+
+
+_SMALL = _Sizes(
+    pageviews=2,
+    logins=1,
+    orders=2,
+    second_cookie=25,
+    anonymous_cookie=20,
+    phone=30,
+    crm=85,
+    second_crm_row=30,
+    late_crm_row=20,
+    loyalty=45,
+    second_loyalty_row=25,
+    late_loyalty_row=15,
+    reissued_card=10,
+    transferred_card=10,
+    household=40,
+    trio=40,
+    odd_email=15,
+    visitor=25,
+    delete=12,
+    max_steps=30,
+)
+_BIG = _Sizes(
+    pageviews=5,
+    logins=2,
+    orders=3,
+    second_cookie=35,
+    anonymous_cookie=15,
+    phone=30,
+    crm=88,
+    second_crm_row=30,
+    late_crm_row=8,
+    loyalty=45,
+    second_loyalty_row=25,
+    late_loyalty_row=5,
+    reissued_card=3,
+    transferred_card=2,
+    household=10,
+    trio=15,
+    odd_email=5,
+    visitor=5,
+    delete=2,
+    max_steps=1_000_000,
+)
+
+_FIRST = ("Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kai")
+_LAST = ("Smith", "Okafor", "Garcia", "Chen", "Novak", "Patel", "Rossi", "Berg", "Kim", "Diaz")
+_TIERS = ("bronze", "silver", "gold", "platinum")
+
+
+# The plan of a journey: steps before their order is drawn. Record times (updated_at) and
+# event ids are given once the order is known.
+@dataclass(frozen=True)
+class _CrmRow:
+    person: int
+    phone: str | None
+    first: str
+    last: str
+    consent: str
+    late: bool
+
+
+@dataclass(frozen=True)
+class _LoyaltyRow:
+    card: str
+    person: int
+    """Whose crm_id the row names."""
+    tier: str
+    points: int
+    late: bool
+
+
+@dataclass(frozen=True)
+class _Visit:
+    cookie: str
+    login: str | None
+    """The email as the login form sent it; None: an anonymous page view."""
+    age: int
+
+
+@dataclass(frozen=True)
+class _Order:
+    card: str
+    age: int
+    cents: int
+
+
+@dataclass(frozen=True)
+class _Delete:
+    identity: str
+
+
+_Planned = _CrmRow | _LoyaltyRow | _Visit | _Order | _Delete
+
+_BLOCK = 100_000
+"""updated_at = start + (base + logical) * _BLOCK + serial: rows of one (dataset, crm_id) are
+ordered by their logical clock, and the serial (unique, < _BLOCK) makes all times distinct."""
+
+
+class _Planner:
+    def __init__(self, c: _Chooser, prefix: str, sizes: _Sizes) -> None:
+        self.c = c
+        self.prefix = prefix
+        self.sizes = sizes
+        self.items: list[_Planned] = []
+        self.cookies = itertools.count(1)
+        self.cards: dict[int, str] = {}
+
+    def age(self) -> int:
+        """Seconds before now: a few hours, 3 to 5 days, or 40 to 60 days; never within an
+        hour of a segment window's edge (1, 7 and 30 days) nor in the future."""
+        band = self.c.integer(0, 99)
+        if band < 45:
+            return self.c.integer(10 * 60, 6 * HOUR)
+        if band < 75:
+            return self.c.integer(3 * DAY, 5 * DAY)
+        return self.c.integer(40 * DAY, 60 * DAY)
+
+    def login_email(self, person: int) -> str:
+        email = email_of(self.prefix, person)
+        if not self.c.chance(self.sizes.odd_email):
+            return email
+        return (email.upper(), f"  {email} ", f" {email.upper()}")[self.c.integer(0, 2)]
+
+    def cookie(self) -> str:
+        return f"{self.prefix}k{next(self.cookies)}"
+
+    def visits(self, cookie: str, users: list[int], anonymous: int) -> None:
+        for person in users:
+            for _ in range(self.c.integer(1, self.sizes.logins)):
+                self.items.append(_Visit(cookie, self.login_email(person), self.age()))
+        for _ in range(anonymous):
+            self.items.append(_Visit(cookie, None, self.age()))
+
+    def crm_row(self, person: int, phone: str | None, late: bool) -> _CrmRow:
+        return _CrmRow(
+            person,
+            phone if phone is not None and self.c.chance(85) else None,
+            _FIRST[person % len(_FIRST)],
+            _LAST[(person // len(_FIRST) + self.c.integer(0, 1)) % len(_LAST)],
+            "y" if self.c.chance(50) else "n",
+            late,
+        )
+
+    def loyalty_row(self, card: str, person: int, late: bool = False) -> _LoyaltyRow:
+        return _LoyaltyRow(
+            card, person, _TIERS[self.c.integer(0, 3)], self.c.integer(0, 5000), late
+        )
+
+    def orders(self, card: str, most: int) -> None:
+        for _ in range(self.c.integer(0, most)):
+            self.items.append(_Order(card, self.age(), self.c.integer(100, 50_000)))
+
+    def person(self, i: int) -> bool:
+        """Plan person i's own records; return whether they have a CRM row."""
+        s, c, p = self.sizes, self.c, self.prefix
+        has_crm = c.chance(s.crm)
+        if has_crm:
+            phone = phone_of(p, i) if c.chance(s.phone) else None
+            self.items.append(self.crm_row(i, phone, late=False))
+            if c.chance(s.second_crm_row):
+                self.items.append(self.crm_row(i, phone, late=False))
+            if c.chance(s.late_crm_row):
+                self.items.append(self.crm_row(i, phone, late=True))
+            if c.chance(s.loyalty):
+                card = self.cards[i] = f"{p}L{i}"
+                self.items.append(self.loyalty_row(card, i))
+                if c.chance(s.second_loyalty_row):
+                    self.items.append(self.loyalty_row(card, i))
+                if c.chance(s.late_loyalty_row):
+                    self.items.append(self.loyalty_row(card, i, late=True))
+                self.orders(card, s.orders)
+                if c.chance(s.reissued_card):  # a new card for the same customer
+                    again = f"{p}L{i}r"
+                    self.items.append(self.loyalty_row(again, i))
+                    self.orders(again, 2)
+        for _ in range(1 + c.chance(s.second_cookie)):
+            cookie = self.cookie()
+            users = [] if c.chance(s.anonymous_cookie) else [i]
+            self.visits(cookie, users, c.integer(0 if users else 1, s.pageviews))
+        if c.chance(s.delete):
+            by_crm = has_crm and c.chance(50)
+            identity = f"crm_id:{crm_of(p, i)}" if by_crm else f"email:{email_of(p, i)}"
+            self.items.append(_Delete(identity))
+        return has_crm
+
+    def plan(self, people: int) -> list[_Planned]:
+        s, c = self.sizes, self.c
+        with_crm = [i for i in range(1, people + 1) if self.person(i)]
+        # Households: a cookie shared by a person and the next (sometimes the next two), both
+        # logging in on it at different times, anonymous page views in between.
+        i = 1
+        while i < people:
+            if c.chance(s.household):
+                users = [i, i + 1]
+                if i + 2 <= people and c.chance(s.trio):
+                    users.append(i + 2)
+                self.visits(self.cookie(), users, c.integer(1, s.pageviews + 1))
+                i += len(users)
+            else:
+                i += 1
+        # A card already linked to one customer, handed to another: the row is refused.
+        for i in with_crm:
+            others = [j for j in self.cards if j != i]
+            if others and c.chance(s.transferred_card):
+                j = others[c.integer(0, len(others) - 1)]
+                self.items.append(self.loyalty_row(self.cards[j], i))
+        visitors = c.integer(0, 1 + people * s.visitor // 100) if c.chance(s.visitor) else 0
+        for _ in range(visitors):
+            self.visits(self.cookie(), [], c.integer(1, s.pageviews))
+        return self.items
+
+
+def _trim(items: list[_Planned], limit: int) -> list[_Planned]:
+    """At most `limit` items: anonymous page views and orders go first, from the end."""
+    out = list(items)
+    for i in range(len(out) - 1, -1, -1):
+        if len(out) <= limit:
+            break
+        item = out[i]
+        if isinstance(item, _Order) or (isinstance(item, _Visit) and item.login is None):
+            del out[i]
+    return out[:limit]
+
+
+def _materialise(prefix: str, now: float, ordered: list[_Planned], c: _Chooser) -> list[Step]:
+    start = math.floor(now) - 60 * DAY
+    bases: dict[tuple[str, int], int] = {}
+    clocks: dict[tuple[str, int], tuple[int, int]] = {}
+    serial = itertools.count()
+    event_ids = (f"{prefix}e{n}" for n in itertools.count(1))
+
+    def updated_at(dataset: str, person: int, late: bool) -> str:
+        """Newer than the rows of (dataset, person) delivered before it, or older if late."""
+        clock = (dataset, person)
+        base = bases.setdefault(clock, c.integer(6, 40))
+        held = clocks.get(clock)
+        if held is None:
+            logical = 0
+            clocks[clock] = (0, 0)
+        elif late:
+            logical = held[0] - 1
+            clocks[clock] = (logical, held[1])
+        else:
+            logical = held[1] + 1
+            clocks[clock] = (held[0], logical)
+        assert abs(logical) < 6
+        n = next(serial)
+        assert n < _BLOCK
+        return iso(start + (base + logical) * _BLOCK + n)
+
+    steps: list[Step] = []
+    for item in ordered:
+        match item:
+            case _CrmRow():
+                crm: dict[str, Any] = {
+                    "crm_id": crm_of(prefix, item.person),
+                    "email": email_of(prefix, item.person),
+                }
+                if item.phone is not None:
+                    crm["phone"] = item.phone
+                crm["person"] = {"name": {"first": item.first, "last": item.last}}
+                crm["consents"] = {"marketing": {"email": item.consent}}
+                crm["updated_at"] = updated_at("crm", item.person, item.late)
+                steps.append(RecordStep("crm", crm))
+            case _LoyaltyRow():
+                loyalty = {
+                    "loyalty_id": item.card,
+                    "crm_id": crm_of(prefix, item.person),
+                    "loyalty": {"tier": item.tier, "points": item.points},
+                    "updated_at": updated_at("loyalty", item.person, item.late),
+                }
+                steps.append(RecordStep("loyalty", loyalty))
+            case _Visit():
+                web: dict[str, Any] = {
+                    "ecid": item.cookie,
+                    "eventType": "web.pageview" if item.login is None else "app.login",
+                    "timestamp": iso(now - item.age),
+                    "page": {"url": f"/j/{next(event_ids)}"},
+                }
+                if item.login is not None:
+                    web["email"] = item.login
+                steps.append(RecordStep("web", web))
+            case _Order():
+                order = {
+                    "loyalty_id": item.card,
+                    "eventType": "commerce.purchase",
+                    "timestamp": iso(now - item.age),
+                    "commerce": {
+                        "order": {
+                            "id": next(event_ids),
+                            "total": item.cents / 100,
+                            "currency": "USD",
+                        }
+                    },
+                }
+                steps.append(RecordStep("store-orders", order))
+            case _Delete():
+                steps.append(DeleteStep(item.identity))
+    return steps
+
+
+def _generate(c: _Chooser, prefix: str, now: float, people: int, sizes: _Sizes) -> Journey:
+    items = _trim(_Planner(c, prefix, sizes).plan(people), sizes.max_steps)
+    c.shuffle(items)
+    return Journey(prefix, _materialise(prefix, now, items, c), now)
+
+
+def journeys(prefix: str, now: float) -> st.SearchStrategy[Journey]:
+    """Small journeys: 2 to 4 people, at most 30 steps."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Journey:
+        c = _DrawChooser(draw)
+        return _generate(c, prefix, now, c.integer(2, 4), _SMALL)
+
+    return build()
+
+
+def big_journey(prefix: str, now: float, people: int, seed: int) -> Journey:
+    """A large realistic journey (for 2,000 people: over 10,000 events), the same for the same
+    arguments."""
+    return _generate(_RandomChooser(seed), prefix, now, people, _BIG)

@@ -1,14 +1,22 @@
-"""The journey model on hand-written journeys."""
+"""The journey model on hand-written journeys, and the journey generators' output."""
 
 from __future__ import annotations
 
+import re
+import time
+from collections import Counter
 from typing import Any
 
 import msgspec
+import phonenumbers
+import pytest
+from hypothesis import Phase, given, settings
 
 from tests.journeys import (
     DAY,
+    EVENT_DATASETS,
     HOUR,
+    PROFILE_DATASETS,
     SEGMENTS,
     DeleteStep,
     Journey,
@@ -16,15 +24,22 @@ from tests.journeys import (
     Person,
     RecordStep,
     Step,
+    big_journey,
     coverage,
     differences,
+    event_id,
     iso,
+    journey_identities,
+    journeys,
     model,
+    parse_time,
+    phone_of,
     record_keys,
     runs,
 )
 
 NOW = 1_780_000_000.0
+PREFIX = "t7-"
 
 
 # -- building hand-written journeys ----------------------------------------------------------
@@ -557,3 +572,167 @@ def test_differences_describe_each_mismatch() -> None:
     assert differences(
         ModelState([b]), ModelState([msgspec.structs.replace(b, segments=frozenset())])
     ) == ["{ecid:k}: segments missing ['viewed-today'], unexpected []"]
+
+
+# -- the generators -----------------------------------------------------------------------------
+
+ISO_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+PHONE_RE = re.compile(r"\+1[2-9]\d{2}[2-9]\d{6}")
+TIERS = {"bronze", "silver", "gold", "platinum"}
+AGE_BANDS = ((10 * 60, 6 * HOUR), (3 * DAY, 5 * DAY), (40 * DAY, 60 * DAY))
+
+
+def check_record(prefix: str, now: float, dataset: str, p: dict[str, Any]) -> None:
+    """A record of the retail example's datasets in the generated shapes."""
+    lower = prefix.lower()
+    if dataset in PROFILE_DATASETS:
+        assert ISO_RE.fullmatch(p["updated_at"])
+        assert parse_time(p["updated_at"]) < now
+        assert p["crm_id"].startswith(prefix)
+    if dataset == "crm":
+        assert set(p) - {"phone"} == {"crm_id", "email", "person", "consents", "updated_at"}
+        assert p["email"] == p["email"].strip().lower()
+        assert p["email"].startswith(lower) and p["email"].endswith("@example.com")
+        assert "phone" not in p or PHONE_RE.fullmatch(p["phone"])
+        name = p["person"]["name"]
+        assert set(name) == {"first", "last"} and all(isinstance(v, str) for v in name.values())
+        assert p["consents"] in ({"marketing": {"email": "y"}}, {"marketing": {"email": "n"}})
+    elif dataset == "loyalty":
+        assert set(p) == {"loyalty_id", "crm_id", "loyalty", "updated_at"}
+        assert p["loyalty_id"].startswith(prefix)
+        assert set(p["loyalty"]) == {"tier", "points"} and p["loyalty"]["tier"] in TIERS
+        assert isinstance(p["loyalty"]["points"], int) and p["loyalty"]["points"] >= 0
+    else:
+        assert ISO_RE.fullmatch(p["timestamp"])
+        age = now - parse_time(p["timestamp"])
+        assert any(lo <= age <= hi + 1 for lo, hi in AGE_BANDS), age
+        assert event_id(dataset, p).startswith(prefix)
+    if dataset == "web":
+        assert p["eventType"] in ("web.pageview", "app.login")
+        login = p["eventType"] == "app.login"
+        assert set(p) == {"ecid", "eventType", "timestamp", "page"} | (
+            {"email"} if login else set()
+        )
+        assert p["ecid"].startswith(prefix)
+        assert set(p["page"]) == {"url"} and p["page"]["url"].startswith("/j/")
+        if login:
+            assert p["email"].strip().lower().startswith(lower)
+    elif dataset == "store-orders":
+        assert set(p) == {"loyalty_id", "eventType", "timestamp", "commerce"}
+        assert p["eventType"] == "commerce.purchase"
+        assert p["loyalty_id"].startswith(prefix)
+        o = p["commerce"]["order"]
+        assert set(o) == {"id", "total", "currency"} and o["currency"] == "USD"
+        assert isinstance(o["total"], float) and o["total"] > 0
+
+
+def people_of(j: Journey) -> set[int]:
+    """The numbers of the people a journey's CRM rows and emails name."""
+    crm_re = re.compile(re.escape(j.prefix) + r"C(\d+)")
+    email_re = re.compile(re.escape(j.prefix.lower()) + r"p(\d+)@example\.com")
+    out: set[int] = set()
+    for step in j.steps:
+        if isinstance(step, RecordStep):
+            crm_id, email = step.payload.get("crm_id"), step.payload.get("email")
+            if isinstance(crm_id, str) and (m := crm_re.fullmatch(crm_id)):
+                out.add(int(m.group(1)))
+            if isinstance(email, str) and (m := email_re.fullmatch(email.strip().lower())):
+                out.add(int(m.group(1)))
+    return out
+
+
+def check_journey(j: Journey) -> ModelState:
+    """The journey is well formed; return its model state."""
+    event_ids: list[str] = []
+    updated: list[str] = []
+    for step in j.steps:
+        if isinstance(step, DeleteStep):
+            namespace, _, value = step.identity.partition(":")
+            assert namespace in ("crm_id", "email")
+            assert value.startswith(j.prefix if namespace == "crm_id" else j.prefix.lower())
+            continue
+        check_record(j.prefix, j.now, step.dataset, step.payload)
+        if step.dataset in EVENT_DATASETS:
+            event_ids.append(event_id(step.dataset, step.payload))
+        else:
+            updated.append(step.payload["updated_at"])
+    assert len(set(event_ids)) == len(event_ids), "event ids are unique"
+    assert len(set(updated)) == len(updated), "updated_at values are distinct"
+    state = model(j)
+    placed = Counter(e for p in state.people for e in p.events)
+    assert set(placed) <= set(event_ids) and max(placed.values(), default=1) == 1
+    held = Counter(k for p in state.people for k in p.identities)
+    assert set(held) <= journey_identities(j) and max(held.values(), default=1) == 1
+    assert all(p.segments <= SEGMENTS.keys() for p in state.people)
+    # the journey survives a JSON round trip
+    assert msgspec.json.decode(msgspec.json.encode(j), type=Journey) == j
+    return state
+
+
+@settings(max_examples=200, deadline=None)
+@given(journeys(PREFIX, NOW))
+def test_generated_journeys_are_well_formed(j: Journey) -> None:
+    """Generated small journeys hold 2 to 4 people and at most 30 steps of valid records with
+    prefixed identities and ids, distinct updated_at values and event times away from the
+    segment windows' edges; the model places each event and identity at most once."""
+    assert 1 <= len(j.steps) <= 30
+    assert len(people_of(j)) >= 1 and people_of(j) <= {1, 2, 3, 4}
+    check_journey(j)
+
+
+def test_generator_exercises_every_rule() -> None:
+    """Over a few hundred generated journeys the model merges, moves (cookies with events),
+    refuses, splits, deletes and keeps late rows from overwriting, each at least once."""
+    total: Counter[str] = Counter()
+
+    @settings(max_examples=300, derandomize=True, database=None, phases=[Phase.generate])
+    @given(journeys(PREFIX, NOW))
+    def tally(j: Journey) -> None:
+        total.update(coverage(j))
+
+    tally()
+    for name in ("merges", "moves", "moves_with_events", "refusals", "splits", "deletes"):
+        assert total[name] > 0, f"no {name} in {dict(total)}"
+    assert total["late_rows"] > 0
+
+
+def test_big_journey() -> None:
+    """big_journey for 2,000 people is deterministic, well formed, holds over 10,000 events,
+    exercises every rule and is generated and modelled in seconds."""
+    started = time.perf_counter()
+    j = big_journey("b1-", NOW, 2000, seed=7)
+    generated = time.perf_counter() - started
+    assert j == big_journey("b1-", NOW, 2000, seed=7)
+    assert j != big_journey("b1-", NOW, 2000, seed=8)
+    events = sum(1 for s in j.steps if isinstance(s, RecordStep) and s.dataset in EVENT_DATASETS)
+    assert events >= 10_000
+    crm_ids = {
+        s.payload["crm_id"] for s in j.steps if isinstance(s, RecordStep) and s.dataset == "crm"
+    }
+    assert 1500 <= len(crm_ids) <= 2000
+    started = time.perf_counter()
+    state = check_journey(j)
+    modelled = time.perf_counter() - started
+    assert generated < 10 and modelled < 20  # generous: the machine is shared
+    counts = coverage(j)
+    for name in ("merges", "moves", "moves_with_events", "refusals", "splits", "deletes"):
+        assert counts[name] > 0, counts
+    members = Counter(s for p in state.people for s in p.segments)
+    assert all(members[name] > 0 for name in SEGMENTS), members
+
+
+def test_phones_are_valid_us_numbers_apart_for_each_prefix() -> None:
+    """phone_of gives valid US numbers in E.164, different for different people and prefixes."""
+    phones = {phone_of(prefix, n) for prefix in ("a1-", "a2-", "B7-", "") for n in range(1, 501)}
+    assert len(phones) == 2000
+    for phone in phones:
+        number = phonenumbers.parse(phone)
+        assert phonenumbers.is_valid_number(number)
+        assert phonenumbers.region_code_for_number(number) == "US"
+        assert phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164) == phone
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_big_journey_small_sizes(seed: int) -> None:
+    """big_journey also makes small journeys of the same shapes."""
+    check_journey(big_journey("s-", NOW, 5, seed))
