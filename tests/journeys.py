@@ -12,6 +12,7 @@ and not from the services' code, which it does not import.
   `big_journey(prefix, now, people, seed)`: a large one, deterministic.
 - `model(journey)`, `coverage(journey)`, `differences(expected, actual)`.
 - `runs(journey)`: the steps grouped for delivery as batch files.
+- `rebase(journey, prefix)`: the same journey under another prefix.
 
 Every identity value and stable id of a journey starts with its prefix (emails with the
 prefix lower-cased), so that journeys can share one platform. Phone numbers cannot carry it:
@@ -1117,3 +1118,46 @@ def big_journey(prefix: str, now: float, people: int, seed: int) -> Journey:
     """A large realistic journey (for 2,000 people: over 10,000 events), the same for the same
     arguments."""
     return _generate(_RandomChooser(seed), prefix, now, people, _BIG)
+
+
+# -- another prefix -----------------------------------------------------------------------------
+
+
+def rebase(journey: Journey, prefix: str) -> Journey:
+    """The same journey with every prefixed value (and phone) under `prefix` instead."""
+    old = journey.prefix
+
+    def swap(value: str) -> str:
+        core = value.strip()
+        lead, trail = value[: value.index(core)], value[value.index(core) + len(core) :]
+        if core.lower().startswith(old.lower()) and "@" in core:  # an email, maybe upper-cased
+            new = (prefix + core[len(old) :]).lower()
+            new = new.upper() if core == core.upper() else new
+        else:
+            assert core.startswith(old), f"{value!r} does not start with {old!r}"
+            new = prefix + core[len(old) :]
+        return lead + new + trail
+
+    def person_of(crm_id: str) -> int:
+        return int(crm_id[len(old) + 1 :])
+
+    fields = ("crm_id", "email", "loyalty_id", "ecid")
+    steps: list[Step] = []
+    for step in journey.steps:
+        if isinstance(step, DeleteStep):
+            namespace, _, value = step.identity.partition(":")
+            steps.append(DeleteStep(f"{namespace}:{swap(value)}"))
+            continue
+        payload = msgspec.json.decode(msgspec.json.encode(step.payload))
+        for name in fields:
+            if name in payload:
+                payload[name] = swap(payload[name])
+        if "phone" in payload:
+            payload["phone"] = phone_of(prefix, person_of(step.payload["crm_id"]))
+        if step.dataset == "web":
+            payload["page"]["url"] = "/j/" + swap(event_id("web", step.payload))
+        elif step.dataset == "store-orders":
+            order = payload["commerce"]["order"]
+            order["id"] = swap(order["id"])
+        steps.append(RecordStep(step.dataset, payload))
+    return Journey(prefix, steps, journey.now)

@@ -34,6 +34,7 @@ from tests.journeys import (
     model,
     parse_time,
     phone_of,
+    rebase,
     record_keys,
     runs,
 )
@@ -719,6 +720,25 @@ def test_big_journey() -> None:
         assert counts[name] > 0, counts
     members = Counter(s for p in state.people for s in p.segments)
     assert all(members[name] > 0 for name in SEGMENTS), members
+
+
+def test_rebase_moves_a_journey_to_another_prefix() -> None:
+    """rebase() gives the same journey under another prefix: every identity and id changes
+    prefix (phones their hash), the model's shape is the same, and rebasing back restores
+    the original."""
+    j = big_journey("r1-", NOW, 60, seed=3)
+    moved = rebase(j, "Q9-")
+    assert moved.prefix == "Q9-" and rebase(moved, "r1-") == j
+    keys = journey_identities(moved)
+    assert not any("r1-" in k for k in keys)
+    assert all(k.startswith("phone:") or "q9-" in k.lower() for k in keys)
+    check_journey(moved)
+
+    def shape(state: ModelState) -> list[tuple[int, int, list[str]]]:
+        return sorted((len(p.identities), len(p.events), sorted(p.segments)) for p in state.people)
+
+    assert shape(model(j)) == shape(model(moved))
+    assert coverage(j) == coverage(moved)
 
 
 def test_phones_are_valid_us_numbers_apart_for_each_prefix() -> None:
