@@ -790,7 +790,7 @@ class _Sizes:
     odd_email: int
     """A login's email upper-cased or space-padded."""
     visitor: int
-    """Anonymous visitors: per person in a big journey, once in a small one."""
+    """Most anonymous visitors (cookies of nobody known), per 100 people; at least one."""
     delete: int
     max_steps: int
 
@@ -998,12 +998,12 @@ class _Planner:
                 i += 1
         # A card already linked to one customer, handed to another: the row is refused.
         for i in with_crm:
-            others = [j for j in self.cards if j != i]
-            if others and c.chance(s.transferred_card):
-                j = others[c.integer(0, len(others) - 1)]
-                self.items.append(self.loyalty_row(self.cards[j], i))
-        visitors = c.integer(0, 1 + people * s.visitor // 100) if c.chance(s.visitor) else 0
-        for _ in range(visitors):
+            if c.chance(s.transferred_card):
+                others = [j for j in self.cards if j != i]
+                if others:
+                    j = others[c.integer(0, len(others) - 1)]
+                    self.items.append(self.loyalty_row(self.cards[j], i))
+        for _ in range(c.integer(0, max(1, people * s.visitor // 100))):
             self.visits(self.cookie(), [], c.integer(1, s.pageviews))
         return self.items
 
