@@ -151,17 +151,8 @@ class ProfileService(Service):
                 events.append(membership_decoder.decode(d.data))
             except msgspec.DecodeError:
                 self.log.warning("undecodable membership event", seq=d.seq)
-        if not events:
-            return
-        rows = await self.db.execute_fetchall(
-            "SELECT profile_id FROM profiles WHERE folded_into IS NULL AND profile_id IN "
-            "(SELECT value FROM json_each(?))",
-            (_json_list({e.profile_id for e in events}),),
-        )
-        live = {str(r[0]) for r in rows}
         batch.tx.add_many(
-            UPSERT_MEMBERSHIP,
-            [(e.profile_id, e.segment, e.status, e.at) for e in events if e.profile_id in live],
+            UPSERT_MEMBERSHIP, [(e.profile_id, e.segment, e.status, e.at) for e in events]
         )
 
     def _report_probe(self, batch: Batch, data: bytes, stage: str) -> None:

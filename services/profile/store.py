@@ -121,10 +121,14 @@ CAP_EVENTS = (
     "ORDER BY ts DESC, record_id DESC LIMIT -1 OFFSET ?)"
 )
 UPSERT_MEMBERSHIP = (
-    "INSERT INTO memberships (profile_id, segment, status, at) VALUES (?, ?, ?, ?) "
+    "INSERT INTO memberships (profile_id, segment, status, at) SELECT ?1, ?2, ?3, ?4 "
+    "WHERE EXISTS (SELECT 1 FROM profiles WHERE profile_id = ?1 AND folded_into IS NULL) "
     "ON CONFLICT (profile_id, segment) DO UPDATE SET status = excluded.status, "
     "at = excluded.at WHERE excluded.at >= memberships.at"
 )
+"""A membership change written back onto a live profile; a change of a profile folded or
+deleted meanwhile (by the other consumer, between this batch's read and its commit) is
+no one's and is dropped in the same statement."""
 UPSERT_DATASET = (
     "INSERT INTO datasets (name, spec) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
     "spec = excluded.spec"
