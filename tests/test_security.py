@@ -300,8 +300,13 @@ async def test_locked_down_platform_works_end_to_end_refuses_clients_and_logs_no
                 "crm_id,email,phone\n"
                 + "".join(f"SEC9{n},file.person{n}@example.com,+1201555019{n}\n" for n in range(3))
             )
-            ok = cli(data, url, "ingest", "crm", str(rows))
+            ok = cli(data, url, "ingest", "crm", str(rows), "--wait")
             assert ok.returncode == 0, ok.stderr + ok.stdout
+            ok = cli(data, url, "status")
+            assert ok.returncode == 0, ok.stderr + ok.stdout
+            ok = cli(data, url, "check")
+            assert ok.returncode == 0, ok.stderr + ok.stdout
+            assert "no violation" in ok.stdout
             reply = await client.request(
                 subjects.PROFILE_LOOKUP,
                 json.dumps({"identity": "crm_id:SEC92"}).encode(),
