@@ -43,7 +43,6 @@ from shared.messages import (
     MembershipEvent,
     PrivacyReport,
     Probe,
-    ProbeReport,
     ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
@@ -51,10 +50,10 @@ from shared.messages import (
     json_encoder,
     membership_decoder,
     msgpack_encoder,
-    probe_decoder,
 )
 from shared.resources import Destination
 from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime.probes import decode_probe, report_probe
 
 _deleted_decoder = msgspec.json.Decoder(ProfileDeleted)
 _activation_decoder = msgspec.msgpack.Decoder(Activation)
@@ -164,16 +163,7 @@ class DestinationService(Service):
                             upserts.pop(pid, None)
                             folded.append(pid)
                     case Probe():
-                        passed = ProbeReport(
-                            probe_id=item.probe_id,
-                            stage="destination-profiles",
-                            partition=item.partition,
-                            partitions=item.partitions,
-                            at=time.time(),
-                        )
-                        batch.notify(
-                            subjects.probe_report(item.probe_id), json_encoder.encode(passed)
-                        )
+                        report_probe(batch, item, "destination-profiles")
                     case _:
                         pass  # deletes arrive on the membership stream, after segmentation
         batch.tx.add_many("DELETE FROM profiles WHERE profile_id = ?", [(f,) for f in folded])
@@ -239,28 +229,14 @@ class DestinationService(Service):
                 await self._delete(batch, d.data)
                 continue
             if d.subject == subjects.MEMBERSHIP_PROBE:
-                self._report_probe(batch, d.data)
+                if (probe := decode_probe(d.data)) is not None:
+                    report_probe(batch, probe, self.name)
                 continue
             try:
                 events.append(membership_decoder.decode(d.data))
             except msgspec.DecodeError:
                 self.log.warning("undecodable membership event", seq=d.seq)
         await self._enqueue(batch, events)
-
-    def _report_probe(self, batch: Batch, data: bytes) -> None:
-        try:
-            probe = probe_decoder.decode(data)
-        except msgspec.DecodeError:
-            self.log.warning("undecodable probe")
-            return
-        passed = ProbeReport(
-            probe_id=probe.probe_id,
-            stage=self.name,
-            partition=probe.partition,
-            partitions=probe.partitions,
-            at=time.time(),
-        )
-        batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(passed))
 
     async def _enqueue(self, batch: Batch, events: list[MembershipEvent]) -> None:
         if not events:

@@ -45,7 +45,6 @@ from shared.messages import (
     PrivacyDelete,
     PrivacyReport,
     Probe,
-    ProbeReport,
     ProfileBatch,
     ProfileItem,
     Reassigned,
@@ -57,6 +56,7 @@ from shared.messages import (
 from shared.resources import BUILTIN_NAMESPACES, Namespace
 from shared.runtime import Batch, ConsumerSpec, Service
 from shared.runtime.partitioned import PartitionedOutput
+from shared.runtime.probes import report_probe
 
 _namespace_decoder = msgspec.json.Decoder(Namespace)
 _keys_encoder = msgspec.json.Encoder()
@@ -255,8 +255,7 @@ class IdentityService(Service):
     def _pass_probe(self, probe: Probe, out: PartitionedOutput[ProfileItem], batch: Batch) -> None:
         n = self.settings.partitions
         out.add_everywhere(lambda p: Probe(probe.probe_id, p, n))
-        report = ProbeReport(probe_id=probe.probe_id, stage=self.name, partitions=n, at=time.time())
-        batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(report))
+        report_probe(batch, probe, self.name, partitions=n)
 
     def _part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.settings.partitions)

@@ -29,16 +29,15 @@ from shared.messages import (
     Fragment,
     MembershipEvent,
     Merged,
-    ProbeReport,
     ProfileItem,
     Reassigned,
     json_encoder,
     membership_decoder,
-    probe_decoder,
     profile_batch_decoder,
 )
 from shared.resources import Dataset
 from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime.probes import decode_probe, report_probe
 
 EXPIRY_EVERY_S = 600.0
 _dataset_decoder = msgspec.json.Decoder(Dataset)
@@ -145,7 +144,8 @@ class ProfileService(Service):
             if d.subject == subjects.PRIVACY_MEMBERSHIP:
                 continue  # the profile was deleted here first
             if d.subject == subjects.MEMBERSHIP_PROBE:
-                self._report_probe(batch, d.data, "profile-memberships")
+                if (probe := decode_probe(d.data)) is not None:
+                    report_probe(batch, probe, "profile-memberships")
                 continue
             try:
                 events.append(membership_decoder.decode(d.data))
@@ -154,21 +154,6 @@ class ProfileService(Service):
         batch.tx.add_many(
             UPSERT_MEMBERSHIP, [(e.profile_id, e.segment, e.status, e.at) for e in events]
         )
-
-    def _report_probe(self, batch: Batch, data: bytes, stage: str) -> None:
-        try:
-            probe = probe_decoder.decode(data)
-        except msgspec.DecodeError:
-            self.log.warning("undecodable probe", stage=stage)
-            return
-        report = ProbeReport(
-            probe_id=probe.probe_id,
-            stage=stage,
-            partition=probe.partition,
-            partitions=probe.partitions,
-            at=time.time(),
-        )
-        batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(report))
 
     # -- the unified profile -----------------------------------------------------------------
     async def handle_items(self, batch: Batch) -> None:
@@ -192,14 +177,7 @@ class ProfileService(Service):
                 subjects.privacy_report(report.request_id, self.name), json_encoder.encode(report)
             )
         for probe in step.probes:
-            passed = ProbeReport(
-                probe_id=probe.probe_id,
-                stage=self.name,
-                partition=probe.partition,
-                partitions=probe.partitions,
-                at=time.time(),
-            )
-            batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(passed))
+            report_probe(batch, probe, self.name)
 
     async def _load(self, items: Sequence[ProfileItem]) -> Loaded:
         """The state the items touch, as stored: a handful of set-based queries."""

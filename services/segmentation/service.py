@@ -48,7 +48,6 @@ from shared.messages import (
     MembershipEvent,
     PrivacyReport,
     Probe,
-    ProbeReport,
     ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
@@ -58,6 +57,7 @@ from shared.messages import (
     msgpack_encoder,
 )
 from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime.probes import report_probe
 
 MAX_EVENTS_PER_PROFILE = 5000
 STREAMING_HORIZON_S = 24 * 3600.0
@@ -315,14 +315,7 @@ class SegmentationService(Service):
         )
         for probe in probes:
             batch.emit(subjects.MEMBERSHIP_PROBE, json_encoder.encode(probe))
-            report = ProbeReport(
-                probe_id=probe.probe_id,
-                stage=self.name,
-                partition=probe.partition,
-                partitions=probe.partitions,
-                at=time.time(),
-            )
-            batch.notify(subjects.probe_report(probe.probe_id), json_encoder.encode(report))
+            report_probe(batch, probe, self.name)
 
     def _evaluate(
         self,
@@ -363,30 +356,13 @@ class SegmentationService(Service):
             status, since = p.memberships.get(name, ("", now))
             was = status in MEMBER
             method = "batch" if p.job_id is not None else "streaming"
-            if qualifies and not was:
-                self._set(
-                    batch=batch,
-                    w=w,
-                    pid=pid,
-                    p=p,
-                    seg=seg,
-                    status="realized",
-                    now=now,
-                    method=method,
-                )
-                facts.segments.add(name)
-            elif was and not qualifies:
-                self._set(
-                    batch=batch,
-                    w=w,
-                    pid=pid,
-                    p=p,
-                    seg=seg,
-                    status="exited",
-                    now=now,
-                    method=method,
-                )
-                facts.segments.discard(name)
+            if qualifies != was:
+                status = "realized" if qualifies else "exited"
+                self._set(batch, w, pid=pid, p=p, seg=seg, status=status, now=now, method=method)
+                if qualifies:
+                    facts.segments.add(name)
+                else:
+                    facts.segments.discard(name)
             elif qualifies:
                 new_status = "existing" if p.job_id is not None else status
                 tx.add(UPSERT_MEMBERSHIP, (pid, name, new_status, since, now, method, now))
@@ -466,32 +442,15 @@ class SegmentationService(Service):
                     if answer:
                         qualified.add(i)
             was = held.get(name, set())
-            for i in sorted(qualified - was):
+            for i in sorted(qualified ^ was):
                 pid, p = group[i]
-                self._set(
-                    batch=batch,
-                    w=w,
-                    pid=pid,
-                    p=p,
-                    seg=seg,
-                    status="realized",
-                    now=now,
-                    method="batch",
-                )
-                member_of[i].add(name)
-            for i in sorted(was - qualified):
-                pid, p = group[i]
-                self._set(
-                    batch=batch,
-                    w=w,
-                    pid=pid,
-                    p=p,
-                    seg=seg,
-                    status="exited",
-                    now=now,
-                    method="batch",
-                )
-                member_of[i].discard(name)
+                joins = i in qualified
+                status = "realized" if joins else "exited"
+                self._set(batch, w, pid=pid, p=p, seg=seg, status=status, now=now, method="batch")
+                if joins:
+                    member_of[i].add(name)
+                else:
+                    member_of[i].discard(name)
             stays = sorted(qualified & was)
             if stays:
                 tx.add_many(
@@ -525,9 +484,9 @@ class SegmentationService(Service):
 
     def _set(
         self,
-        *,
         batch: Batch,
         w: _Writes,
+        *,
         pid: str,
         p: _Profile,
         seg: CompiledSegment,
