@@ -114,7 +114,9 @@ class ProfileLookups:
                 f"expected <namespace>:<value>, got {request.identity!r}",
                 field="identity",
             )
-        value = normalize(_NAMESPACES.get(namespace), namespace, raw)
+        value = normalize(
+            _NAMESPACES.get(namespace), namespace, raw, self.svc.settings.phone_region
+        )
         if value is None:
             raise AdminFailure("not_found", f"{request.identity} is not a usable identity value")
         db = self.svc.db

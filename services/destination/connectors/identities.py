@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from services.destination.model import Activation
-from shared.normalize import HEX_DIGEST_RE, normalize, normalize_phone
+from shared.normalize import HEX_DIGEST_RE, normalize_email, normalize_phone
 
 EMAIL = "email"
 PHONE = "phone"
@@ -30,7 +30,7 @@ def _unique(values: list[str]) -> list[str]:
 
 def emails(a: Activation) -> list[str]:
     """The activation's emails, trimmed and lower-cased, in order, without repeats."""
-    out = [normalize(None, EMAIL, v) for v in a.identities.get(EMAIL, ())]
+    out = [normalize_email(v) for v in a.identities.get(EMAIL, ())]
     return _unique([v for v in out if v])
 
 
