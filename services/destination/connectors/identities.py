@@ -34,8 +34,9 @@ def emails(a: Activation) -> list[str]:
     return _unique([v for v in out if v])
 
 
-def phones(a: Activation, default_region: str = "US") -> list[str]:
-    """The activation's phones in E.164, in order, without repeats (unusable ones dropped)."""
+def phones(a: Activation, default_region: str) -> list[str]:
+    """The activation's phones in E.164, in order, without repeats (numbers that are not valid
+    dropped); national numbers are read in `default_region`."""
     out = [normalize_phone(v, default_region) for v in a.identities.get(PHONE, ())]
     return _unique([v for v in out if v])
 
@@ -50,7 +51,7 @@ def email_hashes(a: Activation) -> list[str]:
     return _unique([sha256_hex(v) for v in emails(a)] + _digests(a, EMAIL_SHA256))
 
 
-def phone_hashes(a: Activation, default_region: str = "US") -> list[str]:
+def phone_hashes(a: Activation, default_region: str) -> list[str]:
     """SHA-256 of each E.164 phone, then the `phone_sha256` digests."""
     return _unique([sha256_hex(v) for v in phones(a, default_region)] + _digests(a, PHONE_SHA256))
 
