@@ -16,15 +16,13 @@ from shared import subjects
 from shared.admin import AdminError, AdminFailure, AdminReply
 from shared.db import write_lock
 from shared.messages import ExperienceEvent, Identity
-from shared.normalize import normalize
-from shared.resources import BUILTIN_NAMESPACES
+from shared.normalize import Unusable
 
 if TYPE_CHECKING:
     from services.profile.service import ProfileService
 
 _value_decoder = msgspec.msgpack.Decoder()
 _encoder = msgspec.json.Encoder()
-_NAMESPACES = {n.symbol: n for n in BUILTIN_NAMESPACES}
 
 
 class ProfileLookup(msgspec.Struct):
@@ -114,11 +112,12 @@ class ProfileLookups:
                 f"expected <namespace>:<value>, got {request.identity!r}",
                 field="identity",
             )
-        value = normalize(
-            _NAMESPACES.get(namespace), namespace, raw, self.svc.settings.phone_region
-        )
-        if value is None:
-            raise AdminFailure("not_found", f"{request.identity} is not a usable identity value")
+        value = self.svc.namespaces.normalized(namespace, raw)
+        if isinstance(value, Unusable):
+            raise AdminFailure(
+                "not_found",
+                f"{request.identity} is not a usable identity value ({value.reason})",
+            )
         db = self.svc.db
         rows = await db.execute_fetchall(
             "SELECT profile_id FROM identities WHERE namespace = ? AND value = ?",

@@ -1,5 +1,5 @@
 """The profile service's SQLite state: attributes per dataset, events, identities,
-profiles, merge policies and the dataset configuration it follows."""
+profiles, merge policies and the dataset and namespace configuration it follows."""
 
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "profile",
+        2,
+        """
+        CREATE TABLE namespaces (
+            symbol TEXT PRIMARY KEY,
+            spec BLOB NOT NULL
+        )
+        """,
+    ),
 )
 
 UPSERT_PROFILE = (
@@ -104,4 +114,8 @@ UPSERT_SCHEMA = (
 UPSERT_POLICY = (
     "INSERT INTO merge_policies (name, spec, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at"
+)
+UPSERT_NAMESPACE = (
+    "INSERT INTO namespaces (symbol, spec) VALUES (?, ?) ON CONFLICT (symbol) DO UPDATE SET "
+    "spec = excluded.spec"
 )
