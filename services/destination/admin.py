@@ -89,7 +89,7 @@ class DestinationAdmin:
     # -- configuration ---------------------------------------------------------------------------
     async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
         planned: list[tuple[Destination, ApplyResult]] = []
-        known = await self._segments()
+        known = await self._segments() | request.known("segment")  # a dry run's too
         for obj in request.objects:
             dest = decode_object(obj, KIND, "destination", Destination)
             self._check(dest, known)

@@ -43,7 +43,7 @@ from shared.admin import (
     SegmentList,
 )
 from shared.cli import people
-from shared.cli.apply import apply_objects, load_file
+from shared.cli.apply import apply_objects, load_files
 from shared.cli.client import ClientError, connect
 from shared.cli.ingest import file_format, run_batch
 from shared.cli.up import health_urls, readiness, run_up
@@ -151,7 +151,12 @@ def health() -> None:
 # -- configuration ----------------------------------------------------------------------------
 @app.command()
 def apply(
-    file: Annotated[Path, typer.Option("-f", "--file", help="Configuration file (YAML).")],
+    file: Annotated[
+        list[Path],
+        typer.Option(
+            "-f", "--file", help="Configuration file (YAML); repeat it to apply several as one."
+        ),
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the changes, apply nothing.")
     ] = False,
@@ -160,9 +165,10 @@ def apply(
     """Create or update namespaces, schemas and datasets from a file (idempotent)."""
 
     async def go() -> None:
-        objects = load_file(file)
+        objects, sources = load_files(file)
+        label = ", ".join(str(f) for f in file)
         async with connect(nats_url) as nc:
-            results = await apply_objects(nc, objects, dry_run, str(file))
+            results = await apply_objects(nc, objects, dry_run, label, sources)
         verbs = {"created": "would create", "updated": "would update", "unchanged": "unchanged"}
         for r in results:
             verb = verbs[r.action] if dry_run else r.action
