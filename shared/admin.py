@@ -157,6 +157,12 @@ def spec_name(spec: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def object_name(kind: str, spec: dict[str, Any]) -> str | None:
+    """The key of an object of `kind`: a namespace's symbol, any other object's name."""
+    value = spec.get("symbol" if kind == "namespace" else "name")
+    return value if isinstance(value, str) else None
+
+
 # -- server side -----------------------------------------------------------------------
 _reply_encoder = msgspec.json.Encoder()
 
@@ -237,6 +243,20 @@ class ApplyBatch(msgspec.Struct):
 
     objects: list[ConfigObject]
     dry_run: bool = False
+    context: list[ConfigObject] = []
+    """Dry runs only: the objects of the same file that come before these (owned by other
+    services, sent to them first). A dry run stores nothing, so the owner counts their
+    names as known when it checks references (`known`). A real apply ignores them: by then
+    they are stored."""
+
+    def known(self, kind: str) -> set[str]:
+        """Names of the objects of `kind` in `context` (none unless this is a dry run)."""
+        if not self.dry_run:
+            return set()
+        names = (
+            object_name(kind, o.spec) for o in self.context if PLURALS.get(o.kind, o.kind) == kind
+        )
+        return {n for n in names if n is not None}
 
 
 class ApplyBatchResult(msgspec.Struct):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
+import phonenumbers
 
 SERVICES: tuple[str, ...] = (
     "ingest",
@@ -56,6 +57,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The NKey seed file this service authenticates with (none: no authentication)."""
     ingest_token: str | None = None
     """When set, the ingest HTTP door requires `Authorization: Bearer <token>`."""
+    phone_region: str = "US"
+    """Region (ISO 3166 code) of phone numbers written without a country code."""
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
         shown = msgspec.structs.replace(self, ingest_token="***" if self.ingest_token else None)
@@ -97,6 +100,18 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _phone_region(env: Mapping[str, str]) -> str:
+    raw = env.get("CDP_PHONE_REGION", "")
+    if raw == "":
+        return "US"
+    region = raw.strip().upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ConfigError(
+            "CDP_PHONE_REGION", raw, "a region code with a known numbering plan, e.g. US, GB, FR"
+        )
+    return region
+
+
 def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings of `service` from `env` (the process environment by default)."""
     env = os.environ if env is None else env
@@ -116,4 +131,5 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,
+        phone_region=_phone_region(env),
     )

@@ -39,11 +39,16 @@ RETAIL_CONFIG = ROOT / "examples" / "retail" / "config.yaml"
 
 @asynccontextmanager
 async def running(
-    classes: Sequence[type[Service]], nats_url: str, data_dir: Path, nc: Client
+    classes: Sequence[type[Service]],
+    nats_url: str,
+    data_dir: Path,
+    nc: Client,
+    **overrides: object,
 ) -> AsyncIterator[dict[str, Service]]:
     """Start these services in-process against one nats-server, apply the retail example's
-    configuration, and stop them (in reverse order) afterwards."""
-    services = {c.name: c(settings_for(c.name, nats_url, data_dir)) for c in classes}
+    configuration, and stop them (in reverse order) afterwards. `overrides` are settings
+    every service gets (e.g. `phone_region="FR"`)."""
+    services = {c.name: c(settings_for(c.name, nats_url, data_dir, **overrides)) for c in classes}
     try:
         for svc in services.values():
             await svc.start()

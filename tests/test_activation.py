@@ -216,6 +216,19 @@ async def test_a_destination_missing_settings_is_refused(
             },
         )
     assert bad.value.name == "s2" and "api_key" in bad.value.message
+    with pytest.raises(AdminFailure) as region:
+        await destination(
+            nc,
+            {
+                "name": "s3",
+                "type": "sms",
+                "segments": ["email-optin"],
+                "connection": {"url": "http://127.0.0.1:9", "list_id": "l", "default_region": "EU"},
+                "secrets": {"api_key": "CDP_SMS_API_KEY"},
+            },
+        )
+    assert (region.value.name, region.value.field) == ("s3", "connection")
+    assert "default_region" in region.value.message
 
 
 async def _rows(server: SocialAudienceServer, n: int) -> bool:

@@ -90,6 +90,13 @@ def test_registry_lists_every_kind() -> None:
         ("social", {"url": "http://h"}, {"api_key": "k"}),
         ("ads", {"url": "http://h", "list_id": "l", "max_per_request": 0}, {"api_key": "k"}),
         ("audience_sharing", {"url": "http://h", "timeout": -1}, {"api_key": "k"}),
+        ("sms", {"url": "http://h", "list_id": "l"}, {"api_key": "k"}),  # no phone region
+        (
+            "social",
+            {"url": "http://h", "audience_id": "a", "default_region": "XX"},
+            {"api_key": "k"},
+        ),
+        ("ads", {"url": "http://h", "list_id": "l", "default_region": 33}, {"api_key": "k"}),
         ("nats", {"subject": "out.{segment}"}, {}),
     ],
 )
@@ -210,7 +217,9 @@ async def test_sms_by_phone_and_skips_items_without_phone(
     session: aiohttp.ClientSession,
 ) -> None:
     async with SmsListServer(token=TOKEN) as server:
-        conn = CONNECTORS["sms"]({"url": server.url, "list_id": "S1"}, {"api_key": TOKEN})
+        conn = CONNECTORS["sms"](
+            {"url": server.url, "list_id": "S1", "default_region": "US"}, {"api_key": TOKEN}
+        )
         no_phone = act("p3", email=["c@example.com"])
         assert not conn.addressable(no_phone)
         await conn.send(
@@ -236,6 +245,24 @@ async def test_sms_by_phone_and_skips_items_without_phone(
         assert server.members("S1") == {"+442071838750"}
 
 
+@pytest.mark.asyncio
+async def test_sms_reads_national_numbers_in_its_region(session: aiohttp.ClientSession) -> None:
+    french = act("p1", phone=["06 62 99 23 12"])
+    async with SmsListServer(token=TOKEN) as server:
+        conn = CONNECTORS["sms"](
+            {"url": server.url, "list_id": "S1", "default_region": "fr"}, {"api_key": TOKEN}
+        )
+        await conn.send(session, SEG, [french])
+        assert server.received[-1].json == {
+            "subscribers": [{"phone": "+33662992312", "fields": {}}]
+        }
+    # In region US the same digits are no valid number: nothing is sent, no +1 guess.
+    us = CONNECTORS["sms"](
+        {"url": "http://h", "list_id": "S1", "default_region": "US"}, {"api_key": TOKEN}
+    )
+    assert not us.addressable(french)
+
+
 # -- social and ads: hashed only ---------------------------------------------------------
 
 RAW_EMAIL = " John.Doe@Example.COM "
@@ -257,7 +284,9 @@ async def test_social_sends_only_sha256_of_normalised_values(
     session: aiohttp.ClientSession,
 ) -> None:
     async with SocialAudienceServer(token=TOKEN) as server:
-        conn = CONNECTORS["social"]({"url": server.url, "audience_id": "A9"}, {"api_key": TOKEN})
+        conn = CONNECTORS["social"](
+            {"url": server.url, "audience_id": "A9", "default_region": "US"}, {"api_key": TOKEN}
+        )
         digest = sha("pre@hashed.example").upper()
         items = [
             act("p1", email=[RAW_EMAIL], phone=[RAW_PHONE]),
@@ -293,7 +322,9 @@ async def test_ads_sends_hashed_members_and_raw_mobile_ids(
     session: aiohttp.ClientSession,
 ) -> None:
     async with AdsCustomerListServer(token=TOKEN) as server:
-        conn = CONNECTORS["ads"]({"url": server.url, "list_id": "CL7"}, {"api_key": TOKEN})
+        conn = CONNECTORS["ads"](
+            {"url": server.url, "list_id": "CL7", "default_region": "US"}, {"api_key": TOKEN}
+        )
         gaid = "38400000-8cf0-11bd-b23e-10b96e40000d"
         items = [
             act("p1", email=[RAW_EMAIL], phone=[RAW_PHONE], gaid=[gaid]),
@@ -384,9 +415,13 @@ ITEM = act("p1", email=["a@example.com"], phone=["+14155552671"])
 HTTP_CASES: dict[str, tuple[type[FakeProvider], dict[str, Any], dict[str, str]]] = {
     "webhook": (WebhookServer, {}, {"signing_secret": "s"}),
     "email": (EmailListServer, {"list_id": "L"}, {"api_key": "k"}),
-    "sms": (SmsListServer, {"list_id": "L"}, {"api_key": "k"}),
-    "social": (SocialAudienceServer, {"audience_id": "A"}, {"api_key": "k"}),
-    "ads": (AdsCustomerListServer, {"list_id": "L"}, {"api_key": "k"}),
+    "sms": (SmsListServer, {"list_id": "L", "default_region": "US"}, {"api_key": "k"}),
+    "social": (
+        SocialAudienceServer,
+        {"audience_id": "A", "default_region": "US"},
+        {"api_key": "k"},
+    ),
+    "ads": (AdsCustomerListServer, {"list_id": "L", "default_region": "US"}, {"api_key": "k"}),
 }
 """kind -> (its fake server, extra settings, secrets)."""
 
@@ -447,7 +482,7 @@ async def test_timeouts_are_retryable(kind: str, session: aiohttp.ClientSession)
 @pytest.mark.parametrize("kind", [*HTTP_KINDS, "audience_sharing"])
 async def test_connection_refused_is_retryable(kind: str, session: aiohttp.ClientSession) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    settings = {"url": url, "list_id": "L", "audience_id": "A"}
+    settings = {"url": url, "list_id": "L", "audience_id": "A", "default_region": "US"}
     conn = CONNECTORS[kind](settings, {"api_key": "k", "signing_secret": "s"})
     with pytest.raises(DeliveryError) as err:
         if kind == "audience_sharing":

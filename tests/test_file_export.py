@@ -149,11 +149,17 @@ async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
     await eventually(lambda: _true(len(list((sftp_server.root / "drop").glob("*.csv"))) == 2))
     uploaded = sorted((sftp_server.root / "drop").glob("*.csv"))
     assert [p.read_bytes() for p in uploaded] == [p.read_bytes() for p in exported(folder)]
-    jobs = await admin.request(nc, subjects.admin("destination", "jobs"), BatchList(), JobList)
-    assert [(j.kind, j.trigger, j.status, j.total) for j in jobs.jobs] == [
+    want = [
         ("export:crm-file", "after_segmentation", "succeeded", 2),
         ("export:crm-file", "after_segmentation", "succeeded", 3),
     ]
+
+    async def recorded() -> bool:
+        # The job record is committed once the file is written and uploaded: wait for it.
+        jobs = await admin.request(nc, subjects.admin("destination", "jobs"), BatchList(), JobList)
+        return [(j.kind, j.trigger, j.status, j.total) for j in jobs.jobs] == want
+
+    await eventually(recorded, timeout=30)
 
 
 async def _true(value: bool) -> bool:

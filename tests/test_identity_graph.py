@@ -41,7 +41,9 @@ def sequential_ids() -> Callable[[], str]:
 
 
 def make_graph(max_identities: int = 50) -> IdentityGraph:
-    return IdentityGraph(NAMESPACES, max_identities, new_profile_id=sequential_ids())
+    return IdentityGraph(
+        NAMESPACES, max_identities, new_profile_id=sequential_ids(), default_region="US"
+    )
 
 
 class World:
@@ -84,29 +86,29 @@ class World:
 
 def test_emails_are_trimmed_and_lower_cased() -> None:
     email = NAMESPACES["email"]
-    assert normalize(email, "email", " A@B.com ") == "a@b.com"
-    assert normalize(email, "email", "a@b.com") == "a@b.com"
-    assert normalize(email, "email", "   ") is None
+    assert normalize(email, "email", " A@B.com ", "US") == "a@b.com"
+    assert normalize(email, "email", "a@b.com", "US") == "a@b.com"
+    assert normalize(email, "email", "   ", "US") is None
 
 
 def test_phones_become_e164() -> None:
     phone = NAMESPACES["phone"]
-    assert normalize(phone, "phone", "+1 (415) 555-0100") == "+14155550100"
-    assert normalize(phone, "phone", "(415) 555-0100") == "+14155550100"
+    assert normalize(phone, "phone", "+1 (415) 555-0100", "US") == "+14155550100"
+    assert normalize(phone, "phone", "(415) 555-0100", "US") == "+14155550100"
     assert normalize(phone, "phone", "020 7946 0958", default_region="GB") == "+442079460958"
-    assert normalize(phone, "phone", "+44 20 7946 0958") == "+442079460958"
-    assert normalize(phone, "phone", "12") is None
-    assert normalize(phone, "phone", "not a number") is None
-    assert normalize(phone, "phone", "") is None
+    assert normalize(phone, "phone", "+44 20 7946 0958", "US") == "+442079460958"
+    assert normalize(phone, "phone", "12", "US") is None
+    assert normalize(phone, "phone", "not a number", "US") is None
+    assert normalize(phone, "phone", "", "US") is None
 
 
 def test_hashed_values_are_left_as_they_are_but_digests_are_lower_cased() -> None:
     hashed = NAMESPACES["email_sha256"]
     digest = "AB" * 32
-    assert normalize(hashed, "email_sha256", f" {digest} ") == digest.lower()
-    assert normalize(hashed, "email_sha256", "SomeOtherHash") == "SomeOtherHash"
-    assert normalize(None, "partner_id", " Xy ") == "Xy"
-    assert normalize(NAMESPACES["crm_id"], "crm_id", " C-1 ") == "C-1"
+    assert normalize(hashed, "email_sha256", f" {digest} ", "US") == digest.lower()
+    assert normalize(hashed, "email_sha256", "SomeOtherHash", "US") == "SomeOtherHash"
+    assert normalize(None, "partner_id", " Xy ", "US") == "Xy"
+    assert normalize(NAMESPACES["crm_id"], "crm_id", " C-1 ", "US") == "C-1"
 
 
 def test_keys_of_normalises_and_drops_unusable_values() -> None:
@@ -121,7 +123,9 @@ def test_keys_of_normalises_and_drops_unusable_values() -> None:
 
 
 def test_primary_identity_order() -> None:
-    graph = IdentityGraph({**NAMESPACES, "web": Namespace("web", "cookie", priority=5)})
+    graph = IdentityGraph(
+        {**NAMESPACES, "web": Namespace("web", "cookie", priority=5)}, default_region="US"
+    )
 
     def node(key: str, first_seen: float) -> Node:
         ns, _, value = key.partition(":")
@@ -591,4 +595,4 @@ def test_random_records_keep_the_graph_consistent(
 @pytest.mark.parametrize("bad", [0, -1])
 def test_max_identities_must_be_positive(bad: int) -> None:
     with pytest.raises(ValueError, match="max_identities"):
-        IdentityGraph(NAMESPACES, bad)
+        IdentityGraph(NAMESPACES, bad, default_region="US")

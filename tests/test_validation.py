@@ -93,8 +93,8 @@ def event_schema(**extra: Any) -> Schema:
     )
 
 
-PEOPLE = CompiledSchema(people_schema())
-EVENTS = CompiledSchema(event_schema())
+PEOPLE = CompiledSchema(people_schema(), phone_region="US")
+EVENTS = CompiledSchema(event_schema(), phone_region="US")
 LOYALTY: dict[str, Any] = {"loyalty": {}}
 
 
@@ -128,7 +128,7 @@ def test_accepted_json_record_has_builtins_payload_and_identities() -> None:
                 birthDate="1984-02-03",
                 lastSeen="2026-01-02T03:04:05Z",
                 tier="gold",
-                person={"name": {"first": "Ann"}, "phone": "+33123"},
+                person={"name": {"first": "Ann"}, "phone": "+33 6 62 99 23 12"},
                 items=[{"sku": "a", "owner": "bob@example.com"}],
                 attributes={"visits": 3},
                 crmId=None,
@@ -143,13 +143,16 @@ def test_accepted_json_record_has_builtins_payload_and_identities() -> None:
         "birthDate": "1984-02-03",
         "lastSeen": "2026-01-02T03:04:05Z",
         "tier": "gold",
-        "person": {"name": {"first": "Ann"}, "phone": "+33123"},
+        "person": {"name": {"first": "Ann"}, "phone": "+33 6 62 99 23 12"},
         "items": [{"sku": "a", "owner": "bob@example.com"}],
         "attributes": {"visits": 3},
         "loyalty": {},
     }
-    # in schema field order; stripped; fields inside arrays are not identities
-    assert result.identities == [Identity("email", "ann@example.com"), Identity("phone", "+33123")]
+    # in schema field order; stripped; phones in E.164; fields inside arrays are not identities
+    assert result.identities == [
+        Identity("email", "ann@example.com"),
+        Identity("phone", "+33662992312"),
+    ]
     assert result.primary_identity == Identity("email", "ann@example.com")
     assert result.timestamp is None
     assert result.event_type is None
@@ -288,7 +291,7 @@ def test_missing_required_field_in_present_object() -> None:
 
 
 def test_required_field_inside_absent_optional_object_is_not_required() -> None:
-    accepted(PEOPLE.validate_json(people_json(person={"phone": "+1"})))
+    accepted(PEOPLE.validate_json(people_json(person={"phone": "+12015550123"})))
     accepted(PEOPLE.validate_json(people_json()))
 
 
@@ -303,7 +306,7 @@ def test_unknown_field_rejected() -> None:
 
 
 def test_unknown_field_ignored() -> None:
-    ignoring = CompiledSchema(people_schema(unknown_fields="ignore"))
+    ignoring = CompiledSchema(people_schema(unknown_fields="ignore"), phone_region="US")
     result = accepted(
         ignoring.validate_json(people_json(nickname="Annie", person={"nick": 1, "age": 3}))
     )
@@ -320,12 +323,12 @@ def test_object_with_dotted_keys_is_unflattened() -> None:
                 "loyalty.points": 5,
                 "person.name.first": "Ann",
                 "person.name.last": None,
-                "person": {"phone": "+1"},
+                "person": {"phone": "+12015550123"},
             }
         )
     )
     assert result.payload == {
-        "person": {"name": {"first": "Ann"}, "phone": "+1"},
+        "person": {"name": {"first": "Ann"}, "phone": "+12015550123"},
         "loyalty": {"points": 5},
     }
     got = problem(PEOPLE.validate_object({**LOYALTY, "person.name.last": "Lee"}))
@@ -455,7 +458,7 @@ def test_placeholder_regex_and_custom_placeholders() -> None:
     assert is_placeholder(" guest ", limits)
     assert not is_placeholder("anonymous", limits)
     assert is_placeholder("-1", limits) and is_placeholder("00", limits)
-    custom = CompiledSchema(people_schema(), limits)
+    custom = CompiledSchema(people_schema(), limits, phone_region="US")
     got = problem(custom.validate_json(people_json(crmId="GUEST")))
     assert got == Problem(
         "invalid identity", "crmId", "a non-placeholder identity value", "'GUEST'"
@@ -476,13 +479,13 @@ def test_identity_must_be_a_string() -> None:
         class_="profile",
         fields={"loyaltyNo": Field(type="integer", identity="loyalty")},
     )
-    got = problem(CompiledSchema(schema).validate_json(b'{"loyaltyNo": 12}'))
+    got = problem(CompiledSchema(schema, phone_region="US").validate_json(b'{"loyaltyNo": 12}'))
     assert got == Problem("invalid identity", "loyaltyNo", "a string", "integer 12")
 
 
 def many_ids_schema(count: int) -> CompiledSchema:
     fields = {f"id{i}": Field(type="string", identity=f"ns{i}") for i in range(count)}
-    return CompiledSchema(Schema(name="many", class_="profile", fields=fields))
+    return CompiledSchema(Schema(name="many", class_="profile", fields=fields), phone_region="US")
 
 
 def test_identity_count_limit() -> None:
@@ -503,17 +506,45 @@ def test_same_identity_twice_counts_once() -> None:
             "workEmail": Field(type="string", identity="email"),
         },
     )
-    result = accepted(CompiledSchema(schema).validate_object({"email": "a@x", "workEmail": " a@x"}))
+    result = accepted(
+        CompiledSchema(schema, phone_region="US").validate_object(
+            {"email": "a@x", "workEmail": " a@x"}
+        )
+    )
     assert result.identities == [Identity("email", "a@x")]
 
 
+def test_phone_identities_must_be_valid_numbers_and_travel_in_e164() -> None:
+    got = problem(PEOPLE.validate_json(people_json(person={"phone": "0662992312"})))
+    assert got == Problem(
+        "invalid identity",
+        "person.phone",
+        "a valid phone number (E.164, or national in region US)",
+        "'0662992312'",
+    )
+    french = CompiledSchema(people_schema(), phone_region="FR")
+    for result in (
+        french.validate_json(people_json(person={"phone": "06 62 99 23 12"})),
+        french.validate_row({"loyalty.points": "1", "person.phone": "0662992312"}),
+        PEOPLE.validate_object({**LOYALTY, "person": {"phone": " +33 6 62 99 23 12 "}}),
+    ):
+        assert accepted(result).identities == [Identity("phone", "+33662992312")]
+    # the reason is given once per bad field, with the other problems of the record
+    both = PEOPLE.validate_json(people_json(crmId="unknown", person={"phone": "+1 555"}))
+    assert isinstance(both, list)
+    assert [(p.path, p.reason) for p in both] == [
+        ("crmId", "invalid identity"),
+        ("person.phone", "invalid identity"),
+    ]
+
+
 def test_require_identity() -> None:
-    strict = CompiledSchema(people_schema(), require_identity=True)
+    strict = CompiledSchema(people_schema(), require_identity=True, phone_region="US")
     got = problem(strict.validate_json(people_json(age=3)))
     assert got == Problem(
         "no identity", "", "an identity value in one of: email, crmId, person.phone", "none"
     )
-    accepted(strict.validate_json(people_json(person={"phone": "+1"})))
+    accepted(strict.validate_json(people_json(person={"phone": "+12015550123"})))
     assert accepted(PEOPLE.validate_json(people_json(age=3))).identities == []
 
 
@@ -521,7 +552,9 @@ def test_primary_identity_selection() -> None:
     both = accepted(PEOPLE.validate_json(people_json(email="a@x", crmId="C1")))
     assert both.identities == [Identity("email", "a@x"), Identity("crm", "C1")]
     assert both.primary_identity == Identity("crm", "C1")
-    first = accepted(PEOPLE.validate_json(people_json(email="a@x", person={"phone": "+1"})))
+    first = accepted(
+        PEOPLE.validate_json(people_json(email="a@x", person={"phone": "+12015550123"}))
+    )
     assert first.primary_identity == Identity("email", "a@x")
     none = accepted(PEOPLE.validate_json(people_json()))
     assert none.primary_identity is None
@@ -556,7 +589,7 @@ def test_record_size_limit() -> None:
     assert (got.reason, got.expected) == ("record too large", "at most 1048576 bytes")
     got = problem(EVENTS.validate_json(b" " * 2_000_000))
     assert got.reason == "record too large"
-    small = CompiledSchema(people_schema(), Limits(max_record_bytes=100))
+    small = CompiledSchema(people_schema(), Limits(max_record_bytes=100), phone_region="US")
     accepted(small.validate_json(people_json(email="a@x")))
     assert problem(small.validate_json(people_json(email="a" * 100))).reason == "record too large"
 
@@ -630,7 +663,8 @@ def test_event_with_custom_nested_timestamp_and_type_fields() -> None:
                 "meta": {"type": "object", "fields": {"at": {"type": "datetime"}}},
                 "kind": {"type": "enum", "enum": ["view", "click"]},
             },
-        )
+        ),
+        phone_region="US",
     )
     result = accepted(custom.validate_object({"meta.at": "2026-01-01T00:00:00Z", "kind": "click"}))
     assert (result.timestamp, result.event_type) == (1_767_225_600.0, "click")
@@ -639,7 +673,7 @@ def test_event_with_custom_nested_timestamp_and_type_fields() -> None:
 
 
 def test_profile_timestamp_field() -> None:
-    timed = CompiledSchema(people_schema(timestamp_field="lastSeen"))
+    timed = CompiledSchema(people_schema(timestamp_field="lastSeen"), phone_region="US")
     result = accepted(timed.validate_json(people_json(lastSeen="2026-01-01T00:00:00Z")))
     assert result.timestamp == 1_767_225_600.0
     assert accepted(timed.validate_json(people_json())).timestamp is None
@@ -653,7 +687,7 @@ def test_profile_timestamp_field() -> None:
 
 
 def test_deep_nesting_is_a_problem_not_a_crash() -> None:
-    ignoring = CompiledSchema(people_schema(unknown_fields="ignore"))
+    ignoring = CompiledSchema(people_schema(unknown_fields="ignore"), phone_region="US")
     deep = b'{"loyalty": {}, "junk": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     assert problem(ignoring.validate_json(deep)).reason == "invalid value"
     nested: Any = []

@@ -11,7 +11,7 @@ import msgspec
 from nats.aio.subscription import Subscription
 
 from services.destination.connectors import CONNECTORS
-from services.destination.connectors.base import ConnectorSettingsError
+from services.destination.connectors.base import REGION_SETTING, ConnectorSettingsError
 from services.destination.export_job import run_export
 from services.destination.model import SegmentMeta
 from shared import admin, subjects
@@ -89,7 +89,7 @@ class DestinationAdmin:
     # -- configuration ---------------------------------------------------------------------------
     async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
         planned: list[tuple[Destination, ApplyResult]] = []
-        known = await self._segments()
+        known = await self._segments() | request.known("segment")  # a dry run's too
         for obj in request.objects:
             dest = decode_object(obj, KIND, "destination", Destination)
             self._check(dest, known)
@@ -172,7 +172,10 @@ class DestinationAdmin:
         connector = CONNECTORS.get(dest.type)
         if connector is not None and dest.type != "nats":
             try:  # settings checked now; secret values are read only when sending
-                connector(dest.connection, {k: "(set at delivery)" for k in dest.secrets})
+                connector(
+                    {REGION_SETTING: self.svc.settings.phone_region, **dest.connection},
+                    {k: "(set at delivery)" for k in dest.secrets},
+                )
             except ConnectorSettingsError as exc:
                 raise fail("connection", str(exc)) from None
 

@@ -28,6 +28,7 @@ import msgspec
 from services.destination.activation import backoff, build
 from services.destination.admin import DestinationAdmin
 from services.destination.connectors import CONNECTORS
+from services.destination.connectors.base import REGION_SETTING
 from services.destination.model import Activation, DeliveryError
 from services.destination.store import (
     BUMP_STATS,
@@ -385,7 +386,7 @@ class DestinationService(Service):
         if cached is not None and cached[0] is dest:
             return cached[1]
         secrets = {k: os.environ.get(env, "") for k, env in dest.secrets.items()}
-        settings = {**dest.connection}
+        settings = {REGION_SETTING: self.settings.phone_region, **dest.connection}
         if dest.type == "nats":
             settings["_nc"] = self.nc
         try:

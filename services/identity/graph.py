@@ -342,7 +342,8 @@ class IdentityGraph:
         namespaces: Mapping[str, Namespace],
         max_identities: int = 50,
         new_profile_id: Callable[[], str] = default_profile_id,
-        default_region: str = "US",
+        *,
+        default_region: str,
     ) -> None:
         if max_identities < 1:
             raise ValueError("max_identities must be at least 1")

@@ -53,6 +53,7 @@ from shared.messages import (
     msgpack_encoder,
     record_batch_decoder,
 )
+from shared.normalize import Unusable, normalized
 from shared.resources import BUILTIN_NAMESPACES, Namespace
 from shared.runtime import Batch, ConsumerSpec, Service
 from shared.runtime.partitioned import PartitionedOutput
@@ -139,7 +140,7 @@ class IdentityService(Service):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_identities = _env_int("CDP_IDENTITY_MAX_GRAPH_SIZE", 50)
-        self.phone_region = os.environ.get("CDP_PHONE_REGION", "US")
+        self.phone_region = self.settings.phone_region
         self.namespaces: dict[str, Namespace] = {n.symbol: n for n in BUILTIN_NAMESPACES}
         self.graph = self._new_graph()
         self._subs: list[Subscription] = []
@@ -433,7 +434,16 @@ class IdentityService(Service):
         identity = parse_identity(request.identity)
         keys = self.graph.keys_of([identity])
         if not keys:
-            raise AdminFailure("not_found", f"{request.identity} is not a usable identity value")
+            why = normalized(
+                self.namespaces.get(identity.namespace),
+                identity.namespace,
+                identity.value,
+                self.phone_region,
+            )
+            reason = f" ({why.reason})" if isinstance(why, Unusable) else ""
+            raise AdminFailure(
+                "not_found", f"{request.identity} is not a usable identity value{reason}"
+            )
         ws = await self._load({keys[0]})
         node = ws.nodes.get(keys[0])
         if node is None:

@@ -63,7 +63,12 @@ class IngestService(Service):
         compiled = self._compiled.get(dataset)
         if compiled is None:
             schema = self.registry.schemas[ds.schema]
-            compiled = CompiledSchema(schema, self.limits, require_identity=ds.profile_enabled)
+            compiled = CompiledSchema(
+                schema,
+                self.limits,
+                require_identity=ds.profile_enabled,
+                phone_region=self.settings.phone_region,
+            )
             self._compiled[dataset] = compiled
         return ds, compiled
 

@@ -19,7 +19,9 @@ Conventions:
 - dotted keys (`"person.name.first"`) of objects and CSV rows are unflattened first; JSON bytes
   are taken as they are;
 - identity fields are fields with `Field.identity` reached through objects only (not through
-  arrays or maps); their values are stripped of surrounding whitespace.
+  arrays or maps); their values are stripped of surrounding whitespace;
+- a value of namespace `phone` must be a valid phone number (international with a leading
+  "+", else national in the schema's phone region) and travels on in E.164.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from shared.messages import Identity
+from shared.normalize import PHONE, Unusable, phone_e164
 from shared.resources import Field, Schema
 
 __all__ = [
@@ -94,7 +97,7 @@ class Accepted(msgspec.Struct):
     """The record as JSON-compatible builtins (dates and datetimes as ISO strings); absent and
     null optional fields are left out, and so are unknown fields of an "ignore" schema."""
     identities: list[Identity]
-    """Every distinct identity value, in schema field order."""
+    """Every distinct identity value, in schema field order (phones in E.164)."""
     primary_identity: Identity | None
     """The value of the first present field marked primary, else the first identity."""
     timestamp: float | None
@@ -488,11 +491,22 @@ class CompiledSchema:
     """"profile" or "event"."""
 
     def __init__(
-        self, schema: Schema, limits: Limits = DEFAULT_LIMITS, require_identity: bool = False
+        self,
+        schema: Schema,
+        limits: Limits = DEFAULT_LIMITS,
+        require_identity: bool = False,
+        *,
+        phone_region: str,
     ) -> None:
+        """`phone_region`: the region of phone identities written without a country code
+        (`CDP_PHONE_REGION`)."""
         self.schema = schema
         self.limits = limits
         self.require_identity = require_identity
+        self.phone_region = phone_region
+        self._phone_expected = (
+            f"a valid phone number (E.164, or national in region {_shorten(phone_region)})"
+        )
         self.record_class = schema.class_
         self.fields = effective_fields(schema)
         compiler = _Compiler(schema.name, forbid_unknown=schema.unknown_fields == "reject")
@@ -680,6 +694,19 @@ class CompiledSchema:
                     )
                 )
             else:
+                if namespace == PHONE:
+                    e164 = phone_e164(stripped, self.phone_region)
+                    if isinstance(e164, Unusable):
+                        problems.append(
+                            Problem(
+                                "invalid identity",
+                                path,
+                                self._phone_expected,
+                                _shorten(_repr_str(value)),
+                            )
+                        )
+                        continue
+                    stripped = e164
                 identity = Identity(namespace, stripped)
                 if identity not in identities:
                     identities.append(identity)

@@ -16,15 +16,13 @@ from shared import subjects
 from shared.admin import AdminError, AdminFailure, AdminReply
 from shared.db import write_lock
 from shared.messages import ExperienceEvent, Identity
-from shared.normalize import normalize
-from shared.resources import BUILTIN_NAMESPACES
+from shared.normalize import Unusable
 
 if TYPE_CHECKING:
     from services.profile.service import ProfileService
 
 _value_decoder = msgspec.msgpack.Decoder()
 _encoder = msgspec.json.Encoder()
-_NAMESPACES = {n.symbol: n for n in BUILTIN_NAMESPACES}
 
 
 class ProfileLookup(msgspec.Struct):
@@ -135,6 +133,12 @@ class ProfileLookups:
     async def _lookup(self, request: ProfileLookup) -> ProfileView:
         if request.profile_id is not None:
             pid = await self._by_profile_id(request.profile_id)
+        elif not request.identity:
+            raise AdminFailure(
+                "invalid",
+                "a lookup names an identity (<namespace>:<value>) or a profile_id",
+                field="identity",
+            )
         else:
             pid = await self._by_identity(request.identity)
         return await self._view(pid, request)
@@ -147,9 +151,12 @@ class ProfileLookups:
                 f"expected <namespace>:<value>, got {identity!r}",
                 field="identity",
             )
-        value = normalize(_NAMESPACES.get(namespace), namespace, raw)
-        if value is None:
-            raise AdminFailure("not_found", f"{identity} is not a usable identity value")
+        value = self.svc.namespaces.normalized(namespace, raw)
+        if isinstance(value, Unusable):
+            raise AdminFailure(
+                "not_found",
+                f"{identity} is not a usable identity value ({value.reason})",
+            )
         db = self.svc.db
         rows = await db.execute_fetchall(
             "SELECT profile_id FROM identities WHERE namespace = ? AND value = ?",

@@ -73,7 +73,7 @@ class MergePolicies:
             scratch[policy.name] = policy
             results.append(apply_result(KIND, policy.name, current, policy))
         ordered = [scratch[k] for k in sorted(scratch)]
-        known = set(self.svc.datasets)
+        known = set(self.svc.datasets) | request.known("dataset")  # a dry run's too
         for name in {d for p in ordered for d in p.datasets} - known:
             if await self._dataset_exists(name):  # applied a moment ago, not seen here yet
                 known.add(name)

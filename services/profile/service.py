@@ -18,6 +18,7 @@ import msgspec
 
 from services.profile.lookup import ProfileLookups
 from services.profile.merge import AttributeValue, default_policy
+from services.profile.namespaces import ProfileNamespaces
 from services.profile.policies import MergePolicies
 from services.profile.step import Loaded, ProfileStep, StoredEvent
 from services.profile.store import MIGRATIONS, UPSERT_DATASET, UPSERT_MEMBERSHIP
@@ -66,6 +67,7 @@ class ProfileService(Service):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.datasets: dict[str, Dataset] = {}
+        self.namespaces = ProfileNamespaces(self)
         self.policies = MergePolicies(self)
         self.lookups = ProfileLookups(self)
         self._expiry: asyncio.Task[None] | None = None
@@ -79,6 +81,7 @@ class ProfileService(Service):
                 filter_subjects=(subjects.config("dataset", "*"),),
                 description="datasets (event expiration), from ingest's configuration",
             ),
+            self.namespaces.consumer(),
             ConsumerSpec(
                 "profile-memberships",
                 subjects.STREAM_MEMBERSHIP,
@@ -96,6 +99,7 @@ class ProfileService(Service):
     async def on_start(self) -> None:
         for name, spec in await self.db.execute_fetchall("SELECT name, spec FROM datasets"):
             self.datasets[str(name)] = _dataset_decoder.decode(spec)
+        await self.namespaces.load()
         await self.policies.start()
         await self.lookups.start()
         self._expiry = asyncio.create_task(self._expire_events(), name="expire-events")

@@ -1,5 +1,5 @@
 """The profile service's SQLite state: attributes per dataset, events, identities,
-profiles, merge policies and the dataset configuration it follows."""
+profiles, merge policies and the dataset and namespace configuration it follows."""
 
 from __future__ import annotations
 
@@ -80,10 +80,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "profile",
+        3,
+        """
+        CREATE TABLE namespaces (
+            symbol TEXT PRIMARY KEY,
+            spec BLOB NOT NULL
+        )
+        """,
+    ),
 )
 """Version 2: an event's anchor (the identity it follows), and `carried`: the records that
 carry a person identity they are not anchored on (a privacy delete of that person reaches
-them). Events stored before version 2 have no anchor and stay where they are."""
+them). Events stored before version 2 have no anchor and stay where they are. Version 3:
+the identity namespaces the profile service follows (lookups normalise as identity does)."""
 
 UPSERT_PROFILE = (
     "INSERT INTO profiles (profile_id, created_at, updated_at) VALUES (?, ?, ?) "
@@ -140,4 +151,8 @@ UPSERT_SCHEMA = (
 UPSERT_POLICY = (
     "INSERT INTO merge_policies (name, spec, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at"
+)
+UPSERT_NAMESPACE = (
+    "INSERT INTO namespaces (symbol, spec) VALUES (?, ?) ON CONFLICT (symbol) DO UPDATE SET "
+    "spec = excluded.spec"
 )

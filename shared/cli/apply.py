@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,14 @@ import yaml
 from nats.aio.client import Client
 
 from shared import admin, subjects
-from shared.admin import AdminFailure, ApplyBatch, ApplyBatchResult, ApplyResult, ConfigObject
+from shared.admin import (
+    AdminFailure,
+    ApplyBatch,
+    ApplyBatchResult,
+    ApplyResult,
+    ConfigObject,
+    object_name,
+)
 from shared.cli.client import ClientError
 from shared.resources import APPLY_ORDER, KINDS, OWNERS, PLURALS
 
@@ -65,10 +73,34 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def load_files(paths: Sequence[Path]) -> tuple[list[ConfigObject], dict[tuple[str, str], str]]:
+    """Objects of several configuration files as one, in dependency order, and the file
+    each object comes from (by kind and name)."""
+    objects: list[ConfigObject] = []
+    sources: dict[tuple[str, str], str] = {}
+    for path in paths:
+        for obj in load_file(path):
+            objects.append(obj)
+            name = object_name(obj.kind, obj.spec)
+            if name is not None:
+                sources[obj.kind, name] = str(path)
+    rank = {kind: i for i, kind in enumerate(APPLY_ORDER)}
+    return sorted(objects, key=lambda o: rank[o.kind]), sources
+
+
 async def apply_objects(
-    nc: Client, objects: list[ConfigObject], dry_run: bool, file: str
+    nc: Client,
+    objects: list[ConfigObject],
+    dry_run: bool,
+    file: str,
+    sources: Mapping[tuple[str, str], str] | None = None,
 ) -> list[ApplyResult]:
-    """Send each owning service its objects, in order. Errors name file, object, field."""
+    """Send each owning service its objects, in order. Errors name file, object, field
+    (the object's own file when `sources` says which it is).
+
+    A dry run stores nothing, so each owner also gets the objects sent before its own as
+    `context`: a merge policy may name a dataset of the same file, a segment a merge policy,
+    a destination a segment."""
     groups: dict[str, list[ConfigObject]] = defaultdict(list)
     order: list[str] = []
     for obj in objects:
@@ -77,20 +109,23 @@ async def apply_objects(
             order.append(owner)
         groups[owner].append(obj)
     results: list[ApplyResult] = []
+    earlier: list[ConfigObject] = []
     for owner in order:
         try:
             reply = await admin.request(
                 nc,
                 subjects.admin(owner, "apply"),
-                ApplyBatch(groups[owner], dry_run),
+                ApplyBatch(groups[owner], dry_run, context=list(earlier) if dry_run else []),
                 ApplyBatchResult,
             )
         except AdminFailure as exc:
             where = exc.where()
-            raise ClientError(f"{file}: {where + ': ' if where else ''}{exc.message}") from None
+            origin = (sources or {}).get((exc.kind or "", exc.name or ""), file)
+            raise ClientError(f"{origin}: {where + ': ' if where else ''}{exc.message}") from None
         except nats.errors.NoRespondersError:
             raise ClientError(f"the {owner} service is not running") from None
         except nats.errors.TimeoutError:
             raise ClientError(f"the {owner} service did not answer in time") from None
         results += reply.results
+        earlier += groups[owner]
     return results

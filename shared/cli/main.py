@@ -46,7 +46,7 @@ from shared.admin import (
     StatusRequest,
 )
 from shared.cli import people
-from shared.cli.apply import apply_objects, load_file
+from shared.cli.apply import apply_objects, load_files
 from shared.cli.check import CheckReport, wait_landed
 from shared.cli.check import check as run_check
 from shared.cli.client import ClientError, connect
@@ -157,7 +157,12 @@ def health() -> None:
 # -- configuration ----------------------------------------------------------------------------
 @app.command()
 def apply(
-    file: Annotated[Path, typer.Option("-f", "--file", help="Configuration file (YAML).")],
+    file: Annotated[
+        list[Path],
+        typer.Option(
+            "-f", "--file", help="Configuration file (YAML); repeat it to apply several as one."
+        ),
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the changes, apply nothing.")
     ] = False,
@@ -166,9 +171,10 @@ def apply(
     """Create or update namespaces, schemas and datasets from a file (idempotent)."""
 
     async def go() -> None:
-        objects = load_file(file)
+        objects, sources = load_files(file)
+        label = ", ".join(str(f) for f in file)
         async with connect(nats_url) as nc:
-            results = await apply_objects(nc, objects, dry_run, str(file))
+            results = await apply_objects(nc, objects, dry_run, label, sources)
         verbs = {"created": "would create", "updated": "would update", "unchanged": "unchanged"}
         for r in results:
             verb = verbs[r.action] if dry_run else r.action

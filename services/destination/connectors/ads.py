@@ -1,7 +1,7 @@
 """Ad network customer match API: add and remove members of a customer list.
 
-Settings: `url` (API base), `list_id` (required), `default_region`, `max_per_request`,
-`timeout`. Secrets: `api_key` (bearer token).
+Settings: `url` (API base), `list_id` (required), `default_region` (the service's
+`CDP_PHONE_REGION` unless set), `max_per_request`, `timeout`. Secrets: `api_key` (bearer token).
 - realized/existing -> POST {url}/customer-lists/{list_id}:addMembers
 - exited -> POST {url}/customer-lists/{list_id}:removeMembers
 Body: `{"members": [{"hashedEmail": ..., "hashedPhoneNumber": ..., "mobileId": ...}]}`, one
@@ -20,7 +20,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from services.destination.connectors.base import HttpConnector, require, split_by_status
+from services.destination.connectors.base import (
+    HttpConnector,
+    phone_region,
+    require,
+    split_by_status,
+)
 from services.destination.connectors.identities import email_hashes, mobile_ids, phone_hashes
 from services.destination.model import Activation, SegmentMeta
 
@@ -33,6 +38,7 @@ class AdsConnector(HttpConnector):
 
     def __init__(self, settings: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         super().__init__(settings, secrets)
+        self.default_region = phone_region(settings, self.kind)
         self.list_path = "/customer-lists/" + quote(
             require(settings, "list_id", self.kind), safe=""
         )

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import aiohttp
 import msgspec
+import phonenumbers
 
 from services.destination.errors import DestinationError
 from services.destination.model import Activation, DeliveryError, SegmentMeta
@@ -137,6 +138,24 @@ def require(settings: Mapping[str, Any], name: str, kind: str) -> str:
     return value.strip()
 
 
+REGION_SETTING = "default_region"
+"""Region of phone numbers written without a country code. The destination service puts its
+own (`CDP_PHONE_REGION`) in every connector's settings unless the destination's connection
+names one."""
+
+
+def phone_region(settings: Mapping[str, Any], kind: str) -> str:
+    """The region connectors that send phone numbers read national numbers in."""
+    value = settings.get(REGION_SETTING)
+    region = value.strip().upper() if isinstance(value, str) else ""
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ConnectorSettingsError(
+            f"{kind}: setting {REGION_SETTING!r} must be a region code with a known numbering "
+            "plan, e.g. US, GB, FR"
+        )
+    return region
+
+
 def require_secret(secrets: Mapping[str, str], name: str, kind: str) -> str:
     value = secrets.get(name)
     if not value:
@@ -174,8 +193,6 @@ class HttpConnector:
         self.timeout = aiohttp.ClientTimeout(
             total=positive_float(settings, "timeout", DEFAULT_TIMEOUT, self.kind)
         )
-        region = settings.get("default_region", "US")
-        self.default_region = region if isinstance(region, str) and region else "US"
         self._token = (
             require_secret(secrets, self.token_secret, self.kind) if self.token_secret else None
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from services.destination.model import Activation
-from shared.normalize import HEX_DIGEST_RE, normalize, normalize_phone
+from shared.normalize import HEX_DIGEST_RE, normalize_email, normalize_phone
 
 EMAIL = "email"
 PHONE = "phone"
@@ -30,12 +30,13 @@ def _unique(values: list[str]) -> list[str]:
 
 def emails(a: Activation) -> list[str]:
     """The activation's emails, trimmed and lower-cased, in order, without repeats."""
-    out = [normalize(None, EMAIL, v) for v in a.identities.get(EMAIL, ())]
+    out = [normalize_email(v) for v in a.identities.get(EMAIL, ())]
     return _unique([v for v in out if v])
 
 
-def phones(a: Activation, default_region: str = "US") -> list[str]:
-    """The activation's phones in E.164, in order, without repeats (unusable ones dropped)."""
+def phones(a: Activation, default_region: str) -> list[str]:
+    """The activation's phones in E.164, in order, without repeats (numbers that are not valid
+    dropped); national numbers are read in `default_region`."""
     out = [normalize_phone(v, default_region) for v in a.identities.get(PHONE, ())]
     return _unique([v for v in out if v])
 
@@ -50,7 +51,7 @@ def email_hashes(a: Activation) -> list[str]:
     return _unique([sha256_hex(v) for v in emails(a)] + _digests(a, EMAIL_SHA256))
 
 
-def phone_hashes(a: Activation, default_region: str = "US") -> list[str]:
+def phone_hashes(a: Activation, default_region: str) -> list[str]:
     """SHA-256 of each E.164 phone, then the `phone_sha256` digests."""
     return _unique([sha256_hex(v) for v in phones(a, default_region)] + _digests(a, PHONE_SHA256))
 

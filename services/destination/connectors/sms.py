@@ -1,7 +1,8 @@
 """SMS provider list API: add and remove subscribers by phone number (E.164).
 
 Settings: `url` (API base), `list_id` (required), `default_region` (for numbers without a
-country code, default US), `max_per_request`, `timeout`. Secrets: `api_key` (bearer token).
+country code; the service's `CDP_PHONE_REGION` unless set), `max_per_request`, `timeout`.
+Secrets: `api_key` (bearer token).
 - realized/existing -> POST {url}/lists/{list_id}/subscribers
   `{"subscribers": [{"phone": <first phone>, "fields": {mapped attributes}}]}`
 - exited -> POST {url}/lists/{list_id}/subscribers:remove `{"phones": [every phone]}`
@@ -17,7 +18,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from services.destination.connectors.base import HttpConnector, require, split_by_status
+from services.destination.connectors.base import (
+    HttpConnector,
+    phone_region,
+    require,
+    split_by_status,
+)
 from services.destination.connectors.identities import phones
 from services.destination.model import Activation, SegmentMeta
 
@@ -28,6 +34,7 @@ class SmsConnector(HttpConnector):
 
     def __init__(self, settings: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         super().__init__(settings, secrets)
+        self.default_region = phone_region(settings, self.kind)
         self.list_path = "/lists/" + quote(require(settings, "list_id", self.kind), safe="")
 
     def addressable(self, a: Activation) -> bool:

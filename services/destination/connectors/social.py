@@ -1,7 +1,7 @@
 """Social network custom audience API: add and remove users by hashed email and phone.
 
-Settings: `url` (API base), `audience_id` (required), `default_region`, `max_per_request`,
-`timeout`. Secrets: `api_key` (bearer token).
+Settings: `url` (API base), `audience_id` (required), `default_region` (the service's
+`CDP_PHONE_REGION` unless set), `max_per_request`, `timeout`. Secrets: `api_key` (bearer token).
 - realized/existing -> POST {url}/audiences/{audience_id}/users
 - exited -> POST {url}/audiences/{audience_id}/users:remove
 Body: `{"schema": ["EMAIL_SHA256", "PHONE_SHA256"], "data": [[email hash or "", phone hash
@@ -20,7 +20,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from services.destination.connectors.base import HttpConnector, require, split_by_status
+from services.destination.connectors.base import (
+    HttpConnector,
+    phone_region,
+    require,
+    split_by_status,
+)
 from services.destination.connectors.identities import email_hashes, phone_hashes
 from services.destination.model import Activation, SegmentMeta
 
@@ -33,6 +38,7 @@ class SocialConnector(HttpConnector):
 
     def __init__(self, settings: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         super().__init__(settings, secrets)
+        self.default_region = phone_region(settings, self.kind)
         audience = require(settings, "audience_id", self.kind)
         self.users_path = "/audiences/" + quote(audience, safe="") + "/users"
 
