@@ -30,10 +30,10 @@ from services.segmentation.evaluate import ProfileFacts, evaluate, next_change, 
 from services.segmentation.store import (
     CAP_EVENTS,
     DELETE_TIMER,
+    INSERT_EVENT,
     MIGRATIONS,
     MOVE_EVENTS,
     REMOVE_EVENT,
-    UPSERT_EVENT,
     UPSERT_FACTS,
     UPSERT_MEMBERSHIP,
     UPSERT_TIMER,
@@ -107,6 +107,10 @@ class _Profile:
     timers: dict[str, float] = field(default_factory=dict)
     """segment -> when the profile is due to be evaluated again"""
     job_id: str | None = None
+    moved_in: set[str] = field(default_factory=set)
+    """Batch segments a merge moved onto this profile in this batch (not announced yet)."""
+    capped: bool = False
+    """Events arrived: the 5,000-event cap is applied."""
     known: bool = False
     """Segmentation has the profile's view (stored, or carried by a change of the batch)."""
     changed_at: float | None = None
@@ -128,10 +132,6 @@ class _Writes:
 
     def add_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         self.rows.setdefault(sql, []).extend(rows)
-
-    def into(self, tx: Tx) -> None:
-        for sql, rows in self.rows.items():
-            tx.add_many(sql, rows)
 
 
 class SegmentationService(Service):
@@ -183,20 +183,17 @@ class SegmentationService(Service):
     # -- the actor -------------------------------------------------------------------------
     async def handle_changes(self, batch: Batch) -> None:
         """Load every profile the items name (a query per table), apply the items in order
-        in memory (changes, merges, deletes, rechecks), evaluate what they may affect, and
-        write the outcome once per table."""
+        in memory (changes, merges, deletes, rechecks) with the writes to events in the same
+        order, evaluate what they may affect, and write the rest once per table."""
         items = [i for d in batch.deliveries for i in change_batch_decoder.decode(d.data).items]
         now = time.time()
         profiles = await self._load(items, now)
         job_scanned: dict[str, int] = defaultdict(int)
         streaming = [s for s in self.catalog.segments.values() if s.streaming]
         w = _Writes()
+        tx = batch.tx
         folded: dict[str, str] = {}
         deleted: set[str] = set()
-        added: dict[str, ExperienceEvent] = {}
-        """Record id -> an event this batch puts on `placed[record id]`."""
-        placed: dict[str, str] = {}
-        removed: list[tuple[str, str]] = []
         probes: list[Probe] = []
 
         def resolve(pid: str) -> str:
@@ -216,15 +213,29 @@ class SegmentationService(Service):
                     types = {e.event_type for e in item.events}
                     for e in item.events:
                         p.events[e.record_id] = e
-                        added[e.record_id] = e
-                        placed[e.record_id] = item.profile_id
+                    tx.add_many(
+                        INSERT_EVENT,
+                        [
+                            (
+                                e.record_id,
+                                item.profile_id,
+                                e.dataset,
+                                e.event_type,
+                                e.timestamp,
+                                msgpack_encoder.encode(e.payload),
+                            )
+                            for e in item.events
+                        ],
+                    )
+                    if item.events:
+                        p.capped = True
                     for rid in item.removed_events:
                         left = p.events.pop(rid, None)
                         if left is not None:
                             types.add(left.event_type)
-                        if placed.get(rid) == item.profile_id:
-                            del placed[rid]
-                        removed.append((rid, item.profile_id))
+                    tx.add_many(
+                        REMOVE_EVENT, [(rid, item.profile_id) for rid in item.removed_events]
+                    )
                     changed = set(item.changed)
                     closure = path_closure(changed)
                     for seg in streaming:
@@ -246,13 +257,9 @@ class SegmentationService(Service):
                     for pid in item.folded:
                         if resolve(pid) == survivor or pid in deleted:
                             continue
-                        self._fold(
-                            batch, w, profiles=profiles, folded=pid, survivor=survivor, now=now
-                        )
+                        self._fold(batch, profiles=profiles, folded=pid, survivor=survivor, now=now)
                         folded[pid] = survivor
-                        for rid, at in placed.items():
-                            if at == pid:
-                                placed[rid] = survivor
+                        tx.add(MOVE_EVENTS, (survivor, pid))
                     if profiles[survivor].known:
                         profiles[survivor].to_check |= set(self.catalog.segments)
                     # else its first change follows, naming the folded profiles
@@ -261,8 +268,6 @@ class SegmentationService(Service):
                     for pid in item.profile_ids:
                         deleted.add(pid)
                         profiles.pop(pid, None)
-                    for rid in [r for r, at in placed.items() if at in item.profile_ids]:
-                        del placed[rid]
                 case Recheck():
                     for pid in item.profile_ids:
                         p = profiles[pid]
@@ -275,6 +280,7 @@ class SegmentationService(Service):
                 case Probe():
                     probes.append(item)
         gone = folded.keys() | deleted
+        self._announce_moves(batch, w, profiles, gone, now)
         # Only profiles segmentation has a view of: a recheck that comes after a merge or a
         # delete names a profile that is no one any more.
         todo = {pid: p for pid, p in profiles.items() if p.to_check and p.known and pid not in gone}
@@ -303,16 +309,7 @@ class SegmentationService(Service):
                 await self.admin.jobs.record_progress(batch, job_scanned, counts, now)
         elif job_scanned:
             await self.admin.jobs.record_progress(batch, job_scanned, {}, now)
-        self._persist(
-            batch,
-            w,
-            profiles=profiles,
-            folded=folded,
-            deleted=deleted,
-            added=added,
-            placed=placed,
-            removed=removed,
-        )
+        self._persist(batch, w, profiles=profiles, folded=folded, deleted=deleted)
         for probe in probes:
             batch.emit(subjects.MEMBERSHIP_PROBE, json_encoder.encode(probe))
             report_probe(batch, probe, self.name)
@@ -583,7 +580,6 @@ class SegmentationService(Service):
     def _fold(
         self,
         batch: Batch,
-        w: _Writes,
         *,
         profiles: dict[str, _Profile],
         folded: str,
@@ -592,39 +588,59 @@ class SegmentationService(Service):
     ) -> None:
         """`folded` leaves its segments (its exits name its identities and the survivor);
         its events are the survivor's now; its batch memberships move to the survivor until
-        the next job checks them."""
+        the next job checks them (announced once the batch knows who the survivor is)."""
         x = profiles.pop(folded, _Profile())
         s = profiles[survivor]
         held = {seg for seg, (status, _) in s.memberships.items() if status in MEMBER}
         for seg, (status, _since) in sorted(x.memberships.items()):
             if status not in MEMBER:
                 continue
-            event = MembershipEvent(
-                profile_id=folded,
-                segment=seg,
-                status="exited",
-                at=now,
-                method="streaming",
-                identities=x.identities,
-                merged_into=survivor,
-            )
-            batch.emit(subjects.membership(seg), json_encoder.encode(event))
+            if seg not in x.moved_in:  # announced: it exits (one moved here never was)
+                event = MembershipEvent(
+                    profile_id=folded,
+                    segment=seg,
+                    status="exited",
+                    at=now,
+                    method="streaming",
+                    identities=x.identities,
+                    merged_into=survivor,
+                )
+                batch.emit(subjects.membership(seg), json_encoder.encode(event))
             compiled = self.catalog.get(seg)
             if compiled is not None and not compiled.streaming and seg not in held:
                 held.add(seg)
-                w.add(UPSERT_MEMBERSHIP, (survivor, seg, "realized", now, now, "batch", now))
                 s.memberships[seg] = ("realized", now)
+                s.moved_in.add(seg)
+        if not s.identities:
+            s.identities = x.identities  # until the survivor's own view arrives
+        for rid, e in x.events.items():
+            s.events.setdefault(rid, e)
+        s.capped = s.capped or x.capped
+
+    def _announce_moves(
+        self,
+        batch: Batch,
+        w: _Writes,
+        profiles: dict[str, _Profile],
+        gone: set[str],
+        now: float,
+    ) -> None:
+        """Batch memberships moved by merges, on the profiles that hold them at the end of
+        the batch, with the identities those profiles have then."""
+        for pid, p in profiles.items():
+            if pid in gone or not p.moved_in:
+                continue
+            for seg in sorted(p.moved_in):
+                w.add(UPSERT_MEMBERSHIP, (pid, seg, "realized", now, now, "batch", now))
                 moved = MembershipEvent(
-                    profile_id=survivor,
+                    profile_id=pid,
                     segment=seg,
                     status="realized",
                     at=now,
                     method="batch",
-                    identities=s.identities or x.identities,
+                    identities=p.identities,
                 )
                 batch.emit(subjects.membership(seg), json_encoder.encode(moved))
-        for rid, e in x.events.items():
-            s.events.setdefault(rid, e)
 
     def _persist(
         self,
@@ -634,33 +650,14 @@ class SegmentationService(Service):
         profiles: dict[str, _Profile],
         folded: dict[str, str],
         deleted: set[str],
-        added: dict[str, ExperienceEvent],
-        placed: dict[str, str],
-        removed: list[tuple[str, str]],
     ) -> None:
-        """The batch's outcome, once per table: events move with folds, then leave the
-        profiles they left (only if still there: an event may have reached its new profile
-        in an earlier batch), then are written where they are now."""
+        """The rest of the batch's outcome, once per table (the events were written in item
+        order already): folded profiles leave, views are written, memberships and timers
+        of profiles that are gone now are not."""
         tx = batch.tx
         gone = folded.keys() | deleted
-
-        def final(pid: str) -> str:
-            while pid in folded:
-                pid = folded[pid]
-            return pid
-
-        tx.add_many(MOVE_EVENTS, [(final(f), f) for f in folded if final(f) not in deleted])
-        tx.add_many(
-            "DELETE FROM events WHERE profile_id = ?",
-            [(f,) for f in folded if final(f) in deleted],
-        )
-        tx.add_many("DELETE FROM facts WHERE profile_id = ?", [(f,) for f in folded])
-        tx.add_many("DELETE FROM memberships WHERE profile_id = ?", [(f,) for f in folded])
-        tx.add_many("DELETE FROM timers WHERE profile_id = ?", [(f,) for f in folded])
-        tx.add_many(
-            REMOVE_EVENT,
-            [(rid, final(pid)) for rid, pid in removed if final(pid) not in deleted],
-        )
+        for table in ("facts", "memberships", "timers"):
+            tx.add_many(f"DELETE FROM {table} WHERE profile_id = ?", [(f,) for f in folded])
         tx.add_many(
             UPSERT_FACTS,
             [
@@ -675,20 +672,16 @@ class SegmentationService(Service):
                 if p.changed_at is not None and pid not in gone
             ],
         )
-        rows = []
-        capped: set[str] = set()
-        for rid, pid in placed.items():
-            at = final(pid)
-            if at in deleted:
-                continue
-            e = added[rid]
-            rows.append(
-                (rid, at, e.dataset, e.event_type, e.timestamp, msgpack_encoder.encode(e.payload))
-            )
-            capped.add(at)
-        tx.add_many(UPSERT_EVENT, rows)
-        tx.add_many(CAP_EVENTS, [(pid, MAX_EVENTS_PER_PROFILE) for pid in sorted(capped)])
-        w.into(tx)
+        tx.add_many(
+            CAP_EVENTS,
+            [
+                (pid, MAX_EVENTS_PER_PROFILE)
+                for pid, p in sorted(profiles.items())
+                if p.capped and pid not in gone
+            ],
+        )
+        for sql, rows in w.rows.items():
+            tx.add_many(sql, [r for r in rows if r[0] not in gone])
 
     async def _delete(self, batch: Batch, item: ProfileDeleted) -> None:
         plist = _json_list(item.profile_ids)

@@ -67,7 +67,29 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "segmentation",
+        2,
+        """
+        CREATE TABLE events_v2 (
+            record_id TEXT NOT NULL,
+            profile_id TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            event_type TEXT,
+            ts REAL NOT NULL,
+            payload BLOB NOT NULL,
+            PRIMARY KEY (profile_id, record_id)
+        );
+        INSERT INTO events_v2 (record_id, profile_id, dataset, event_type, ts, payload)
+            SELECT record_id, profile_id, dataset, event_type, ts, payload FROM events;
+        DROP TABLE events;
+        ALTER TABLE events_v2 RENAME TO events;
+        CREATE INDEX events_by_profile ON events (profile_id, ts)
+        """,
+    ),
 )
+"""Version 2: an event row per (profile, event), so that the two halves of a move (left
+one profile, arrived on another) apply in either order."""
 
 UPSERT_FACTS = (
     "INSERT INTO facts (profile_id, attributes, identities, updated_at, views) "
@@ -75,16 +97,16 @@ UPSERT_FACTS = (
     "attributes = excluded.attributes, identities = excluded.identities, "
     "updated_at = excluded.updated_at, views = excluded.views"
 )
-UPSERT_EVENT = (
+INSERT_EVENT = (
     "INSERT INTO events (record_id, profile_id, dataset, event_type, ts, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (record_id) DO UPDATE SET "
-    "profile_id = excluded.profile_id"
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id, record_id) DO NOTHING"
 )
-"""An event arrives on a profile, or moves to it (with its anchor identity, or a merge)."""
+"""An event arrives on a profile (new, or moved to it with its anchor identity)."""
 REMOVE_EVENT = "DELETE FROM events WHERE record_id = ? AND profile_id = ?"
-"""An event left a profile: removed only if it is still there (its arrival on another
-profile may have been applied in an earlier batch)."""
-MOVE_EVENTS = "UPDATE events SET profile_id = ? WHERE profile_id = ?"
+"""An event left a profile. Each profile's copy is its own row, so an arrival and a
+departure of one event on two profiles apply in either order."""
+MOVE_EVENTS = "UPDATE OR REPLACE events SET profile_id = ? WHERE profile_id = ?"
+"""A merge: the folded profile's events are the survivor's (a copy it has already is kept once)."""
 UPSERT_MEMBERSHIP = (
     "INSERT INTO memberships (profile_id, segment, status, since, last_qualified, method, "
     "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id, segment) DO UPDATE SET "
@@ -103,6 +125,6 @@ UPSERT_SEGMENT = (
     "updated_at = excluded.updated_at"
 )
 CAP_EVENTS = (
-    "DELETE FROM events WHERE record_id IN (SELECT record_id FROM events WHERE profile_id = ? "
+    "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE profile_id = ? "
     "ORDER BY ts DESC, record_id DESC LIMIT -1 OFFSET ?)"
 )
