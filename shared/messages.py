@@ -7,9 +7,12 @@ decoders are built once, here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 
 class Identity(msgspec.Struct, frozen=True):
@@ -87,8 +90,9 @@ class Fragment(msgspec.Struct, tag="fragment"):
     """The record's anchor: its highest-ranked identity key ("namespace:value"). An event
     sits on the profile that holds its anchor and follows it when it moves."""
     persons: list[str] = []
-    """The record's other person identities (keys): a privacy delete of whoever holds one
-    of them removes the record too, wherever it sits."""
+    """The record's person identities (keys, the anchor among them if it is one): a
+    privacy delete of whoever holds one of them removes the record too, wherever it sits
+    (a profile record's attributes stay where they are when their anchor splits off)."""
     unlinked: list[str] = []
     """The record's identity keys that are not in this profile's graph (a link the rules
     refused): the record carries them, the profile does not hold them."""
@@ -217,9 +221,46 @@ MAX_ITEMS_PER_MESSAGE = 500
 many thousand records is sent as several messages, each well under NATS' payload limit."""
 
 
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Most bytes one internal message carries: half of what the platform's nats-server accepts
+(8 MB), so that no message of many items is refused for its size."""
+
+
+class MessageTooLarge(ValueError):
+    """One item alone encodes past the message size limit."""
+
+
 def chunks(items: list[Any], size: int = MAX_ITEMS_PER_MESSAGE) -> list[list[Any]]:
     """`items` in order, `size` at a time."""
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def encode_fitting(
+    items: list[T],
+    encode: Callable[[list[T]], bytes],
+    *,
+    max_items: int = MAX_ITEMS_PER_MESSAGE,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> list[bytes]:
+    """`items` in order as encoded messages of at most `max_items` items and `max_bytes`
+    bytes each (a chunk too large is split in two until it fits). Raises `MessageTooLarge`
+    when one item alone does not fit: better a clear error than a publish refused forever."""
+    out: list[bytes] = []
+
+    def fit(part: list[T]) -> None:
+        data = encode(part)
+        if len(data) <= max_bytes:
+            out.append(data)
+        elif len(part) == 1:
+            raise MessageTooLarge(f"one item encodes to {len(data)} bytes, over {max_bytes}")
+        else:
+            mid = len(part) // 2
+            fit(part[:mid])
+            fit(part[mid:])
+
+    for chunk in chunks(items, max_items):
+        fit(chunk)
+    return out
 
 
 # -- codecs, built once -------------------------------------------------------------

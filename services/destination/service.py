@@ -150,6 +150,7 @@ class DestinationService(Service):
     async def handle_profiles(self, batch: Batch) -> None:
         upserts: dict[str, tuple[bytes, bytes, float]] = {}
         folded: list[str] = []
+        """Profiles folded into others or deleted: their view goes."""
         for d in batch.deliveries:
             for item in change_batch_decoder.decode(d.data).items:
                 match item:
@@ -163,10 +164,16 @@ class DestinationService(Service):
                         for pid in item.folded:
                             upserts.pop(pid, None)
                             folded.append(pid)
+                    case ProfileDeleted():
+                        # The membership consumer forgets the person too (it sends the
+                        # exits), at its own pace: whichever comes last, no view is left.
+                        for pid in item.profile_ids:
+                            upserts.pop(pid, None)
+                            folded.append(pid)
                     case Probe():
                         report_probe(batch, item, "destination-profiles")
                     case _:
-                        pass  # deletes arrive on the membership stream, after segmentation
+                        pass
         batch.tx.add_many("DELETE FROM profiles WHERE profile_id = ?", [(f,) for f in folded])
         batch.tx.add_many(UPSERT_PROFILE, [(pid, *view) for pid, view in upserts.items()])
 

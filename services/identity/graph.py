@@ -397,11 +397,11 @@ class IdentityGraph:
 
     def anchor_of(self, identities: Iterable[Identity]) -> tuple[str | None, list[str]]:
         """The record's anchor key (its highest-ranked identity, which `link` attaches the
-        record to) and its other person identity keys."""
+        record to) and its person identity keys (the anchor among them if it is one)."""
         items = self._ranked(self._items(identities))
         if not items:
             return None, []
-        return items[0].key, [it.key for it in items[1:] if it.spec.type == "person"]
+        return items[0].key, [it.key for it in items if it.spec.type == "person"]
 
     def keys_of(self, identities: Iterable[Identity]) -> list[str]:
         """Normalised keys of identities, without duplicates; unusable values are dropped."""

@@ -315,14 +315,23 @@ class IdentityService(Service):
         keys = self.graph.keys_of([req.identity])
         node = ws.nodes.get(keys[0]) if keys else None
         profile_ids: list[str] = []
-        person_keys: list[str] = []
+        # No graph holds it (the size limit dropped it, or it never came): the records that
+        # carry it are still reached.
+        person_keys: list[str] = keys[:1]
         removed = 0
         if node is not None:
             pid = node.profile_id
             profile_ids.append(pid)
             members = [n.key for n in ws.nodes.values() if n.profile_id == pid]
             person_keys = sorted(
-                k for k in members if self.graph.namespace(ws.nodes[k].namespace).type == "person"
+                {
+                    *keys[:1],
+                    *(
+                        k
+                        for k in members
+                        if self.graph.namespace(ws.nodes[k].namespace).type == "person"
+                    ),
+                }
             )
             for key in members:
                 del ws.nodes[key]
@@ -334,9 +343,17 @@ class IdentityService(Service):
                 del ws.edges[edge_key]
                 fx.add_edges.pop(edge_key, None)
                 fx.delete_edges.add(edge_key)
-            ws.profiles.pop(pid, None)
-            fx.new_profiles.pop(pid, None)
+            # The profiles folded into it go with it: stored ones (any chain of them) and
+            # those of this fetch, whose fold would otherwise be written after the delete.
+            folded_now = [f for f, into in fx.folded_profiles.items() if into == pid]
+            for f in (pid, *folded_now):
+                ws.profiles.pop(f, None)
+                fx.new_profiles.pop(f, None)
+                fx.folded_profiles.pop(f, None)
             batch.tx.add(DELETE_PROFILE, (pid,))
+            batch.tx.add_many(DELETE_PROFILE, [(f,) for f in folded_now])
+            # Refusals this fetch met before the delete would be written after it.
+            fx.refused = [r for r in fx.refused if r.a not in member_set and r.b not in member_set]
             batch.tx.add(
                 "DELETE FROM refused_links WHERE a IN (SELECT value FROM json_each(?)) "
                 "OR b IN (SELECT value FROM json_each(?))",

@@ -49,6 +49,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "identity",
+        2,
+        """
+        CREATE INDEX profiles_folded ON profiles (folded_into) WHERE folded_into IS NOT NULL
+        """,
+    ),
 )
 
 UPSERT_NODE = (
@@ -63,7 +70,12 @@ INSERT_EDGE = (
 DELETE_EDGE = "DELETE FROM edges WHERE a = ? AND b = ?"
 INSERT_PROFILE = "INSERT OR IGNORE INTO profiles (profile_id, created_at) VALUES (?, ?)"
 FOLD_PROFILE = "UPDATE profiles SET folded_into = ? WHERE profile_id = ?"
-DELETE_PROFILE = "DELETE FROM profiles WHERE profile_id = ?"
+DELETE_PROFILE = (
+    "DELETE FROM profiles WHERE profile_id IN (WITH RECURSIVE gone(id) AS (SELECT ? UNION "
+    "SELECT p.profile_id FROM profiles p JOIN gone ON p.folded_into = gone.id) "
+    "SELECT id FROM gone)"
+)
+"""A deleted profile, and every profile folded into it (chains included)."""
 INSERT_REFUSED = (
     "INSERT INTO refused_links (at, record_id, dataset, a, b, reason) VALUES (?, ?, ?, ?, ?, ?)"
 )

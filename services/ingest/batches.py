@@ -27,13 +27,13 @@ from nats.js.object_store import ObjectStore
 from services.ingest.admin import batch_from_row
 from services.ingest.errors import IngestError
 from services.ingest.files import FileReader, Format, Row
-from services.ingest.records import chunked, reject_row, to_record
+from services.ingest.records import encoded, reject_row, to_record
 from services.ingest.store import BATCH_COLUMNS, BUMP_COUNTS, INSERT_BATCH, UPDATE_BATCH
 from services.ingest.validation import Accepted, CompiledSchema, Problem
 from shared import subjects
 from shared.admin import AdminFailure, BatchInfo, BatchStart
 from shared.db import Tx, apply
-from shared.messages import Record, RecordBatch, msgpack_encoder
+from shared.messages import Record, RecordBatch
 
 if TYPE_CHECKING:
     from services.ingest.service import IngestService
@@ -74,8 +74,7 @@ def validate_rows(
 
 
 def _spool_write(spool: IO[bytes], records: list[Record]) -> None:
-    for part in chunked(records):
-        data = msgpack_encoder.encode(RecordBatch(part))
+    for data in encoded(records):
         spool.write(_LEN.pack(len(data)))
         spool.write(data)
 

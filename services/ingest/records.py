@@ -7,7 +7,7 @@ import msgspec
 from services.ingest.store import INSERT_REJECTED
 from services.ingest.validation import Accepted, Problem
 from shared.db import Tx
-from shared.messages import Record
+from shared.messages import Record, RecordBatch, encode_fitting, msgpack_encoder
 
 MAX_RECORDS_PER_MESSAGE = 500
 """Accepted records travel to identity in messages of at most this many records."""
@@ -76,5 +76,11 @@ def to_record(
     )
 
 
-def chunked(records: list[Record], size: int = MAX_RECORDS_PER_MESSAGE) -> list[list[Record]]:
-    return [records[i : i + size] for i in range(0, len(records), size)]
+def encoded(records: list[Record]) -> list[bytes]:
+    """Records as the messages that carry them to identity: at most
+    `MAX_RECORDS_PER_MESSAGE` records and `MAX_MESSAGE_BYTES` bytes each, in order."""
+    return encode_fitting(
+        records,
+        lambda part: msgpack_encoder.encode(RecordBatch(part)),
+        max_items=MAX_RECORDS_PER_MESSAGE,
+    )

@@ -19,7 +19,7 @@ import msgspec
 from services.ingest.admin import IngestAdmin
 from services.ingest.batches import BatchJobs
 from services.ingest.http import IngestHttp
-from services.ingest.records import chunked, reject_row, to_record, unknown_dataset
+from services.ingest.records import encoded, reject_row, to_record, unknown_dataset
 from services.ingest.registry import Registry
 from services.ingest.settings import load_limits
 from services.ingest.store import BUMP_COUNTS, MIGRATIONS
@@ -117,14 +117,14 @@ class IngestService(Service):
         counts: Counter[tuple[str, bool]] = Counter()
         for d in batch.deliveries:
             if d.subject == subjects.PRIVACY_DELETE:
-                for part in chunked(accepted):  # records published before the delete go first
-                    batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+                for data in encoded(accepted):  # records published before the delete go first
+                    batch.emit(subjects.RECORDS, data)
                 accepted = []
                 await self._privacy_delete(batch, d.data, now)
                 continue
             if d.subject == subjects.PROBE:
-                for part in chunked(accepted):  # the probe follows the records before it
-                    batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+                for data in encoded(accepted):  # the probe follows the records before it
+                    batch.emit(subjects.RECORDS, data)
                 accepted = []
                 self._pass_probe(batch, d.data)
                 continue
@@ -167,8 +167,8 @@ class IngestService(Service):
                 )
         for (dataset, ok), n in counts.items():
             batch.tx.add(BUMP_COUNTS, (dataset, n if ok else 0, 0 if ok else n))
-        for part in chunked(accepted):
-            batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch(part)))
+        for data in encoded(accepted):
+            batch.emit(subjects.RECORDS, data)
 
     def _pass_probe(self, batch: Batch, data: bytes) -> None:
         try:

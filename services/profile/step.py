@@ -45,12 +45,15 @@ from services.profile.merge import (
 )
 from services.profile.store import (
     CAP_EVENTS,
+    CARRY_PINNED,
     DELETE_ATTRIBUTE,
     DELETE_ATTRIBUTES,
     DELETE_CARRIED,
     DELETE_EVENT,
     DELETE_IDENTITY,
     DELETE_MEMBERSHIPS,
+    DELETE_PROFILES,
+    DELETE_PROFILES_CARRIED,
     FOLD_PROFILE,
     INSERT_CARRIED,
     INSERT_EVENT,
@@ -262,7 +265,13 @@ class ProfileStep:
                 self.holder[pair] = pid
         self._touch(pid).append(r.record_id)
         kind = "event" if r.record_class == "event" else "profile"
-        self.carried += [(person, r.record_id, pid, kind) for person in item.persons]
+        # An event follows its anchor, so a delete of its anchor's person finds it there;
+        # a profile record's attributes stay when their anchor splits off: indexed too.
+        self.carried += [
+            (person, r.record_id, pid, kind)
+            for person in item.persons
+            if kind == "profile" or person != item.anchor
+        ]
         if r.record_class == "event":
             ev = _Event(
                 ExperienceEvent(
@@ -331,6 +340,9 @@ class ProfileStep:
                 key = key_text(pair)
                 for ev in self.by_anchor.pop(key, []):
                     ev.anchor = None
+                    if ev.new:  # a delete of the dropped identity still reaches it
+                        self.carried.append((key, ev.event.record_id, ev.loc, "event"))
+                self.tx.add(CARRY_PINNED, (key, key))
                 self.tx.add(PIN_EVENTS, (key,))
             return
         target = self.resolve(item.to_profile)
@@ -397,20 +409,22 @@ class ProfileStep:
             self.deleted.add(pid)
         self.dropped_rows = {d for d in self.dropped_rows if d[0] not in gone_pids}
         self.carried = [c for c in self.carried if c[1] not in swept and c[0] not in persons]
+        # Profiles folded into the deleted ones in this fetch go with them (their fold is
+        # not written); stored ones are found by their folded_into chains.
+        folded_now = sorted(f for f in self.folded if self.resolve(f) in gone_pids)
+        for f in folded_now:
+            del self.folded[f]
         # Stored data, in order.
-        plist = _json_list(pids)
-        for table in ("attributes", "events", "identities", "memberships", "carried"):
+        plist = _json_list([*pids, *folded_now])
+        for table in ("attributes", "events", "identities", "memberships"):
             self.tx.add(
                 f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
                 (plist,),
             )
         self.tx.add_many(DELETE_EVENT, [(rid,) for rid in sorted(swept)])
         self.tx.add_many(DELETE_CARRIED, [(k,) for k in sorted(persons)])
-        self.tx.add(
-            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?)) "
-            "OR folded_into IN (SELECT value FROM json_each(?))",
-            (plist, plist),
-        )
+        self.tx.add(DELETE_PROFILES_CARRIED, (plist,))
+        self.tx.add(DELETE_PROFILES, (plist,))
         part = self._part(pids[0]) if pids else 0
         self.out.add_across(part, range(self.partitions), ProfileDeleted(pids, item.request))
         self.reports.append(
@@ -510,31 +524,68 @@ class ProfileStep:
             ],
         )
         tx.add_many(CAP_EVENTS, [(pid, MAX_EVENTS_PER_PROFILE) for pid in added])
-        # What segmentation needs: one change per live profile touched, then the probes.
+        # What segmentation needs: one change per live profile touched (more if the events
+        # it carries are many: a device that moves takes all its events along), then the
+        # probes.
+        sizes = {row[0]: len(row[6]) for row in new_rows}
         for pid in live_touched:
             rows = self.rows.get(pid, {})
             after = _flat_values(merge_flat(rows.values(), self.policy))
-            self.out.add(
-                self._part(pid),
-                ProfileChanged(
-                    pid,
-                    self.touched[pid],
-                    now,
-                    attributes=unflatten(after),
-                    changed=changed_paths(self.before.get(pid, {}), after),
-                    events=sorted(added.get(pid, []), key=lambda e: (e.timestamp, e.record_id)),
-                    identities=[Identity(ns, v) for ns, v in sorted(self.identities.get(pid, ()))],
-                    views={
-                        p.name: unflatten(_flat_values(merge_flat(rows.values(), p)))
-                        for p in self.others
-                        if rows
-                    },
-                    folded=self.absorbed.get(pid, []),
-                    removed_events=sorted(set(removed.get(pid, []))),
-                ),
+            first = ProfileChanged(
+                pid,
+                self.touched[pid],
+                now,
+                attributes=unflatten(after),
+                changed=changed_paths(self.before.get(pid, {}), after),
+                identities=[Identity(ns, v) for ns, v in sorted(self.identities.get(pid, ()))],
+                views={
+                    p.name: unflatten(_flat_values(merge_flat(rows.values(), p)))
+                    for p in self.others
+                    if rows
+                },
+                folded=self.absorbed.get(pid, []),
+                removed_events=sorted(set(removed.get(pid, []))),
             )
+            events = sorted(added.get(pid, []), key=lambda e: (e.timestamp, e.record_id))
+            for i, part in enumerate(_by_size(events, sizes)):
+                change = (
+                    first
+                    if i == 0
+                    else ProfileChanged(
+                        pid,
+                        [],
+                        now,
+                        attributes=first.attributes,
+                        identities=first.identities,
+                        views=first.views,
+                    )
+                )
+                change.events = part
+                self.out.add(self._part(pid), change)
         for probe in self.probes:
             self.out.add(probe.partition % self.partitions, probe)
+
+
+CHANGE_EVENT_BYTES = 1024 * 1024
+"""Most event payload bytes one change carries; more events go in further changes of the
+same profile, so that every message stays under the payload limit."""
+
+
+def _by_size(events: list[ExperienceEvent], sizes: dict[str, int]) -> list[list[ExperienceEvent]]:
+    """`events` in order, in runs of at most `CHANGE_EVENT_BYTES` of payload (always one
+    run, maybe empty, so that a change without events is still sent)."""
+    runs: list[list[ExperienceEvent]] = [[]]
+    held = 0
+    for e in events:
+        size = sizes.get(e.record_id)
+        if size is None:
+            size = len(msgpack_encoder.encode(e.payload))
+        if runs[-1] and held + size > CHANGE_EVENT_BYTES:
+            runs.append([])
+            held = 0
+        runs[-1].append(e)
+        held += size
+    return runs
 
 
 def _flat_values(flat: dict[str, tuple[Any, AttributeValue]]) -> dict[str, Any]:

@@ -90,6 +90,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "profile",
+        4,
+        """
+        CREATE INDEX profiles_folded ON profiles (folded_into) WHERE folded_into IS NOT NULL
+        """,
+    ),
 )
 """Version 2: an event's anchor (the identity it follows), and `carried`: the records that
 carry a person identity they are not anchored on (a privacy delete of that person reaches
@@ -120,6 +127,21 @@ INSERT_CARRIED = (
     "INSERT OR IGNORE INTO carried (key, record_id, profile_id, kind) VALUES (?, ?, ?, ?)"
 )
 DELETE_CARRIED = "DELETE FROM carried WHERE key = ?"
+CARRY_PINNED = (
+    "INSERT OR IGNORE INTO carried (key, record_id, profile_id, kind) "
+    "SELECT ?, record_id, profile_id, 'event' FROM events WHERE anchor = ?"
+)
+"""Events whose anchor the size limit drops stay where they are, indexed by it: a delete of
+that identity still reaches them."""
+_GONE = (
+    "WITH RECURSIVE gone(id) AS (SELECT value FROM json_each(?) UNION "
+    "SELECT p.profile_id FROM profiles p JOIN gone ON p.folded_into = gone.id) "
+    "SELECT id FROM gone"
+)
+DELETE_PROFILES_CARRIED = f"DELETE FROM carried WHERE profile_id IN ({_GONE})"
+"""The index rows of deleted profiles and of every profile folded into them."""
+DELETE_PROFILES = f"DELETE FROM profiles WHERE profile_id IN ({_GONE})"
+"""Deleted profiles and every profile folded into them (chains included)."""
 DELETE_MEMBERSHIPS = "DELETE FROM memberships WHERE profile_id = ?"
 UPSERT_IDENTITY = (
     "INSERT INTO identities (namespace, value, profile_id) VALUES (?, ?, ?) "

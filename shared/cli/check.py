@@ -5,7 +5,7 @@
 - the profile service maps each identity to the profile its identity graph belongs to;
 - every event sits on the profile that holds its anchor identity (or, if the graph size
   limit dropped that identity, on a live profile), in the profile service and in
-  segmentation's copy alike.
+  segmentation's copy alike, which holds every event the profile service holds.
 
 It reads every identity, profile and event through the services' paged listings
 (`cdp.admin.<service>.check.list`), so it takes time in proportion to the data: run it on
@@ -132,6 +132,15 @@ async def check(nc: Client, *, events: bool = True) -> CheckReport:
         now = time.time()
         rows = await read_all(nc, "segmentation", "events")
         counts["segmentation events"] = len(rows)
+        copies: dict[str, set[str]] = {}
+        for rid, pid, _dataset, _ts in rows:
+            copies.setdefault(str(rid), set()).add(str(pid))
+        for rid, pid in placed.items():
+            if pid not in copies.get(rid, ()):
+                violation(
+                    "event",
+                    f"segmentation lacks event {rid} of {pid}, which the profile service holds",
+                )
         for rid, pid, dataset, ts in rows:
             where = placed.get(str(rid))
             if where is None:

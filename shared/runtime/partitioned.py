@@ -15,6 +15,7 @@ partition), nothing about a profile is read before something that came earlier:
   partition it involves and before every later one: the open messages of the `others`
   are closed first (so they are published before it), the item goes into the `host`
   partition's message, and that message is closed right after it.
+  A message is also bounded in bytes (`max_bytes`): one past it is split in order.
 - `add_everywhere(make)`: one item per partition behind all of that partition's earlier
   items (a probe that follows the data to know when it has landed).
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from shared.messages import MAX_ITEMS_PER_MESSAGE
+from shared.messages import MAX_ITEMS_PER_MESSAGE, MAX_MESSAGE_BYTES, encode_fitting
 
 T = TypeVar("T")
 
@@ -41,6 +42,7 @@ class PartitionedOutput(Generic[T]):
         encode: Callable[[list[T]], bytes],
         partitions: int,
         max_items: int = MAX_ITEMS_PER_MESSAGE,
+        max_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         if partitions < 1 or max_items < 1:
             raise ValueError("partitions and max_items must be at least 1")
@@ -48,6 +50,7 @@ class PartitionedOutput(Generic[T]):
         self._encode = encode
         self.partitions = partitions
         self._max = max_items
+        self._max_bytes = max_bytes
         self._open: dict[int, list[T]] = {}
         self._closed: list[tuple[int, list[T]]] = []
 
@@ -84,10 +87,13 @@ class PartitionedOutput(Generic[T]):
             self.add(p, make(p))
 
     def messages(self) -> list[tuple[str, bytes]]:
-        out = [(self._subject(p), self._encode(items)) for p, items in self._closed]
-        out += [
-            (self._subject(p), self._encode(items))
-            for p, items in sorted(self._open.items())
-            if items
+        """(subject, payload) in publication order; a message past `max_bytes` is split
+        into several, in order (raises `MessageTooLarge` if one item alone is)."""
+        ordered = [*self._closed, *((p, items) for p, items in sorted(self._open.items()) if items)]
+        return [
+            (self._subject(p), data)
+            for p, items in ordered
+            for data in encode_fitting(
+                items, self._encode, max_items=len(items), max_bytes=self._max_bytes
+            )
         ]
-        return out

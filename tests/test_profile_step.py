@@ -1,11 +1,9 @@
-"""Cases found reviewing the profile step (pure, in memory): what it decides and the
-messages it publishes. They fail today and are marked `xfail(strict=True)`."""
+"""The profile actor's step, pure (in memory): what it decides and the messages it
+publishes."""
 
 from __future__ import annotations
 
 import time
-
-import pytest
 
 from services.profile.merge import default_policy
 from services.profile.step import Loaded, ProfileStep, StoredEvent
@@ -19,11 +17,6 @@ def step(loaded: Loaded) -> ProfileStep:
     return ProfileStep(loaded, policy=default_policy([]), others=[], partitions=PARTITIONS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every stored event anchored on an identity that moves rides in one ProfileChanged "
-    "item; a message is bounded in items, not in bytes",
-)
 def test_a_device_that_moves_with_many_events_fits_in_messages_nats_accepts() -> None:
     """A family tablet's cookie has browsed a lot (2,000 page views of 4.5 kB, well within
     the 10 kB event limit and the 5,000 events a profile keeps). P2 logs in on it: the cookie

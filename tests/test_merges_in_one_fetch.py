@@ -1,6 +1,6 @@
-"""Cases found reviewing the ordering fix (merges, moves and deletes under bursts), each
-written as the user would see it. They fail today and are marked `xfail(strict=True)`:
-remove the mark with the fix.
+"""Merges, moves and deletes met in one fetch, or in any interleaving of partitions and
+fetch boundaries, each written as the user would see it (found reviewing the ordering
+contract; each failed before its fix).
 
 Where a case needs two items in one fetch of a service, the test stops that service,
 lets the items queue up in its stream, and starts it again: its first fetch then takes
@@ -172,12 +172,6 @@ APP_SCHEMA = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="carried records are only those that carry a person identity they are not "
-    "anchored on; a profile record's attributes stay when its anchor splits off, so a "
-    "delete of that anchor's person does not reach them",
-)
 async def test_a_delete_reaches_attributes_left_behind_when_their_person_split_off(
     platform: dict[str, Service], nc: Client, tmp_path: Path
 ) -> None:
@@ -229,11 +223,6 @@ async def test_a_delete_reaches_attributes_left_behind_when_their_person_split_o
 
 
 # -- identity: a refusal and the delete of the person it names, in one fetch ---------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="identity deletes the person's refused links when it meets the delete, but the "
-    "refusals of the fetch are inserted at its end, after that delete",
-)
 async def test_a_refusal_met_in_the_fetch_of_a_delete_does_not_outlive_it(
     platform: dict[str, Service], nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
@@ -546,11 +535,6 @@ async def offset(tmp_path: Path, consumer: str, seq: int) -> None:
     await until(done)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the destination's profile-view consumer ignores ProfileDeleted and relies on its "
-    "membership consumer, which may have applied the delete already",
-)
 async def test_a_destination_view_is_not_rebuilt_after_the_delete_by_a_lagging_consumer(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
@@ -637,12 +621,6 @@ async def small_graphs(
         yield services
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="identity answers a delete of an identity no graph holds with no profile and no "
-    "person identity, so records that carry it (the size limit dropped it; its events stay "
-    "where they were, unanchored) are not reached",
-)
 async def test_a_delete_of_an_identity_the_size_limit_dropped_removes_its_events(
     small_graphs: dict[str, Service], nc: Client, tmp_path: Path
 ) -> None:
@@ -667,11 +645,6 @@ async def test_a_delete_of_an_identity_the_size_limit_dropped_removes_its_events
 
 
 # -- profile: the index of records that carry someone else's identity ----------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a privacy delete removes `carried` rows by the deleted profile ids and the "
-    "person's keys, not those kept under the id of a profile folded into the deleted one",
-)
 async def test_a_delete_leaves_no_carried_row_under_a_profile_folded_into_the_person(
     platform: dict[str, Service], nc: Client, tmp_path: Path
 ) -> None:
@@ -721,11 +694,6 @@ async def test_a_delete_leaves_no_carried_row_under_a_profile_folded_into_the_pe
 
 
 # -- cdp check ----------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="check compares segmentation's events with the profile service's one way only: an "
-    "event segmentation lost is not a violation",
-)
 async def test_check_finds_an_event_segmentation_lost(
     platform: dict[str, Service], nc: Client, tmp_path: Path
 ) -> None:
