@@ -34,11 +34,6 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from nats.aio.client import Client
 
-from services.destination.service import DestinationService
-from services.identity.service import IdentityService
-from services.ingest.service import IngestService
-from services.profile.service import ProfileService
-from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -56,7 +51,6 @@ from shared.cli.check import check, wait_landed
 from shared.cli.ingest import run_batch
 from shared.messages import Identity, PrivacyDelete
 from shared.natsd import NatsServer
-from shared.runtime import Service
 from tests.helpers import eventually, running
 from tests.journeys import (
     SEGMENTS,
@@ -74,15 +68,9 @@ from tests.journeys import (
     rebase,
     runs,
 )
+from tests.test_merges import CLASSES
 
 pytestmark = pytest.mark.asyncio
-CLASSES: tuple[type[Service], ...] = (
-    IngestService,
-    IdentityService,
-    ProfileService,
-    SegmentationService,
-    DestinationService,
-)
 NOW = time.time()
 MEMBER = ("realized", "existing")
 _counter = itertools.count()

@@ -89,6 +89,14 @@ def login(cookie: str, email: str, url: str, ago_s: float = 3000.0) -> dict[str,
     }
 
 
+def two_cards() -> list[dict[str, Any]]:
+    """Loyalty rows: card L1 for C1 (gold), card L2 for C2 (bronze)."""
+    return [
+        {"loyalty_id": "L1", "crm_id": "C1", "loyalty": {"tier": "gold"}, "updated_at": iso(9e4)},
+        {"loyalty_id": "L2", "crm_id": "C2", "loyalty": {"tier": "bronze"}, "updated_at": iso(9e4)},
+    ]
+
+
 def crm(crm_id: str, email: str, **extra: Any) -> dict[str, Any]:
     return {"crm_id": crm_id, "email": email, "updated_at": iso(86400.0), **extra}
 
@@ -287,25 +295,7 @@ async def test_a_privacy_delete_reaches_a_record_that_carries_the_person_elsewhe
     """A loyalty record names C1 and a card already linked to C2: the card cannot join C1
     (one loyalty card per person graph is refused), so the record sits with C1 while it
     carries C2's card. Deleting C2 removes that record from C1 too."""
-    await ingest(
-        nc,
-        tmp_path,
-        "loyalty",
-        [
-            {
-                "loyalty_id": "L1",
-                "crm_id": "C1",
-                "loyalty": {"tier": "gold"},
-                "updated_at": iso(9e4),
-            },
-            {
-                "loyalty_id": "L2",
-                "crm_id": "C2",
-                "loyalty": {"tier": "bronze"},
-                "updated_at": iso(9e4),
-            },
-        ],
-    )
+    await ingest(nc, tmp_path, "loyalty", two_cards())
     await ingest(
         nc,
         tmp_path,
