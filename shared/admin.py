@@ -507,7 +507,3 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     """Committed messages not yet published."""
     failed: int = 0
     """Messages that failed and were set aside (rt_failed)."""
-
-    @property
-    def backlog(self) -> int:
-        return self.outbox + sum(c.pending + c.ack_pending for c in self.consumers)

@@ -20,8 +20,13 @@ from services.profile.lookup import ProfileLookups
 from services.profile.merge import AttributeValue, default_policy
 from services.profile.namespaces import ProfileNamespaces
 from services.profile.policies import MergePolicies
-from services.profile.step import Loaded, ProfileStep, StoredEvent
-from services.profile.store import MIGRATIONS, UPSERT_DATASET, UPSERT_MEMBERSHIP
+from services.profile.step import Loaded, ProfileStep, StoredEvent, follow
+from services.profile.store import (
+    FOLLOW_FOLDS,
+    MIGRATIONS,
+    UPSERT_DATASET,
+    UPSERT_MEMBERSHIP,
+)
 from shared import subjects
 from shared.db import Tx, apply
 from shared.messages import (
@@ -223,24 +228,14 @@ class ProfileService(Service):
                 ids.add(stored.profile_id)
         if not ids:
             return loaded
-        frontier = set(ids)
-        for _ in range(64):  # follow folded ids to their survivors
-            rows = await db.execute_fetchall(
-                "SELECT profile_id, folded_into FROM profiles WHERE profile_id IN "
-                "(SELECT value FROM json_each(?))",
-                (_json_list(frontier),),
-            )
-            frontier = set()
-            for pid, into in rows:
-                if into is None:
-                    loaded.known.add(str(pid))
-                    continue
+        # The rows of these profiles and of the profiles they were folded into, chains
+        # followed to their survivors, in one query.
+        for pid, into in await db.execute_fetchall(FOLLOW_FOLDS, (_json_list(ids),)):
+            if into is None:
+                loaded.known.add(str(pid))
+            else:
                 loaded.redirect[str(pid)] = str(into)
-                if into not in ids:
-                    frontier.add(str(into))
-            ids |= frontier
-            if not frontier:
-                break
+            ids.add(str(pid))
         plist = _json_list(ids)
         for pid, ds, path, value, ts, rid in await db.execute_fetchall(
             "SELECT profile_id, dataset, path, value, ts, record_id FROM attributes WHERE "
@@ -261,7 +256,7 @@ class ProfileService(Service):
                 if stored.anchor is not None:
                     loaded.anchored[stored.anchor].append(stored)
         if deleted:
-            gone = {_resolve(loaded.redirect, p) for p in deleted}
+            gone = {follow(loaded.redirect, p) for p in deleted}
             glist = _json_list(gone)
             for table in ("attributes", "events", "identities", "memberships"):
                 for pid, n in await db.execute_fetchall(
@@ -294,14 +289,6 @@ class ProfileService(Service):
             )
             for rid, pid, anchor, ds, et, ts, payload in rows
         ]
-
-
-def _resolve(redirect: dict[str, str], profile_id: str) -> str:
-    seen = 0
-    while profile_id in redirect and seen < 64:
-        profile_id = redirect[profile_id]
-        seen += 1
-    return profile_id
 
 
 def _flat_values(flat: dict[str, tuple[Any, AttributeValue]]) -> dict[str, Any]:

@@ -100,6 +100,15 @@ def _json_list(values: Iterable[str]) -> bytes:
     return _keys_encoder.encode(list(values))
 
 
+def follow(redirect: dict[str, str], profile_id: str) -> str:
+    """The profile `profile_id` was folded into, chains followed: the survivor."""
+    seen = 0
+    while profile_id in redirect and seen < 64:
+        profile_id = redirect[profile_id]
+        seen += 1
+    return profile_id
+
+
 def _encode_changes(items: list[ChangeItem]) -> bytes:
     return msgpack_encoder.encode(ChangeBatch(items))
 
@@ -217,11 +226,7 @@ class ProfileStep:
 
     # -- helpers -------------------------------------------------------------------------
     def resolve(self, profile_id: str) -> str:
-        seen = 0
-        while profile_id in self.redirect and seen < 64:
-            profile_id = self.redirect[profile_id]
-            seen += 1
-        return profile_id
+        return follow(self.redirect, profile_id)
 
     def _part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.partitions)

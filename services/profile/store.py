@@ -108,6 +108,14 @@ UPSERT_PROFILE = (
     "ON CONFLICT (profile_id) DO UPDATE SET updated_at = excluded.updated_at"
 )
 FOLD_PROFILE = "UPDATE profiles SET folded_into = ? WHERE profile_id = ?"
+FOLLOW_FOLDS = (
+    "WITH RECURSIVE chain(id, survivor) AS (SELECT profile_id, folded_into FROM profiles "
+    "WHERE profile_id IN (SELECT value FROM json_each(?)) UNION "
+    "SELECT p.profile_id, p.folded_into FROM profiles p JOIN chain c ON p.profile_id = c.survivor) "
+    "SELECT id, survivor FROM chain"
+)
+"""Each of these profiles and the ones they were folded into, to the live survivor: id and
+folded_into (None for a live one)."""
 UPSERT_ATTRIBUTE = (
     "INSERT INTO attributes (profile_id, dataset, path, value, ts, record_id) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id, dataset, path) DO UPDATE SET "
@@ -147,7 +155,6 @@ UPSERT_IDENTITY = (
     "INSERT INTO identities (namespace, value, profile_id) VALUES (?, ?, ?) "
     "ON CONFLICT (namespace, value) DO UPDATE SET profile_id = excluded.profile_id"
 )
-MOVE_IDENTITIES = "UPDATE identities SET profile_id = ? WHERE profile_id = ?"
 DELETE_IDENTITY = "DELETE FROM identities WHERE namespace = ? AND value = ?"
 CAP_EVENTS = (
     "DELETE FROM events WHERE record_id IN (SELECT record_id FROM events WHERE profile_id = ? "

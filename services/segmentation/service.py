@@ -196,7 +196,7 @@ class SegmentationService(Service):
         deleted: set[str] = set()
         probes: list[Probe] = []
 
-        def resolve(pid: str) -> str:
+        def survivor_of(pid: str) -> str:
             while pid in folded:
                 pid = folded[pid]
             return pid
@@ -253,9 +253,9 @@ class SegmentationService(Service):
                     if item.folded:
                         p.to_check |= set(self.catalog.segments)
                 case ProfileMerged():
-                    survivor = resolve(item.profile_id)
+                    survivor = survivor_of(item.profile_id)
                     for pid in item.folded:
-                        if resolve(pid) == survivor or pid in deleted:
+                        if survivor_of(pid) == survivor or pid in deleted:
                             continue
                         self._fold(batch, profiles=profiles, folded=pid, survivor=survivor, now=now)
                         folded[pid] = survivor
@@ -630,17 +630,12 @@ class SegmentationService(Service):
         for pid, p in profiles.items():
             if pid in gone or not p.moved_in:
                 continue
-            for seg in sorted(p.moved_in):
-                w.add(UPSERT_MEMBERSHIP, (pid, seg, "realized", now, now, "batch", now))
-                moved = MembershipEvent(
-                    profile_id=pid,
-                    segment=seg,
-                    status="realized",
-                    at=now,
-                    method="batch",
-                    identities=p.identities,
-                )
-                batch.emit(subjects.membership(seg), json_encoder.encode(moved))
+            for name in sorted(p.moved_in):
+                seg = self.catalog.get(name)
+                if seg is not None:
+                    self._set(
+                        batch, w, pid=pid, p=p, seg=seg, status="realized", now=now, method="batch"
+                    )
 
     def _persist(
         self,

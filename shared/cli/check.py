@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
 
 import msgspec
 import nats.errors
@@ -158,7 +157,3 @@ async def check(nc: Client, *, events: bool = True) -> CheckReport:
                     f"segmentation holds event {rid} on {pid}, the profile service on {where}",
                 )
     return CheckReport(counts=counts, violations=found, total=sum(tally.values()))
-
-
-def summary(report: CheckReport) -> dict[str, Any]:
-    return msgspec.to_builtins(report)  # type: ignore[no-any-return]
