@@ -9,3 +9,20 @@ class IdentityError(CdpError):
     """Base of every error the identity service raises on purpose."""
 
     code = "identity_error"
+
+
+class ReplayImpossible(IdentityError):
+    """The identity graph is gone and the records stream no longer holds what rebuilt it."""
+
+    code = "replay_impossible"
+
+    def __init__(self, stream: str, first_seq: int, db_path: str) -> None:
+        super().__init__(
+            f"{db_path} holds no identity graph and {stream} no longer starts at its first "
+            f"record (it starts at {first_seq}: retention removed the older ones), so a replay "
+            "cannot rebuild the graphs the profile service holds; restore identity.db from a "
+            "backup, or rebuild every service's state (see README: Recovering identity.db)"
+        )
+        self.stream = stream
+        self.first_seq = first_seq
+        self.db_path = db_path

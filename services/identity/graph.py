@@ -16,8 +16,8 @@ Invariants kept on a working set (given that they hold on the loaded state):
 
 from __future__ import annotations
 
+import hashlib
 import math
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Self, TypeVar
 
@@ -42,8 +42,11 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-def default_profile_id() -> str:
-    return "p" + uuid.uuid4().hex[:20]
+def derived_profile_id(seed: str, n: int) -> str:
+    """The `n`th profile id a record creates, from the record's seed (its place in the
+    records stream and its id): a replay of the same records in the same order gives every
+    graph the id it had, so profile ids survive the loss of the identity service's state."""
+    return "p" + hashlib.sha256(f"{seed}#{n}".encode()).hexdigest()[:20]
 
 
 def edge_key(a: str, b: str) -> tuple[str, str]:
@@ -315,11 +318,14 @@ class _Item(msgspec.Struct):
 class _Record:
     """The state of one `link` call."""
 
-    def __init__(self, at: float, dataset: str, record_id: str, keys: set[str]) -> None:
+    def __init__(self, at: float, dataset: str, record_id: str, keys: set[str], seed: str) -> None:
         self.at = at
         self.dataset = dataset
         self.record_id = record_id
         self.keys = keys
+        self.seed = seed
+        self.minted = 0
+        """How many profile ids this record created so far."""
         self.placeholder: str | None = None
         """PENDING while the record's anchor is new and its graph has no profile id yet: it
         gets the id of the first existing graph it merges with, else a new profile."""
@@ -341,7 +347,7 @@ class IdentityGraph:
         self,
         namespaces: Mapping[str, Namespace],
         max_identities: int = 50,
-        new_profile_id: Callable[[], str] = default_profile_id,
+        new_profile_id: Callable[[], str] | None = None,
         *,
         default_region: str,
     ) -> None:
@@ -421,12 +427,16 @@ class IdentityGraph:
         at: float,
         dataset: str,
         record_id: str,
+        seed: str | None = None,
     ) -> str | None:
-        """Apply one record; return the profile id it belongs to (None: no usable identity)."""
+        """Apply one record; return the profile id it belongs to (None: no usable identity).
+
+        New profile ids derive from `seed` (default: the record id), which must be unique
+        to the record and the same when the record is replayed."""
         items = self._ranked(self._items(identities))
         if not items:
             return None
-        rec = _Record(at, dataset, record_id, {item.key for item in items})
+        rec = _Record(at, dataset, record_id, {item.key for item in items}, seed or record_id)
         rec.first_event = len(fx.events)
 
         anchor = items[0]
@@ -441,7 +451,7 @@ class IdentityGraph:
 
         profile_id = ws.nodes[anchor.key].profile_id
         if profile_id == PENDING:
-            profile_id = self.new_profile_id()
+            profile_id = self._mint(rec)
             self._new_profile(ws, fx, profile_id, at)
             self._settle(ws, fx, rec, profile_id)
         self._enforce_limit(ws, fx, rec, profile_id)
@@ -501,7 +511,7 @@ class IdentityGraph:
         rec.refused.add(item.key)
         fx.refused.append(RefusedLink(rec.at, rec.record_id, rec.dataset, anchor, item.key, reason))
         if node is None:
-            profile_id = self.new_profile_id()
+            profile_id = self._mint(rec)
             self._new_profile(ws, fx, profile_id, rec.at)
             self._create(ws, fx, item, profile_id, rec.at)
 
@@ -568,9 +578,17 @@ class IdentityGraph:
         fx.events.append(event)
         if new == rec.placeholder:
             rec.to_placeholder.append(event)
-        self._split(ws, fx, old, rec.at)
+        self._split(ws, fx, rec, old)
 
-    def _split(self, ws: WorkingSet, fx: Effects, profile_id: str, at: float) -> list[str]:
+    def _mint(self, rec: _Record) -> str:
+        """A new profile id: derived from the record (see `derived_profile_id`), or from the
+        injected factory."""
+        if self.new_profile_id is not None:
+            return self.new_profile_id()
+        rec.minted += 1
+        return derived_profile_id(rec.seed, rec.minted)
+
+    def _split(self, ws: WorkingSet, fx: Effects, rec: _Record, profile_id: str) -> list[str]:
         """Give new profile ids to the parts of a graph no longer connected to its primary
         identity; return them."""
         members = ws.members(profile_id)
@@ -583,8 +601,8 @@ class IdentityGraph:
         others = [part for part in parts if primary.key not in part]
         others.sort(key=lambda part: min(self._node_order(ws.nodes[k]) for k in part))
         for part in others:
-            new = self.new_profile_id()
-            self._new_profile(ws, fx, new, at)
+            new = self._mint(rec)
+            self._new_profile(ws, fx, new, rec.at)
             for key in part:
                 fx.upsert_nodes[key] = ws._relabel(key, new)
             fx.events.append(Reassigned(profile_id, new, sorted(part), "split"))
@@ -632,7 +650,7 @@ class IdentityGraph:
                 fx.upsert_nodes.pop(victim.key, None)
                 fx.delete_nodes.add(victim.key)
                 fx.events.append(Reassigned(current, None, [victim.key], "limit"))
-                todo.extend(self._split(ws, fx, current, rec.at))
+                todo.extend(self._split(ws, fx, rec, current))
 
     # -- primitive changes, each recorded in the effects --
     def _touch(self, ws: WorkingSet, fx: Effects, key: str, at: float) -> None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import msgspec
 from nats.aio.subscription import Subscription
 
+from services.identity.errors import ReplayImpossible
 from services.identity.graph import Edge, Effects, IdentityGraph, Node, WorkingSet
 from services.identity.graph import Merged as GraphMerged
 from services.identity.graph import Reassigned as GraphReassigned
@@ -59,6 +60,7 @@ from shared.runtime import Batch, ConsumerSpec, Service
 from shared.runtime.partitioned import PartitionedOutput
 from shared.runtime.probes import report_probe
 
+RECORDS_CONSUMER = "identity"
 _namespace_decoder = msgspec.json.Decoder(Namespace)
 _keys_encoder = msgspec.json.Encoder()
 
@@ -160,7 +162,7 @@ class IdentityService(Service):
                 description="identity namespaces (linking rules), from ingest's configuration",
             ),
             ConsumerSpec(
-                "identity",
+                RECORDS_CONSUMER,
                 subjects.STREAM_RECORDS,
                 self.handle_records,
                 description="accepted records and privacy deletes, from ingest",
@@ -168,6 +170,7 @@ class IdentityService(Service):
         )
 
     async def on_start(self) -> None:
+        await self._refuse_partial_replay()
         for symbol, spec in await self.db.execute_fetchall("SELECT symbol, spec FROM namespaces"):
             self.namespaces[str(symbol)] = _namespace_decoder.decode(spec)
         self.graph = self._new_graph()
@@ -179,6 +182,22 @@ class IdentityService(Service):
 
     async def on_stop(self) -> None:
         await admin.unsubscribe_all(self._subs)
+
+    async def _refuse_partial_replay(self) -> None:
+        """Without its state (no offset: a new or lost identity.db) the service rebuilds
+        the graph by replaying the records stream from its first message, which gives every
+        graph the profile id it had. That needs the stream to still hold its first message:
+        if retention removed any, a replay would build other graphs than the ones the
+        profile service holds, so refuse to start instead."""
+        rows = await self.db.execute_fetchall(
+            "SELECT 1 FROM rt_offsets WHERE consumer = ?", (RECORDS_CONSUMER,)
+        )
+        if list(rows):
+            return
+        info = await self.js.stream_info(subjects.STREAM_RECORDS.name)
+        first, last = info.state.first_seq, info.state.last_seq
+        if last > 0 and first > 1:
+            raise ReplayImpossible(subjects.STREAM_RECORDS.name, first, str(self.settings.db_path))
 
     # -- configuration ------------------------------------------------------------------
     async def handle_namespaces(self, batch: Batch) -> None:
@@ -202,9 +221,9 @@ class IdentityService(Service):
     async def handle_records(self, batch: Batch) -> None:
         """Link every record in order; tell the profile service, partition by partition and
         in causal order, which profile each record belongs to and what merged or moved."""
-        messages = [record_batch_decoder.decode(d.data) for d in batch.deliveries]
+        messages = [(d.seq, record_batch_decoder.decode(d.data)) for d in batch.deliveries]
         keys: set[str] = set()
-        for m in messages:
+        for _, m in messages:
             for r in m.records:
                 keys.update(self.graph.keys_of(r.identities))
             for req in m.deletes:
@@ -215,8 +234,8 @@ class IdentityService(Service):
             subjects.profiles, _encode_items, self.settings.partitions
         )
         reported = 0
-        for m in messages:
-            for record in m.records:
+        for seq, m in messages:
+            for i, record in enumerate(m.records):
                 profile_id = self.graph.link(
                     ws,
                     fx,
@@ -224,6 +243,8 @@ class IdentityService(Service):
                     at=record.ingested_at,
                     dataset=record.dataset,
                     record_id=record.record_id,
+                    # Its place in the records stream: a replay gives the same profile ids.
+                    seed=f"{seq}.{i}:{record.record_id}",
                 )
                 reported = self._announce(fx, reported, out, record.ingested_at)
                 if profile_id is None:

@@ -1,0 +1,104 @@
+"""The identity service's state lost while it is stopped: identity.db (and its -wal/-shm)
+deleted. It replays the records stream from the start and must give every graph the
+profile id it had, so the profile service, segmentation and `cdp check` see no change."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from services.identity.errors import ReplayImpossible
+from services.identity.service import IdentityService
+from shared import subjects
+from shared.cli.check import check
+from shared.natsd import NatsServer
+from shared.runtime import Service
+from tests.helpers import running, settings_for
+from tests.test_merges import CLASSES, crm, landed, login, view
+
+pytestmark = pytest.mark.asyncio
+PEOPLE = 12
+
+
+def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+
+async def publish(nc: Client, dataset: str, record: dict[str, Any]) -> None:
+    await nc.publish(subjects.ingest(dataset), json.dumps(record).encode())
+
+
+async def journey(nc: Client) -> None:
+    """Cookies that browse, log in (a merge into the CRM person), and a device shared by
+    two people (a move and a split)."""
+    for p in range(PEOPLE):
+        await publish(nc, "web", view(f"ck{p}", f"/p/{p}"))
+    for p in range(PEOPLE):
+        await publish(nc, "crm", crm(f"C{p}", f"person{p}@example.com"))
+    for p in range(PEOPLE):
+        await publish(nc, "web", login(f"ck{p}", f"person{p}@example.com", f"/in/{p}"))
+    await publish(nc, "web", login("ck0", "person1@example.com", "/shared"))
+    await publish(nc, "web", view("lonely", "/nobody"))
+    await nc.flush()
+    await landed(nc)
+
+
+def snapshot(data: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    identity = rows(data / "identity.db", "SELECT key, profile_id FROM nodes ORDER BY key")
+    profiles = rows(
+        data / "profile.db",
+        "SELECT profile_id, folded_into FROM profiles ORDER BY profile_id",
+    )
+    return identity, profiles
+
+
+def forget(service: Service) -> None:
+    db = service.settings.db_path
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+async def test_profile_ids_survive_the_loss_of_identity_db(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with running(CLASSES, nats_server.url, data, nc) as services:
+        await journey(nc)
+        before = snapshot(data)
+        report = await check(nc)
+        assert report.ok, report.violations
+        assert len(before[1]) > PEOPLE
+
+        await services["identity"].stop()
+        forget(services["identity"])
+        services["identity"] = IdentityService(settings_for("identity", nats_server.url, data))
+        await services["identity"].start()
+        await landed(nc)
+
+        after = snapshot(data)
+        assert after[0] == before[0]  # every identity on the profile id it had
+        assert after[1] == before[1]  # not one profile more, none lost
+        report = await check(nc)
+        assert report.ok, report.violations  # no profile without its identity graph
+
+
+async def test_identity_refuses_to_start_when_the_records_stream_lost_its_start(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with running(CLASSES, nats_server.url, data, nc) as services:
+        await journey(nc)
+        await services["identity"].stop()
+        forget(services["identity"])
+        js = nc.jetstream()
+        await js.delete_msg(subjects.STREAM_RECORDS.name, 1)  # as retention would
+        fresh = IdentityService(settings_for("identity", nats_server.url, data))
+        services["identity"] = fresh
+        with pytest.raises(ReplayImpossible, match="cannot rebuild"):
+            await fresh.start()
