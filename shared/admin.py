@@ -327,6 +327,8 @@ class ErrorsResult(msgspec.Struct):
     target: str
     total: int
     records: list[RejectedRecord]
+    dropped: int = 0
+    """Rejected records (of every dataset) the error store dropped by its retention."""
 
 
 # -- segments and jobs (cdp segments / cdp jobs) ----------------------------------------------

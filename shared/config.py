@@ -59,6 +59,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """When set, the ingest HTTP door requires `Authorization: Bearer <token>`."""
     phone_region: str = "US"
     """Region (ISO 3166 code) of phone numbers written without a country code."""
+    errors_max_age_days: float = 30.0
+    """Ingest's error store drops rejected records older than this."""
+    errors_max_bytes: int = 256 * 1024 * 1024
+    """Ingest's error store drops its oldest rejected records past this size."""
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
         shown = msgspec.structs.replace(self, ingest_token="***" if self.ingest_token else None)
@@ -132,4 +136,6 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,
         phone_region=_phone_region(env),
+        errors_max_age_days=_float(env, "CDP_ERRORS_MAX_AGE_DAYS", 30.0),
+        errors_max_bytes=_int(env, "CDP_ERRORS_MAX_BYTES", 256 * 1024 * 1024, minimum=1),
     )

@@ -244,7 +244,11 @@ class IngestAdmin:
                 kind="dataset",
                 name=request.target,
             )
-        return ErrorsResult(request.target, total, records)
+        dropped_rows = await self.svc.db.execute_fetchall(
+            "SELECT dropped FROM error_store WHERE id = 1"
+        )
+        dropped = int(next(iter(dropped_rows), (0,))[0])
+        return ErrorsResult(request.target, total, records, dropped=dropped)
 
     async def _is_batch(self, target: str) -> bool:
         rows = await self.svc.db.execute_fetchall(

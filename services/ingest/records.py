@@ -2,17 +2,95 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
 import msgspec
 
-from services.ingest.store import INSERT_REJECTED
+from services.ingest.store import INSERT_REJECTED, INSERT_REJECTED_KEY, ROW_OVERHEAD
 from services.ingest.validation import Accepted, Problem
+from shared.config import ConfigError, _phone_region
 from shared.db import Tx
 from shared.messages import Record, RecordBatch, encode_fitting, msgpack_encoder
+from shared.normalize import normalize_phone
 
 MAX_RECORDS_PER_MESSAGE = 500
 """Accepted records travel to identity in messages of at most this many records."""
 
 _problems_encoder = msgspec.json.Encoder()
+
+MAX_STORED_PAYLOAD = 64 * 1024
+"""Bytes of a rejected record's payload the error store keeps; the rest is cut, with a
+marker saying how long it was (the reason is kept whole)."""
+MAX_KEYS = 256
+"""Identity keys a rejected record is findable by (for a privacy delete), at most."""
+MAX_KEY_LENGTH = 1024
+_TOKEN_SPLIT = re.compile(r"[\s\"',;:{}\[\]()<>|=\\]+")
+_FIELD_SPLIT = re.compile(r"[,;\t\n\r\"{}\[\]|=]+")
+_PHONE_LIKE = re.compile(r"^\+?[\d\s().\-/]{6,40}$")
+
+
+@functools.cache
+def _region() -> str:
+    try:
+        return _phone_region(os.environ)
+    except ConfigError:
+        return "US"
+
+
+def truncated(payload: bytes, limit: int = MAX_STORED_PAYLOAD) -> bytes:
+    if len(payload) <= limit:
+        return payload
+    return payload[:limit] + f"\n[truncated: {len(payload)} bytes in all]".encode()
+
+
+def identity_keys(value: str, region: str | None = None) -> set[str]:
+    """The keys one value is found by: trimmed and lower-cased (emails, ids), and its E.164
+    form when it reads as a valid phone number (as identity normalises phones)."""
+    text = value.strip()
+    if not text or len(text) > MAX_KEY_LENGTH:
+        return set()
+    keys = {text.lower()}
+    if _PHONE_LIKE.match(text):
+        phone = normalize_phone(text, region or _region())
+        if phone is not None:
+            keys.add(phone)
+    return keys
+
+
+def _leaves(node: Any, depth: int = 0) -> Iterator[str]:
+    if depth > 64:
+        return
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _leaves(v, depth + 1)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _leaves(v, depth + 1)
+    elif isinstance(node, str):
+        yield node
+    elif isinstance(node, int) and not isinstance(node, bool):
+        yield str(node)
+
+
+def payload_keys(payload: bytes, region: str | None = None) -> list[str]:
+    """What a rejected record can be found by for a privacy delete, exactly, never by a
+    substring: each value of a JSON payload; for a payload that is not JSON, each token
+    (split on white space and punctuation) and each field (split on separators)."""
+    keys: set[str] = set()
+    try:
+        values: Iterator[str] = _leaves(msgspec.json.decode(payload))
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        text = payload.decode("utf-8", "replace")
+        values = iter([*_TOKEN_SPLIT.split(text), *_FIELD_SPLIT.split(text)])
+    for value in values:
+        keys |= identity_keys(value, region)
+        if len(keys) >= MAX_KEYS:
+            break
+    return sorted(keys)[:MAX_KEYS]
 
 
 def unknown_dataset(name: str) -> list[Problem]:
@@ -30,8 +108,11 @@ def reject_row(
     now: float,
     batch_id: str | None = None,
     row_number: int | None = None,
-) -> None:
+) -> int:
+    """Add a rejected record to the error store; returns the bytes it counts for."""
     first = problems[0]
+    payload = truncated(payload)
+    encoded_problems = _problems_encoder.encode(problems)
     tx.add(
         INSERT_REJECTED,
         (
@@ -44,11 +125,14 @@ def reject_row(
             first.path,
             first.expected,
             first.got,
-            _problems_encoder.encode(problems),
+            encoded_problems,
             payload,
             now,
+            len(payload) + len(encoded_problems) + ROW_OVERHEAD,
         ),
     )
+    tx.add_many(INSERT_REJECTED_KEY, [(k, record_id) for k in payload_keys(payload)])
+    return len(payload) + len(encoded_problems) + ROW_OVERHEAD
 
 
 def to_record(

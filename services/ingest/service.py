@@ -8,6 +8,7 @@ admin API and batch file jobs live in their own modules and share this state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import Counter
@@ -15,17 +16,26 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import msgspec
+from prometheus_client import Counter as PromCounter
 
 from services.ingest.admin import IngestAdmin
 from services.ingest.batches import BatchJobs
 from services.ingest.http import IngestHttp
-from services.ingest.records import encoded, reject_row, to_record, unknown_dataset
+from services.ingest.records import (
+    encoded,
+    identity_keys,
+    payload_keys,
+    reject_row,
+    to_record,
+    unknown_dataset,
+)
 from services.ingest.registry import Registry
 from services.ingest.settings import load_limits
-from services.ingest.store import BUMP_COUNTS, MIGRATIONS
+from services.ingest.store import BUMP_COUNTS, INSERT_REJECTED_KEY, MIGRATIONS, RETENTION
 from services.ingest.validation import Accepted, CompiledSchema, Limits
 from shared import subjects
 from shared.config import Settings
+from shared.db import Tx, apply
 from shared.messages import (
     PrivacyDelete,
     PrivacyReport,
@@ -39,6 +49,14 @@ from shared.resources import Dataset
 from shared.runtime import Batch, ConsumerSpec, Service
 
 _delete_decoder = msgspec.json.Decoder(PrivacyDelete)
+RETENTION_INTERVAL = 60.0
+"""Seconds between two runs of the error store's retention when nothing is rejected."""
+KEEP_FRACTION = 0.9
+"""Past its size limit the error store drops down to this fraction of it, so that the next
+writes do not each drop a few rows."""
+_SELECT_DOOMED = (
+    "SELECT DISTINCT record_id FROM rejected_keys WHERE key IN (SELECT value FROM json_each(?))"
+)
 
 
 class IngestService(Service):
@@ -54,6 +72,17 @@ class IngestService(Service):
         self.admin = IngestAdmin(self)
         self.http = IngestHttp(self)
         self.batches = BatchJobs(self)
+        self.error_bytes = 0
+        """The error store's size, as of the last retention run plus what was added since
+        (an upper bound: deletes are not subtracted)."""
+        self.errors_dropped = 0
+        self._last_retention = 0.0
+        self._retention_task: asyncio.Task[None] | None = None
+        self.dropped_counter = PromCounter(
+            "cdp_errors_dropped_total",
+            "Rejected records the error store dropped by retention (age or size).",
+            registry=self.metrics.registry,
+        )
 
     # -- state shared by the doors, the admin API and batch jobs ---------------------
     def compiled(self, dataset: str) -> tuple[Dataset, CompiledSchema] | None:
@@ -93,12 +122,88 @@ class IngestService(Service):
         else:
             stamp = 0
         self._id_prefix = f"r{stamp:x}-"
+        await self._key_old_rows()
+        await self.retain()
+        self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
         await self.admin.start()
         await self.batches.start()
 
     async def on_stop(self) -> None:
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention_task
         await self.batches.stop()
         await self.admin.stop()
+
+    # -- the error store's retention -----------------------------------------------------
+    def _retention_params(self, now: float) -> tuple[float, float, int]:
+        s = self.settings
+        return (
+            now - s.errors_max_age_days * 86400.0,
+            s.errors_max_bytes * KEEP_FRACTION,
+            s.errors_max_bytes,
+        )
+
+    def add_retention(self, tx: Tx, now: float, added: int) -> bool:
+        """Add the retention statements to `tx` when the store may be past its size limit
+        or retention has not run for a while; returns whether it did."""
+        self.error_bytes += added
+        due = now - self._last_retention > RETENTION_INTERVAL
+        if self.error_bytes <= self.settings.errors_max_bytes and not due:
+            return False
+        params = self._retention_params(now)
+        for sql in RETENTION:
+            tx.add(sql, params)
+        self._last_retention = now
+        return True
+
+    async def retain(self) -> None:
+        """Apply retention in a transaction of its own, then refresh the counts."""
+        tx = Tx()
+        self.add_retention(tx, time.time(), self.settings.errors_max_bytes + 1)
+        await apply(self.db, tx)
+        await self.refresh_error_stats()
+
+    async def refresh_error_stats(self) -> None:
+        rows = await self.db.execute_fetchall(
+            "SELECT (SELECT coalesce(sum(size), 0) FROM rejected_records), "
+            "(SELECT dropped FROM error_store WHERE id = 1)"
+        )
+        size, dropped = next(iter(rows))
+        self.error_bytes = int(size)
+        if int(dropped) > self.errors_dropped:
+            self.dropped_counter.inc(int(dropped) - self.errors_dropped)
+        self.errors_dropped = int(dropped)
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_INTERVAL)
+            try:
+                await self.retain()
+            except Exception as exc:  # the next run tries again
+                self.log.warning("error store retention failed", error=repr(exc))
+
+    async def _key_old_rows(self) -> None:
+        """Rejected records stored before they were keyed get their identity keys."""
+        while True:
+            rows = list(
+                await self.db.execute_fetchall(
+                    "SELECT record_id, payload FROM rejected_records WHERE keyed = 0 LIMIT 1000"
+                )
+            )
+            if not rows:
+                return
+            tx = Tx()
+            tx.add_many(
+                INSERT_REJECTED_KEY,
+                [(k, str(r[0])) for r in rows for k in payload_keys(bytes(r[1]))],
+            )
+            tx.add_many(
+                "UPDATE rejected_records SET keyed = 1 WHERE record_id = ?",
+                [(r[0],) for r in rows],
+            )
+            await apply(self.db, tx)
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (
@@ -115,6 +220,7 @@ class IngestService(Service):
         now = time.time()
         accepted: list[Record] = []
         counts: Counter[tuple[str, bool]] = Counter()
+        added = 0
         for d in batch.deliveries:
             if d.subject == subjects.PRIVACY_DELETE:
                 for data in encoded(accepted):  # records published before the delete go first
@@ -149,7 +255,7 @@ class IngestService(Service):
             else:
                 counts[dataset, False] += 1
                 source = "http" if (d.msg_id or "").startswith("http:") else "nats"
-                reject_row(
+                added += reject_row(
                     batch.tx,
                     record_id=record_id,
                     dataset=dataset,
@@ -167,8 +273,14 @@ class IngestService(Service):
                 )
         for (dataset, ok), n in counts.items():
             batch.tx.add(BUMP_COUNTS, (dataset, n if ok else 0, 0 if ok else n))
+        if added and self.add_retention(batch.tx, now, added):
+            batch.after_commit(self._after_retention)
         for data in encoded(accepted):
             batch.emit(subjects.RECORDS, data)
+
+    def _after_retention(self) -> None:
+        task = asyncio.create_task(self.refresh_error_stats(), name="error-store-stats")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _pass_probe(self, batch: Batch, data: bytes) -> None:
         try:
@@ -184,16 +296,21 @@ class IngestService(Service):
         except msgspec.DecodeError as exc:
             self.log.warning("malformed privacy delete ignored", error=str(exc))
             return
-        value = request.identity.value
-        rows = await self.db.execute_fetchall(
-            "SELECT count(*) FROM rejected_records WHERE instr(lower(CAST(payload AS TEXT)), "
-            "lower(?)) > 0",
-            (value,),
+        # Exactly the records that carry the value (as identity normalises it), never one
+        # that merely contains it.
+        keys = json_encoder.encode(
+            sorted(identity_keys(request.identity.value, self.settings.phone_region))
         )
-        removed = int(next(iter(rows))[0])
+        ids = [str(r[0]) for r in await self.db.execute_fetchall(_SELECT_DOOMED, (keys,))]
+        doomed = json_encoder.encode(ids)
+        removed = len(ids)
         batch.tx.add(
-            "DELETE FROM rejected_records WHERE instr(lower(CAST(payload AS TEXT)), lower(?)) > 0",
-            (value,),
+            "DELETE FROM rejected_records WHERE record_id IN (SELECT value FROM json_each(?))",
+            (doomed,),
+        )
+        batch.tx.add(
+            "DELETE FROM rejected_keys WHERE record_id IN (SELECT value FROM json_each(?))",
+            (doomed,),
         )
         batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], deletes=[request])))
         report = PrivacyReport(

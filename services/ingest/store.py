@@ -55,6 +55,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "ingest",
+        2,
+        """
+        CREATE TABLE rejected_keys (
+            key TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            PRIMARY KEY (key, record_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX rejected_keys_by_record ON rejected_keys (record_id);
+        ALTER TABLE rejected_records ADD COLUMN keyed INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE rejected_records ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+        UPDATE rejected_records SET size = length(payload) + length(problems) + 256;
+        CREATE INDEX rejected_by_age ON rejected_records (rejected_at);
+        CREATE TABLE error_store (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            dropped INTEGER NOT NULL DEFAULT 0
+        );
+        INSERT INTO error_store (id, dropped) VALUES (1, 0)
+        """,
+    ),
 )
 
 UPSERT_CONFIG = (
@@ -64,9 +85,34 @@ UPSERT_CONFIG = (
 )
 INSERT_REJECTED = (
     "INSERT OR IGNORE INTO rejected_records (record_id, dataset, batch_id, row_number, source, "
-    "reason, path, expected, got, problems, payload, rejected_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "reason, path, expected, got, problems, payload, rejected_at, keyed, size) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
 )
+INSERT_REJECTED_KEY = "INSERT OR IGNORE INTO rejected_keys (key, record_id) VALUES (?, ?)"
+ROW_OVERHEAD = 256
+"""Bytes a rejected record counts for beyond its payload and problems (its other columns,
+its keys, the indexes), in the error store's size limit."""
+_DOOMED = (
+    "WITH doomed(id) AS ("
+    "SELECT rowid FROM rejected_records WHERE rejected_at < ?1 "
+    "UNION SELECT id FROM (SELECT rowid AS id, sum(size) OVER "
+    "(ORDER BY rejected_at DESC, rowid DESC) AS kept FROM rejected_records) "
+    "WHERE kept > ?2 AND (SELECT sum(size) FROM rejected_records) > ?3) "
+)
+"""The rejected records retention drops: older than the cutoff, and, when the store is
+past its size limit, the oldest beyond the newest `keep` bytes. Parameters: ?1 the
+cutoff time, ?2 the bytes to keep, ?3 the size limit."""
+COUNT_DROPPED = (
+    _DOOMED + "UPDATE error_store SET dropped = dropped + (SELECT count(*) FROM doomed) "
+    "WHERE id = 1"
+)
+DROP_KEYS = (
+    _DOOMED + "DELETE FROM rejected_keys WHERE record_id IN "
+    "(SELECT record_id FROM rejected_records WHERE rowid IN doomed)"
+)
+DROP_REJECTED = _DOOMED + "DELETE FROM rejected_records WHERE rowid IN doomed"
+RETENTION = (COUNT_DROPPED, DROP_KEYS, DROP_REJECTED)
+"""Retention, set-based, in this order, each with the same parameters."""
 BUMP_COUNTS = (
     "INSERT INTO dataset_counts (dataset, accepted, rejected) VALUES (?, ?, ?) "
     "ON CONFLICT (dataset) DO UPDATE SET accepted = accepted + excluded.accepted, "

@@ -488,6 +488,11 @@ def errors(
             r.record_id, str(r.row_number or "-"), r.reason, r.path or "-", r.expected, r.got
         )
     console.print(table)
+    if result.dropped:
+        console.print(
+            f"{result.dropped} older rejected records (all datasets) were dropped by the error "
+            "store's retention (CDP_ERRORS_MAX_AGE_DAYS, CDP_ERRORS_MAX_BYTES)"
+        )
 
 
 # -- segments and jobs ---------------------------------------------------------------------------
