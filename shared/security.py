@@ -125,7 +125,12 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
         ),
         "profile": _Uses(
             consumes=(s.STREAM_CONFIG, s.STREAM_MEMBERSHIP, s.STREAM_PROFILES),
-            publishes=(f"{s.CHANGES_PREFIX}.*", _report("profile"), _PROBE_REPORTS),
+            publishes=(
+                f"{s.CHANGES_PREFIX}.*",
+                _report("profile"),
+                _PROBE_REPORTS,
+                s.config("merge_policy", "*"),  # its merge policies, on the config stream
+            ),
             serves=(s.admin("profile", ">"), s.PROFILE_LOOKUP),
             reads_last=(s.STREAM_CONFIG,),
         ),

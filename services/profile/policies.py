@@ -1,4 +1,9 @@
-"""Merge policies: configured with `cdp apply` (kind merge_policy), owned by this service."""
+"""Merge policies: configured with `cdp apply` (kind merge_policy), owned by this service.
+
+Like every configured object they travel on `CDP_CONFIG` (`cdp.config.merge_policy.<name>`):
+an applied policy is stored in SQLite and published there in one step (outbox), and the
+service follows that subject with a consumer of its own, so a profile.db rebuilt from the
+streams gets its merge policies back."""
 
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from shared.admin import (
 )
 from shared.db import Tx, apply
 from shared.resources import PLURALS, MergePolicy, to_builtins
+from shared.runtime import Batch, ConsumerSpec
+from shared.runtime.actor import Outgoing, publish_outbox
 
 if TYPE_CHECKING:
     from services.profile.service import ProfileService
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
 _policy_decoder = msgspec.json.Decoder(MergePolicy)
 _encoder = msgspec.json.Encoder()
 KIND = "merge_policy"
+_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
 
 
 class MergePolicies:
@@ -45,12 +53,42 @@ class MergePolicies:
     def get(self, name: str) -> MergePolicy | None:
         return self._policies.get(name)
 
+    def consumer(self) -> ConsumerSpec:
+        return ConsumerSpec(
+            "profile-policies",
+            subjects.STREAM_CONFIG,
+            self.handle_policies,
+            filter_subjects=(subjects.config(KIND, "*"),),
+            description="merge policies, as this service published them on the config stream",
+        )
+
+    async def handle_policies(self, batch: Batch) -> None:
+        updates: dict[str, MergePolicy] = {}
+        now = time.time()
+        for d in batch.deliveries:
+            try:
+                policy = _policy_decoder.decode(d.data)
+            except msgspec.DecodeError:
+                self.svc.log.warning("undecodable merge policy configuration", subject=d.subject)
+                continue
+            if d.subject != subjects.config(KIND, policy.name):
+                self.svc.log.warning("merge policy on another name's subject", subject=d.subject)
+                continue
+            updates[policy.name] = policy
+            batch.tx.add(UPSERT_POLICY, (policy.name, d.data, now))
+        batch.after_commit(lambda: self._policies.update(updates))
+
     async def start(self) -> None:
-        for _name, spec in await self.svc.db.execute_fetchall(
-            "SELECT name, spec FROM merge_policies"
-        ):
+        rows = await self.svc.db.execute_fetchall(
+            "SELECT name, spec, updated_at FROM merge_policies"
+        )
+        out: list[Outgoing] = []
+        for _name, spec, updated_at in rows:
             policy = _policy_decoder.decode(spec)
             self._policies[policy.name] = policy
+            # Policies stored before they travelled on the config stream reach it now.
+            out.append(self._outgoing(policy, bytes(spec), float(updated_at)))
+        await publish_outbox(self.svc.js, self.svc.db, out, self.svc.log, lambda: False)
         nc = self.svc.nc
         self._subs = [
             await admin.serve(nc, subjects.admin("profile", "apply"), ApplyBatch, self.apply),
@@ -88,12 +126,23 @@ class MergePolicies:
         if not request.dry_run and any(r.action != "unchanged" for r in results):
             now = time.time()
             tx = Tx()
+            out: list[Outgoing] = []
             for p in ordered:
                 if self._policies.get(p.name) != p:
-                    tx.add(UPSERT_POLICY, (p.name, _encoder.encode(p), now))
+                    payload = _encoder.encode(p)
+                    tx.add(UPSERT_POLICY, (p.name, payload, now))
+                    out.append(self._outgoing(p, payload, now))
+            tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
             await apply(self.svc.db, tx)
             self._policies = scratch
+            await publish_outbox(self.svc.js, self.svc.db, out, self.svc.log, lambda: False)
         return ApplyBatchResult(results)
+
+    @staticmethod
+    def _outgoing(policy: MergePolicy, payload: bytes, at: float) -> Outgoing:
+        return Outgoing(
+            f"config:{KIND}:{policy.name}:{at}", subjects.config(KIND, policy.name), payload
+        )
 
     async def _dataset_exists(self, name: str) -> bool:
         """Ask the configuration stream itself, the source every service follows."""

@@ -87,6 +87,7 @@ class ProfileService(Service):
                 description="datasets (event expiration), from ingest's configuration",
             ),
             self.namespaces.consumer(),
+            self.policies.consumer(),
             ConsumerSpec(
                 "profile-memberships",
                 subjects.STREAM_MEMBERSHIP,
