@@ -128,3 +128,34 @@ async def test_a_huge_rejected_payload_is_cut_with_a_marker_and_keeps_its_reason
     assert isinstance(payload, bytes) and len(payload) < 70_000
     assert payload.endswith(b"[truncated: 300000 bytes in all]")
     assert reason == "unknown dataset"
+
+
+async def test_rejected_records_stored_before_keys_existed_are_deleted_exactly(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Rows of an older store (no identity keys yet) get their keys when ingest starts."""
+    svc = IngestService(settings_for("ingest", nats_server.url, tmp_path))
+    await svc.start()
+    bad = [
+        (subjects.ingest("nowhere"), json.dumps({"email": e}).encode())
+        for e in ("Ann@Example.com", "ann@example.com.evil", "bob@example.com")
+    ]
+    await publish_all(nc, svc, bad)
+    await svc.stop()
+    with sqlite3.connect(svc.settings.db_path) as conn:  # as the older version left them
+        conn.execute("DELETE FROM rejected_keys")
+        conn.execute("UPDATE rejected_records SET keyed = 0")
+
+    svc = IngestService(settings_for("ingest", nats_server.url, tmp_path))
+    await svc.start()
+    try:
+        request = PrivacyDelete(
+            request_id="d2", identity=Identity("email", "ann@example.com"), requested_at=1.0
+        )
+        await publish_all(nc, svc, [(subjects.PRIVACY_DELETE, msgspec.json.encode(request))])
+        left = {
+            json.loads(p)["email"] for (p,) in stored(svc, "SELECT payload FROM rejected_records")
+        }
+        assert left == {"ann@example.com.evil", "bob@example.com"}
+    finally:
+        await svc.stop()

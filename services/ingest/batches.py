@@ -254,6 +254,7 @@ class BatchJobs:
                     break
                 tx = Tx()
                 records: list[Record] = []
+                added = 0
                 for row, result in step:
                     record_id = f"b{info.batch_id}-{row.number}"
                     if isinstance(result, Accepted):
@@ -268,7 +269,7 @@ class BatchJobs:
                             )
                         )
                     else:
-                        reject_row(
+                        added += reject_row(
                             tx,
                             record_id=record_id,
                             dataset=info.dataset,
@@ -282,8 +283,11 @@ class BatchJobs:
                 info.input_rows += len(step)
                 info.accepted += len(records)
                 info.failed += len(step) - len(records)
+                retained = bool(added) and self.svc.add_retention(tx, now, added)
                 if tx:
                     await apply(self.svc.db, tx)
+                if retained:
+                    await self.svc.refresh_error_stats()
                 if ds.profile_enabled and records:
                     await asyncio.to_thread(_spool_write, spool, records)
                 info.progress = reader.progress
