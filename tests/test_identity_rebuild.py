@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from shared.cli.check import check
 from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import running, settings_for
+from tests.journeys import big_journey
+from tests.test_equivalence import burst
 from tests.test_merges import CLASSES, crm, landed, login, view
 
 pytestmark = pytest.mark.asyncio
@@ -54,6 +57,9 @@ def snapshot(data: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     profiles = rows(
         data / "profile.db",
         "SELECT profile_id, folded_into FROM profiles ORDER BY profile_id",
+    ) + rows(
+        data / "profile.db",
+        "SELECT namespace, value, profile_id FROM identities ORDER BY namespace, value",
     )
     return identity, profiles
 
@@ -86,6 +92,27 @@ async def test_profile_ids_survive_the_loss_of_identity_db(
         assert after[1] == before[1]  # not one profile more, none lost
         report = await check(nc)
         assert report.ok, report.violations  # no profile without its identity graph
+
+
+async def test_a_replayed_journey_with_deletes_and_shared_devices_keeps_every_id(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with running(CLASSES, nats_server.url, data, nc) as services:
+        await burst(nc, big_journey("rb-", time.time(), 150, seed=5))
+        before = snapshot(data)
+        assert (await check(nc)).ok
+
+        await services["identity"].stop()
+        forget(services["identity"])
+        services["identity"] = IdentityService(settings_for("identity", nats_server.url, data))
+        await services["identity"].start()
+        await landed(nc)
+
+        after = snapshot(data)
+        assert after == before
+        report = await check(nc)
+        assert report.ok, report.violations
 
 
 async def test_identity_refuses_to_start_when_the_records_stream_lost_its_start(
