@@ -78,7 +78,21 @@ async def test_a_privacy_delete_removes_exactly_the_persons_rejected_records(
     )
     await publish_all(nc, ingest, [(subjects.PRIVACY_DELETE, msgspec.json.encode(request))])
 
+    # Rejected and deleted one right after the other (often in one fetch).
+    late = PrivacyDelete(
+        request_id="d3", identity=Identity("email", "Late@Example.com"), requested_at=time.time()
+    )
+    await publish_all(
+        nc,
+        ingest,
+        [
+            (subjects.ingest("nowhere"), json.dumps({"email": "late@example.com"}).encode()),
+            (subjects.PRIVACY_DELETE, msgspec.json.encode(late)),
+        ],
+    )
+
     left = stored(ingest, "SELECT CAST(payload AS TEXT) FROM rejected_records")
+    assert stored(ingest, "SELECT count(*) FROM rejected_keys WHERE key = 'nk0016'") == [(0,)]
     assert len(left) == 100  # the real person's two are gone, nobody else's
     assert all('NK0016"' not in p[0] and "nk0016" not in p[0] for (p,) in [(r,) for r in left])
     assert {json.loads(p)["crm_id"] for (p,) in left} == {f"NK00{n}" for n in range(1600, 1700)}

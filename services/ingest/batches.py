@@ -279,7 +279,7 @@ class BatchJobs:
                             now=now,
                             batch_id=info.batch_id,
                             row_number=row.number,
-                        )
+                        ).size
                 info.input_rows += len(step)
                 info.accepted += len(records)
                 info.failed += len(step) - len(records)

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from services.ingest.store import INSERT_REJECTED, INSERT_REJECTED_KEY, ROW_OVERHEAD
+from services.ingest.store import INSERT_REJECTED, ROW_OVERHEAD
 from services.ingest.validation import Accepted, Problem
 from shared.config import ConfigError, _phone_region
 from shared.db import Tx
@@ -97,6 +97,13 @@ def unknown_dataset(name: str) -> list[Problem]:
     return [Problem("unknown dataset", "", "a configured dataset", repr(name)[:200])]
 
 
+class Stored(msgspec.Struct, frozen=True):
+    """What a rejected record counts for in the error store, and what it is found by."""
+
+    size: int
+    keys: list[str]
+
+
 def reject_row(
     tx: Tx,
     *,
@@ -108,11 +115,14 @@ def reject_row(
     now: float,
     batch_id: str | None = None,
     row_number: int | None = None,
-) -> int:
-    """Add a rejected record to the error store; returns the bytes it counts for."""
+) -> Stored:
+    """Add a rejected record to the error store; returns its size and identity keys."""
     first = problems[0]
     payload = truncated(payload)
     encoded_problems = _problems_encoder.encode(problems)
+    found_by = payload_keys(payload)
+    keys = _problems_encoder.encode(found_by)
+    size = len(payload) + len(encoded_problems) + len(keys) + ROW_OVERHEAD
     tx.add(
         INSERT_REJECTED,
         (
@@ -128,11 +138,11 @@ def reject_row(
             encoded_problems,
             payload,
             now,
-            len(payload) + len(encoded_problems) + ROW_OVERHEAD,
+            size,
+            keys,
         ),
     )
-    tx.add_many(INSERT_REJECTED_KEY, [(k, record_id) for k in payload_keys(payload)])
-    return len(payload) + len(encoded_problems) + ROW_OVERHEAD
+    return Stored(size, found_by)
 
 
 def to_record(

@@ -31,7 +31,14 @@ from services.ingest.records import (
 )
 from services.ingest.registry import Registry
 from services.ingest.settings import load_limits
-from services.ingest.store import BUMP_COUNTS, INSERT_REJECTED_KEY, MIGRATIONS, RETENTION
+from services.ingest.store import (
+    BUMP_COUNTS,
+    DELETE_BY_KEYS,
+    INSERT_REJECTED_KEY,
+    KEY_TRIGGERS,
+    MIGRATIONS,
+    RETENTION,
+)
 from services.ingest.validation import Accepted, CompiledSchema, Limits
 from shared import subjects
 from shared.config import Settings
@@ -122,6 +129,7 @@ class IngestService(Service):
         else:
             stamp = 0
         self._id_prefix = f"r{stamp:x}-"
+        await self.db.executescript(KEY_TRIGGERS)
         await self._key_old_rows()
         await self.retain()
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
@@ -221,12 +229,13 @@ class IngestService(Service):
         accepted: list[Record] = []
         counts: Counter[tuple[str, bool]] = Counter()
         added = 0
+        pending: dict[str, set[str]] = {}  # rejected in this batch, not stored yet: keys
         for d in batch.deliveries:
             if d.subject == subjects.PRIVACY_DELETE:
                 for data in encoded(accepted):  # records published before the delete go first
                     batch.emit(subjects.RECORDS, data)
                 accepted = []
-                await self._privacy_delete(batch, d.data, now)
+                await self._privacy_delete(batch, d.data, now, pending)
                 continue
             if d.subject == subjects.PROBE:
                 for data in encoded(accepted):  # the probe follows the records before it
@@ -255,7 +264,7 @@ class IngestService(Service):
             else:
                 counts[dataset, False] += 1
                 source = "http" if (d.msg_id or "").startswith("http:") else "nats"
-                added += reject_row(
+                stored = reject_row(
                     batch.tx,
                     record_id=record_id,
                     dataset=dataset,
@@ -264,6 +273,8 @@ class IngestService(Service):
                     source=source,
                     now=now,
                 )
+                added += stored.size
+                pending[record_id] = set(stored.keys)
                 self.log.info(
                     "record rejected",
                     dataset=dataset,
@@ -290,7 +301,9 @@ class IngestService(Service):
             return
         batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], probes=[probe])))
 
-    async def _privacy_delete(self, batch: Batch, data: bytes, now: float) -> None:
+    async def _privacy_delete(
+        self, batch: Batch, data: bytes, now: float, pending: dict[str, set[str]]
+    ) -> None:
         try:
             request = _delete_decoder.decode(data)
         except msgspec.DecodeError as exc:
@@ -298,20 +311,15 @@ class IngestService(Service):
             return
         # Exactly the records that carry the value (as identity normalises it), never one
         # that merely contains it.
-        keys = json_encoder.encode(
-            sorted(identity_keys(request.identity.value, self.settings.phone_region))
-        )
-        ids = [str(r[0]) for r in await self.db.execute_fetchall(_SELECT_DOOMED, (keys,))]
-        doomed = json_encoder.encode(ids)
+        # Those rejected earlier in this batch are in its transaction, before the delete.
+        wanted = identity_keys(request.identity.value, self.settings.phone_region)
+        keys = json_encoder.encode(sorted(wanted))
+        ids = {str(r[0]) for r in await self.db.execute_fetchall(_SELECT_DOOMED, (keys,))}
+        for record_id in [r for r, found_by in pending.items() if found_by & wanted]:
+            ids.add(record_id)
+            del pending[record_id]
         removed = len(ids)
-        batch.tx.add(
-            "DELETE FROM rejected_records WHERE record_id IN (SELECT value FROM json_each(?))",
-            (doomed,),
-        )
-        batch.tx.add(
-            "DELETE FROM rejected_keys WHERE record_id IN (SELECT value FROM json_each(?))",
-            (doomed,),
-        )
+        batch.tx.add(DELETE_BY_KEYS, (keys,))
         batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], deletes=[request])))
         report = PrivacyReport(
             request_id=request.request_id,

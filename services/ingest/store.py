@@ -66,6 +66,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID;
         CREATE INDEX rejected_keys_by_record ON rejected_keys (record_id);
         ALTER TABLE rejected_records ADD COLUMN keyed INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE rejected_records ADD COLUMN keys TEXT NOT NULL DEFAULT '[]';
         ALTER TABLE rejected_records ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
         UPDATE rejected_records SET size = length(payload) + length(problems) + 256;
         CREATE INDEX rejected_by_age ON rejected_records (rejected_at);
@@ -85,8 +86,24 @@ UPSERT_CONFIG = (
 )
 INSERT_REJECTED = (
     "INSERT OR IGNORE INTO rejected_records (record_id, dataset, batch_id, row_number, source, "
-    "reason, path, expected, got, problems, payload, rejected_at, keyed, size) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
+    "reason, path, expected, got, problems, payload, rejected_at, keyed, size, keys) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
+)
+KEY_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS rejected_keys_added AFTER INSERT ON rejected_records BEGIN
+    INSERT OR IGNORE INTO rejected_keys (key, record_id)
+    SELECT value, NEW.record_id FROM json_each(NEW.keys);
+END;
+CREATE TRIGGER IF NOT EXISTS rejected_keys_gone AFTER DELETE ON rejected_records BEGIN
+    DELETE FROM rejected_keys WHERE record_id = OLD.record_id;
+END;
+"""
+"""A rejected record's identity keys (its `keys`, a JSON list) fill `rejected_keys` as it is
+stored and leave with it, whatever deletes it (a privacy delete, retention): one statement
+per stored record. Created at start (a migration's statements are split on semicolons)."""
+DELETE_BY_KEYS = (
+    "DELETE FROM rejected_records WHERE record_id IN (SELECT record_id FROM rejected_keys "
+    "WHERE key IN (SELECT value FROM json_each(?)))"
 )
 INSERT_REJECTED_KEY = "INSERT OR IGNORE INTO rejected_keys (key, record_id) VALUES (?, ?)"
 ROW_OVERHEAD = 256
@@ -106,12 +123,8 @@ COUNT_DROPPED = (
     _DOOMED + "UPDATE error_store SET dropped = dropped + (SELECT count(*) FROM doomed) "
     "WHERE id = 1"
 )
-DROP_KEYS = (
-    _DOOMED + "DELETE FROM rejected_keys WHERE record_id IN "
-    "(SELECT record_id FROM rejected_records WHERE rowid IN doomed)"
-)
 DROP_REJECTED = _DOOMED + "DELETE FROM rejected_records WHERE rowid IN doomed"
-RETENTION = (COUNT_DROPPED, DROP_KEYS, DROP_REJECTED)
+RETENTION = (COUNT_DROPPED, DROP_REJECTED)
 """Retention, set-based, in this order, each with the same parameters."""
 BUMP_COUNTS = (
     "INSERT INTO dataset_counts (dataset, accepted, rejected) VALUES (?, ?, ?) "
