@@ -122,6 +122,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             consumes=(s.STREAM_CONFIG, s.STREAM_RECORDS),
             publishes=(f"{s.PROFILES_PREFIX}.*", _report("identity"), _PROBE_REPORTS),
             serves=(s.admin("identity", ">"),),
+            reads_last=(s.STREAM_PROFILES,),  # where a rebuild of its graph may start announcing
         ),
         "profile": _Uses(
             consumes=(s.STREAM_CONFIG, s.STREAM_MEMBERSHIP, s.STREAM_PROFILES),

@@ -94,6 +94,35 @@ async def test_profile_ids_survive_the_loss_of_identity_db(
         assert report.ok, report.violations  # no profile without its identity graph
 
 
+async def test_records_sent_while_identity_was_gone_land_after_its_rebuild(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with running(CLASSES, nats_server.url, data, nc) as services:
+        await journey(nc)
+        before = snapshot(data)
+        await services["identity"].stop()
+        forget(services["identity"])
+        await publish(nc, "crm", crm("C99", "late@example.com"))
+        await publish(nc, "web", login("ck3", "person3@example.com", "/again"))
+        services["identity"] = IdentityService(settings_for("identity", nats_server.url, data))
+        await services["identity"].start()
+        await landed(nc)
+
+        after = snapshot(data)
+        assert set(before[0]) < set(after[0])  # the old ids kept, the new person added
+        assert {k for k, _ in after[0]} - {k for k, _ in before[0]} == {
+            "crm_id:C99",
+            "email:late@example.com",
+        }
+        assert (
+            len(rows(data / "profile.db", "SELECT 1 FROM profiles"))
+            == len([r for r in before[1] if len(r) == 2]) + 1
+        )
+        report = await check(nc)
+        assert report.ok, report.violations
+
+
 async def test_a_replayed_journey_with_deletes_and_shared_devices_keeps_every_id(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:

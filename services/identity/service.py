@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import msgspec
+import nats.js.errors
 from nats.aio.subscription import Subscription
 
 from services.identity.errors import ReplayImpossible
@@ -146,6 +147,9 @@ class IdentityService(Service):
         self.namespaces: dict[str, Namespace] = {n.symbol: n for n in BUILTIN_NAMESPACES}
         self.graph = self._new_graph()
         self._subs: list[Subscription] = []
+        self.announced_until = 0
+        """While the graph is rebuilt from the records stream: the last record sequence
+        whose effects the profile service already received (0: announce everything)."""
 
     def _new_graph(self) -> IdentityGraph:
         return IdentityGraph(
@@ -198,6 +202,31 @@ class IdentityService(Service):
         first, last = info.state.first_seq, info.state.last_seq
         if last > 0 and first > 1:
             raise ReplayImpossible(subjects.STREAM_RECORDS.name, first, str(self.settings.db_path))
+        self.announced_until = await self._last_announced()
+        if self.announced_until:
+            self.log.warning(
+                "no identity graph: rebuilding it from the records stream; the records up to "
+                "this sequence are not announced again (the profile service has them)",
+                records_seq=self.announced_until,
+            )
+
+    async def _last_announced(self) -> int:
+        """The records sequence of the last message this service published to the profile
+        service (its message id is `identity:<records seq>:<n>`), 0 if there is none."""
+        info = await self.js.stream_info(subjects.STREAM_PROFILES.name)
+        seq = info.state.last_seq
+        if not seq or info.state.messages == 0:
+            return 0
+        try:
+            msg = await self.js.get_msg(subjects.STREAM_PROFILES.name, seq)
+        except nats.js.errors.NotFoundError:
+            return 0
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+        consumer, _, rest = msg_id.partition(":")
+        number = rest.partition(":")[0]
+        if consumer != RECORDS_CONSUMER or not number.isdigit():
+            return 0
+        return int(number)
 
     # -- configuration ------------------------------------------------------------------
     async def handle_namespaces(self, batch: Batch) -> None:
@@ -233,8 +262,16 @@ class IdentityService(Service):
         out: PartitionedOutput[ProfileItem] = PartitionedOutput(
             subjects.profiles, _encode_items, self.settings.partitions
         )
+        # Rebuilding the graph: what the profile service already received is applied to the
+        # graph and stored, but not announced again (a replayed delete would otherwise remove
+        # what arrived after it).
+        sink: PartitionedOutput[ProfileItem] = PartitionedOutput(
+            subjects.profiles, _encode_items, self.settings.partitions
+        )
         reported = 0
         for seq, m in messages:
+            quiet = seq <= self.announced_until
+            target = sink if quiet else out
             for i, record in enumerate(m.records):
                 profile_id = self.graph.link(
                     ws,
@@ -246,7 +283,7 @@ class IdentityService(Service):
                     # Its place in the records stream: a replay gives the same profile ids.
                     seed=f"{seq}.{i}:{record.record_id}",
                 )
-                reported = self._announce(fx, reported, out, record.ingested_at)
+                reported = self._announce(fx, reported, target, record.ingested_at)
                 if profile_id is None:
                     self.log.info(
                         "record has no usable identity; not linked",
@@ -262,13 +299,13 @@ class IdentityService(Service):
                     if (node := ws.nodes.get(key := f"{i.namespace}:{i.value}")) is None
                     or node.profile_id != profile_id
                 ]
-                out.add(
+                target.add(
                     self._part(profile_id),
                     Fragment(profile_id, normalised, anchor, persons, unlinked),
                 )
             for req in m.deletes:
-                self._delete(ws, fx, req, out, batch)
-            for probe in m.probes:
+                self._delete(ws, fx, req, target, batch, report=not quiet)
+            for probe in m.probes if not quiet else ():
                 self._pass_probe(probe, out, batch)
         self._persist(fx, batch)
         for subject, payload in out.messages():
@@ -332,6 +369,8 @@ class IdentityService(Service):
         req: PrivacyDelete,
         out: PartitionedOutput[ProfileItem],
         batch: Batch,
+        *,
+        report: bool = True,
     ) -> None:
         keys = self.graph.keys_of([req.identity])
         node = ws.nodes.get(keys[0]) if keys else None
@@ -386,7 +425,9 @@ class IdentityService(Service):
         out.add_across(
             part, range(self.settings.partitions), Deleted(profile_ids, req, person_keys)
         )
-        report = PrivacyReport(
+        if not report:
+            return
+        done = PrivacyReport(
             request_id=req.request_id,
             service=self.name,
             identity=req.identity,
@@ -394,7 +435,7 @@ class IdentityService(Service):
             removed={"identities": removed},
             at=time.time(),
         )
-        batch.emit(subjects.privacy_report(req.request_id, self.name), json_encoder.encode(report))
+        batch.emit(subjects.privacy_report(req.request_id, self.name), json_encoder.encode(done))
         self.log.info("identity graph deleted", request_id=req.request_id, identities=removed)
 
     async def _load(self, keys: set[str]) -> WorkingSet:
