@@ -71,7 +71,7 @@ def test_the_client_may_ingest_listen_and_look_up_and_nothing_else() -> None:
     p = permissions(CLIENT)
     assert set(p.publish) == {"cdp.ingest.>", "cdp.profile.lookup"}
     assert p.publish_deny == ("cdp.ingest._delete", "cdp.ingest._probe")
-    assert set(p.subscribe) == {"cdp.membership.>", "_INBOX.>"}
+    assert set(p.subscribe) == {"cdp.membership.>", "_INBOX_client.>"}
     assert not p.allow_responses
 
 
