@@ -25,24 +25,30 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
+from services.scheduler.service import SchedulerService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest
 from shared.cli.apply import apply_objects, load_file
 from shared.cli.check import wait_landed
 from shared.config import SERVICES, port_variable
-from shared.natsd import free_port
+from shared.natsd import NatsServer, free_port
 from shared.security import (
     ACCOUNTS,
     ADMIN,
     CLIENT,
+    SecurityError,
+    app_names,
+    cli_credentials,
     ensure_credentials,
     inbox_prefix,
+    new_seed,
     permissions,
     public_key,
     server_authorization,
 )
+from shared.streams import ensure_streams
 from tests.destination_servers import WebhookServer
-from tests.helpers import RETAIL_CONFIG, all_ready, eventually
+from tests.helpers import RETAIL_CONFIG, all_ready, eventually, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-ingest-token-5f1c"
@@ -67,6 +73,7 @@ def test_every_account_has_a_key_and_the_configuration_names_only_public_keys(
         text = (tmp_path / "secrets" / f"{account}.nk").read_text().strip()
         assert text not in conf, "a seed in the server's configuration"
     assert conf.count("nkey:") == len(ACCOUNTS)
+    assert ensure_credentials(tmp_path / "secrets", ("shop",))["shop"].startswith("U")
 
 
 def test_the_client_may_ingest_listen_and_look_up_and_nothing_else() -> None:
@@ -85,6 +92,139 @@ def test_each_service_serves_only_its_own_admin_area() -> None:
         assert f"{inbox_prefix(name)}.>" in p.subscribe
         assert ">" not in p.publish and "cdp.>" not in p.publish
         assert not any(".DELETE." in x and "STREAM" in x for x in p.publish)
+
+
+def test_a_request_is_answered_only_to_an_inbox() -> None:
+    """Before, a service answered to any reply subject, an internal stream's included."""
+
+    def msg(reply: str) -> Msg:
+        return Msg(_client=None, subject=subjects.PROFILE_LOOKUP, reply=reply)  # type: ignore[arg-type]
+
+    before = admin.refused_replies
+    for ok in ("_INBOX.abc.1", "_INBOX_admin.abc.1", "_INBOX_client.x", "_R_.abc.def"):
+        assert admin.answerable(msg(ok)), ok
+    refused = (
+        "cdp.config.dataset.web",
+        "cdp.membership.email-optin",
+        "cdp.jobs.segmentation.done",
+        "cdp.x.changes.1",
+        "cdp.ingest.web",
+        "$JS.API.STREAM.DELETE.CDP_PROFILES",
+        "_INBOXcdp.x",
+        "x._INBOX.y",
+    )
+    for bad in refused:
+        assert not admin.answerable(msg(bad)), bad
+    assert not admin.answerable(msg(""))
+    assert admin.refused_replies == before + len(refused)
+
+
+def test_the_cli_inbox_follows_the_key_not_the_file_name_and_is_never_the_shared_one(
+    tmp_path: Path,
+) -> None:
+    """Before, an admin seed in a file not named admin.nk replied on the shared `_INBOX`."""
+    secrets = tmp_path / "var" / "secrets"
+    ensure_credentials(secrets, ("other",))
+    env = {"CDP_DATA_DIR": str(tmp_path / "var")}
+    renamed = tmp_path / "ops-key.nk"
+    renamed.write_bytes((secrets / "admin.nk").read_bytes())
+    unknown = tmp_path / "stranger.nk"
+    unknown.write_bytes(new_seed())
+    app = tmp_path / "app.nk"
+    app.write_bytes((secrets / "other.nk").read_bytes())
+    cases = {
+        None: "_INBOX_admin",  # the local admin seed
+        renamed: "_INBOX_admin",
+        unknown: "_INBOX_admin",  # a wrong guess is refused by the server, never a leak
+        app: "_INBOX_other",
+        secrets / "client.nk": "_INBOX_client",
+    }
+    for seed, prefix in cases.items():
+        given = {**env, "CDP_NATS_NKEY": str(seed)} if seed else env
+        assert cli_credentials(given)[1] == prefix, seed
+    forced = {**env, "CDP_NATS_NKEY": str(unknown), "CDP_NATS_INBOX_PREFIX": "_INBOX_x"}
+    assert cli_credentials(forced)[1] == "_INBOX_x"
+
+
+def test_applications_live_in_their_own_account_with_only_the_exports() -> None:
+    keys = {"admin": "UADMIN", "ingest": "UINGEST", "client": "UCLIENT", "other": "UOTHER"}
+    conf = server_authorization(keys)
+    platform, _, apps = conf.partition("APP: {")
+    assert "jetstream: enabled" in platform and "jetstream" not in apps
+    assert "UADMIN" in platform and "UINGEST" in platform
+    assert "UCLIENT" in apps and "UOTHER" in apps and "UADMIN" not in apps
+    for kind, subject in (
+        ("service", "cdp.ingest.>"),
+        ("stream", "cdp.membership.>"),
+        ("service", "cdp.profile.lookup"),
+    ):
+        assert f'{{{kind}: "{subject}"}}' in platform
+        assert f'{{{kind}: {{account: CDP, subject: "{subject}"}}}}' in apps
+    assert apps.count("{service:") + apps.count("{stream:") == 3
+    with pytest.raises(SecurityError):
+        app_names({"CDP_APPS": "ingest"})
+    with pytest.raises(SecurityError):
+        app_names({"CDP_APPS": "Bad Name"})
+    assert app_names({"CDP_APPS": "shop, crm_sync"}) == ("client", "shop", "crm_sync")
+
+
+def test_service_keys_may_use_only_their_own_consumers_and_create_no_stream() -> None:
+    """Before, every service key could create, update and delete consumers of any name on
+    its input streams, and create and update every stream."""
+    for name in SERVICES:
+        for subject in permissions(name).publish:
+            assert not subject.startswith(
+                ("$JS.API.STREAM.CREATE.", "$JS.API.STREAM.UPDATE.", "$JS.API.STREAM.DELETE.")
+            ), (name, subject)
+            if subject.startswith("$JS.API.CONSUMER.") and "OBJ_" not in subject:
+                # Named durables only; a wildcard only after a durable's name (a filter).
+                parts = subject.split(".")
+                assert parts[5] not in ("*", ">"), (name, subject)
+    scheduler = permissions("scheduler").publish
+    assert "$JS.API.CONSUMER.DELETE.CDP_CHANGES.segmentation" not in scheduler
+    assert "$JS.API.CONSUMER.MSG.NEXT.CDP_JOBS.scheduler" in scheduler
+
+
+@pytest.mark.asyncio
+async def test_a_service_waits_not_ready_until_the_admin_creates_the_streams(
+    tmp_path: Path,
+) -> None:
+    """Before, every service created (and could change) the streams itself."""
+    server = NatsServer(tmp_path / "js", port=free_port(), log_file=tmp_path / "nats.log")
+    await server.start()
+    svc = SchedulerService(settings_for("scheduler", server.url, tmp_path))
+    starting = asyncio.create_task(svc.start())
+    try:
+
+        async def reason() -> str:
+            if svc.health.port == 0:
+                return ""
+            try:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"http://127.0.0.1:{svc.health.port}/readyz") as r,
+                ):
+                    return "" if r.status == 200 else str((await r.json())["reason"])
+            except aiohttp.ClientError:
+                return ""
+
+        async def missing() -> bool:
+            return "missing: run `cdp up` or `cdp setup`" in await reason()
+
+        await eventually(missing, timeout=10)
+        assert not starting.done()
+        setup = await nats.connect(server.url)
+        try:
+            await ensure_streams(setup.jetstream())
+        finally:
+            await setup.close()
+        await asyncio.wait_for(starting, timeout=10)
+        assert svc.ready
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await svc.stop()
+        await server.stop()
 
 
 # -- the platform, locked down ------------------------------------------------------------
