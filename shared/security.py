@@ -1,20 +1,24 @@
-"""Who may use which NATS subjects: one account per service, a client account, an admin.
+"""Who may use which NATS subjects: two NATS accounts, a key per service, per application
+and for the admin.
 
 The embedded default (`cdp up`, and compose.yaml) runs nats-server with NKey
-authentication. Each account has an Ed25519 key pair; its seed is written at first start
-to `<data dir>/secrets/<account>.nk` (mode 0600, never logged), and the server's
-configuration holds only the public keys, each with the permissions below:
+authentication. Each key has an Ed25519 key pair; its seed is written at first start to
+`<data dir>/secrets/<name>.nk` (mode 0600, never logged), and the server's configuration
+holds only the public keys, in two accounts:
 
-- each service may publish and subscribe only to the subjects it uses: its inputs
-  (JetStream consumers on its input streams: create, fetch, acknowledge), its outputs,
-  the admin and lookup requests it serves (and the replies to them), the admin requests
-  it makes to other services, and its own reply inbox (`_INBOX_<service>.>`);
-- `client`, for users and applications: publish records to `cdp.ingest.>` (not the
-  privacy subject `cdp.ingest._delete`), subscribe to `cdp.membership.>`, request
-  `cdp.profile.lookup`; replies come on the standard `_INBOX.>`;
-- `admin`, for operators and the `cdp` CLI: everything (configuration, jobs, privacy
-  deletes, batch file uploads, stream management). Its replies come on `_INBOX_admin.>`,
-  which no other account may read.
+- `CDP`, the platform (JetStream enabled): every service and `admin`. Each service may
+  publish and subscribe only to the subjects it uses: its outputs, the admin and lookup
+  requests it serves (and the replies to them), the admin requests it makes of other
+  services, its own reply inbox (`_INBOX_<service>.>`), and in JetStream only its own
+  durable consumers by their exact names (create, info, fetch, acknowledge) and stream
+  info: creating or changing streams is the admin's alone. `admin`, for operators, the
+  `cdp` CLI and `cdp up`: everything; replies on `_INBOX_admin.>`.
+- `APP`, the applications (`client` and each name in `CDP_APPS`): no JetStream of its
+  own; it imports the service `cdp.ingest.>` (JetStream publishes, their PubAck returned
+  to the application only), the stream `cdp.membership.>` and the service
+  `cdp.profile.lookup`. Each application replies on its own `_INBOX_<name>.>`. Any other
+  subject an application names, a reply subject included, lives in `APP` and reaches
+  nothing of the platform.
 
 Everything here is pure: generating keys and writing the server's configuration text.
 """
