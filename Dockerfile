@@ -15,7 +15,9 @@ RUN pip install --no-cache-dir . \
     && rm -rf build ./*.egg-info \
     && useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin cdp \
     && mkdir -p /data /secrets \
-    && chown cdp:cdp /data /secrets
+    && for s in ingest identity profile segmentation scheduler destination; do \
+         mkdir -p "/secrets/$s"; done \
+    && chown -R cdp:cdp /data /secrets
 
 ENV CDP_DATA_DIR=/data \
     CDP_BIND=0.0.0.0 \

@@ -183,7 +183,7 @@ async def jetstream_publish(messages: int = JS_MESSAGES) -> Result:
     payloads = [b"x" * JS_PAYLOAD_BYTES] * messages
     async with nats_server() as (server, _), connect(server) as nc:
         js = nc.jetstream()
-        await ensure_streams(js, (JS_STREAM,))
+        await ensure_streams(js, (JS_STREAM,), buckets=())
         started = time.perf_counter()
         async with bounded("JetStream publish"):
             await publish_windows(js, "bench.js", payloads)
@@ -281,6 +281,8 @@ async def actor_hop(
     async with nats_server() as (server, folder):
         settings = Settings(service=HopActor.name, nats_url=server.url, data_dir=folder, port=0)
         actor = HopActor(settings)
+        async with connect(server) as setup:  # services only check that streams exist
+            await ensure_streams(setup.jetstream(), HopActor.streams, buckets=())
         await actor.start()
         try:
             async with connect(server) as nc:

@@ -166,6 +166,31 @@ def object_name(kind: str, spec: dict[str, Any]) -> str | None:
 # -- server side -----------------------------------------------------------------------
 _reply_encoder = msgspec.json.Encoder()
 
+REPLY_ROOTS: tuple[str, ...] = ("_INBOX.", "_INBOX_", "_R_.")
+"""Where an answer may go: a connection's inbox (`_INBOX.` or a key's own `_INBOX_<name>.`)
+or the response subject nats-server maps an application's request to (`_R_.`)."""
+
+refused_replies = 0
+"""Requests dropped unanswered because their reply subject was not an inbox."""
+
+
+def answerable(msg: Msg, log: Any = None) -> bool:
+    """Whether a request may be answered: it has a reply subject, and that subject is an
+    inbox or a cross-account response subject. Any other reply subject (an internal
+    stream's, a membership subject) is a trick to make a service publish there: the
+    request is dropped, logged and counted, and never answered."""
+    global refused_replies  # noqa: PLW0603 - one process-wide count, read by /metrics
+    reply = msg.reply
+    if not reply:
+        return False
+    if reply.startswith(REPLY_ROOTS) and " " not in reply:
+        return True
+    refused_replies += 1
+    (log or structlog.get_logger()).warning(
+        "request dropped: reply subject is not an inbox", subject=msg.subject, reply=reply[:80]
+    )
+    return False
+
 
 async def serve(
     nc: Client,
@@ -180,7 +205,7 @@ async def serve(
     log = structlog.get_logger(admin=subject)
 
     async def on_msg(msg: Msg) -> None:
-        if not msg.reply:
+        if not answerable(msg, log):
             return
         try:
             request = decoder.decode(msg.data)
@@ -385,6 +410,22 @@ class JobInfo(msgspec.Struct, kw_only=True):
 
 class JobList(msgspec.Struct):
     jobs: list[JobInfo]
+
+
+_job_decoder = msgspec.json.Decoder(JobInfo)
+
+
+def finished_segmentation_job(data: bytes) -> JobInfo | None:
+    """The job a `cdp.jobs.segmentation.done` message reports, if it is one: a decoded
+    JobInfo of a segmentation job that succeeded. Anything else (a stray payload under the
+    subject) is None: a consumer acts on what a message says, never on its subject alone."""
+    try:
+        info = _job_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if info.kind != "segmentation" or info.status != "succeeded" or not info.job_id:
+        return None
+    return info
 
 
 # -- destinations (cdp destinations) ------------------------------------------------------------

@@ -46,4 +46,16 @@ class ServiceMetrics:
             ["service", "consumer"],
             registry=self.registry,
         )
+        refused = Gauge(
+            "cdp_requests_refused_total",
+            "Requests dropped unanswered: their reply subject was not an inbox.",
+            registry=self.registry,
+        )
+        refused.set_function(_refused_replies)
         self.service = service
+
+
+def _refused_replies() -> float:
+    from shared import admin  # noqa: PLC0415 - admin imports nothing of this module
+
+    return float(admin.refused_replies)

@@ -1,20 +1,24 @@
-"""Who may use which NATS subjects: one account per service, a client account, an admin.
+"""Who may use which NATS subjects: two NATS accounts, a key per service, per application
+and for the admin.
 
 The embedded default (`cdp up`, and compose.yaml) runs nats-server with NKey
-authentication. Each account has an Ed25519 key pair; its seed is written at first start
-to `<data dir>/secrets/<account>.nk` (mode 0600, never logged), and the server's
-configuration holds only the public keys, each with the permissions below:
+authentication. Each key has an Ed25519 key pair; its seed is written at first start to
+`<data dir>/secrets/<name>.nk` (mode 0600, never logged), and the server's configuration
+holds only the public keys, in two accounts:
 
-- each service may publish and subscribe only to the subjects it uses: its inputs
-  (JetStream consumers on its input streams: create, fetch, acknowledge), its outputs,
-  the admin and lookup requests it serves (and the replies to them), the admin requests
-  it makes to other services, and its own reply inbox (`_INBOX_<service>.>`);
-- `client`, for users and applications: publish records to `cdp.ingest.>` (not the
-  privacy subject `cdp.ingest._delete`), subscribe to `cdp.membership.>`, request
-  `cdp.profile.lookup`; replies come on the standard `_INBOX.>`;
-- `admin`, for operators and the `cdp` CLI: everything (configuration, jobs, privacy
-  deletes, batch file uploads, stream management). Its replies come on `_INBOX_admin.>`,
-  which no other account may read.
+- `CDP`, the platform (JetStream enabled): every service and `admin`. Each service may
+  publish and subscribe only to the subjects it uses: its outputs, the admin and lookup
+  requests it serves (and the replies to them), the admin requests it makes of other
+  services, its own reply inbox (`_INBOX_<service>.>`), and in JetStream only its own
+  durable consumers by their exact names (create, info, fetch, acknowledge) and stream
+  info: creating or changing streams is the admin's alone. `admin`, for operators, the
+  `cdp` CLI and `cdp up`: everything; replies on `_INBOX_admin.>`.
+- `APP`, the applications (`client` and each name in `CDP_APPS`): no JetStream of its
+  own; it imports the service `cdp.ingest.>` (JetStream publishes, their PubAck returned
+  to the application only), the stream `cdp.membership.>` and the service
+  `cdp.profile.lookup`. Each application replies on its own `_INBOX_<name>.>`. Any other
+  subject an application names, a reply subject included, lives in `APP` and reaches
+  nothing of the platform.
 
 Everything here is pure: generating keys and writing the server's configuration text.
 """
@@ -55,16 +59,40 @@ def cli_credentials(env: Mapping[str, str] | None = None) -> tuple[Path | None, 
     """The NKey seed file and reply-inbox root a command-line client connects with:
     `CDP_NATS_NKEY` if set, else the admin seed of the local data folder
     (`$CDP_DATA_DIR/secrets/admin.nk`, `var/` by default) if there is one, else none.
-    Admin seeds get the admin inbox; `CDP_NATS_INBOX_PREFIX` overrides it."""
+
+    The inbox follows the key, not the file's name: a seed whose public key is an
+    application's in the local secrets folder gets that application's inbox, any other
+    seed the admin inbox (`CDP_NATS_INBOX_PREFIX` overrides both). Never the shared
+    `_INBOX`: a wrong guess is a permissions error from the server, not a leak."""
     env = os.environ if env is None else env
+    secrets = Path(env.get("CDP_DATA_DIR") or "var") / "secrets"
     given = env.get("CDP_NATS_NKEY")
     if given:
         seed: Path | None = Path(given)
     else:
-        local = seed_path(Path(env.get("CDP_DATA_DIR") or "var") / "secrets", ADMIN)
+        local = seed_path(secrets, ADMIN)
         seed = local if local.exists() else None
-    account = ADMIN if seed is not None and seed.stem == ADMIN else CLIENT
+    account = (_account_of(seed, secrets) if seed is not None else None) or ADMIN
     return seed, env.get("CDP_NATS_INBOX_PREFIX") or inbox_prefix(account)
+
+
+def _account_of(seed: Path, secrets: Path) -> str | None:
+    """The name of the local seed file holding the same key as `seed`, if any."""
+    try:
+        key = public_key(seed.read_bytes())
+    except (OSError, nkeys.NkeysError, ValueError):
+        return None
+    try:
+        candidates = sorted(secrets.glob("*.nk"))
+    except OSError:
+        return None
+    for path in candidates:
+        try:
+            if public_key(path.read_bytes()) == key:
+                return path.stem
+        except (OSError, nkeys.NkeysError, ValueError):
+            continue
+    return None
 
 
 class SecurityError(CdpError):
@@ -80,15 +108,39 @@ class Permissions(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def inbox_prefix(account: str) -> str:
-    """The reply-subject root of an account's connections. Users' clients keep the NATS
-    default `_INBOX`; services and admin have roots of their own, so no client can read
-    the replies they receive (admin answers, JetStream API replies)."""
-    return "_INBOX" if account == CLIENT else f"_INBOX_{account}"
+    """The reply-subject root of a key's connections: `_INBOX_<name>` for every key, an
+    application's included (connect with `inbox_prefix="_INBOX_client"` for the default
+    application key). No key may read another's root, so no application reads another's
+    answers, and none reads the platform's."""
+    return f"_INBOX_{account}"
+
+
+_APP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def is_app(account: str) -> bool:
+    """An application key: `client` or one named in `CDP_APPS`, never a service or admin."""
+    return account not in (*SERVICES, ADMIN)
+
+
+def app_names(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The application keys: `client` and those named in `CDP_APPS` (comma-separated,
+    lower-case letters, digits and `_`)."""
+    raw = (os.environ if env is None else env).get("CDP_APPS", "")
+    names = [x.strip() for x in raw.split(",") if x.strip()]
+    for name in names:
+        if not _APP_NAME.match(name) or not is_app(name):
+            raise SecurityError(
+                f"CDP_APPS: {name!r} is not an application name (lower-case letters, "
+                "digits and _, not a service or admin)"
+            )
+    return tuple(dict.fromkeys((CLIENT, *names)))
 
 
 # -- what each service uses ----------------------------------------------------------
 class _Uses(msgspec.Struct, frozen=True, kw_only=True):
-    consumes: tuple[s.StreamSpec, ...] = ()
+    consumes: tuple[tuple[s.StreamSpec, str], ...] = ()
+    """Its durable consumers: (stream, durable name)."""
     publishes: tuple[str, ...] = ()
     serves: tuple[str, ...] = ()
     requests: tuple[str, ...] = ()
@@ -107,7 +159,7 @@ _PROBE_REPORTS = s.probe_report("*")
 def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
     return {
         "ingest": _Uses(
-            consumes=(s.STREAM_INGEST,),
+            consumes=((s.STREAM_INGEST, "ingest"),),
             publishes=(
                 s.RECORDS,
                 s.CONFIG_ALL,
@@ -119,13 +171,19 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             object_store=s.BATCH_BUCKET,
         ),
         "identity": _Uses(
-            consumes=(s.STREAM_CONFIG, s.STREAM_RECORDS),
+            consumes=((s.STREAM_CONFIG, "identity-namespaces"), (s.STREAM_RECORDS, "identity")),
             publishes=(f"{s.PROFILES_PREFIX}.*", _report("identity"), _PROBE_REPORTS),
             serves=(s.admin("identity", ">"),),
             reads_last=(s.STREAM_PROFILES,),  # where a rebuild of its graph may start announcing
         ),
         "profile": _Uses(
-            consumes=(s.STREAM_CONFIG, s.STREAM_MEMBERSHIP, s.STREAM_PROFILES),
+            consumes=(
+                (s.STREAM_CONFIG, "profile-datasets"),
+                (s.STREAM_CONFIG, "profile-namespaces"),
+                (s.STREAM_CONFIG, "profile-policies"),
+                (s.STREAM_MEMBERSHIP, "profile-memberships"),
+                (s.STREAM_PROFILES, "profile"),
+            ),
             publishes=(
                 f"{s.CHANGES_PREFIX}.*",
                 _report("profile"),
@@ -136,7 +194,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             reads_last=(s.STREAM_CONFIG,),
         ),
         "segmentation": _Uses(
-            consumes=(s.STREAM_CHANGES,),
+            consumes=((s.STREAM_CHANGES, "segmentation"),),
             publishes=(
                 s.MEMBERSHIP_ALL,
                 f"{s.CHANGES_PREFIX}.*",  # re-checks (time-based exits, batch jobs) go to its input
@@ -148,7 +206,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             requests=(s.admin("profile", "get"),),
         ),
         "scheduler": _Uses(
-            consumes=(s.STREAM_JOBS,),
+            consumes=((s.STREAM_JOBS, "scheduler"),),
             publishes=(s.JOBS_ALL,),
             serves=(s.admin("scheduler", ">"),),
             requests=(
@@ -158,7 +216,11 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             ),
         ),
         "destination": _Uses(
-            consumes=(s.STREAM_CHANGES, s.STREAM_JOBS, s.STREAM_MEMBERSHIP),
+            consumes=(
+                (s.STREAM_CHANGES, "destination-profiles"),
+                (s.STREAM_JOBS, "destination-jobs"),
+                (s.STREAM_MEMBERSHIP, "destination"),
+            ),
             publishes=(_report("destination"), s.JOBS_ALL, _PROBE_REPORTS, *activation),
             serves=(s.admin("destination", ">"),),
             requests=(s.admin("segmentation", "list"),),
@@ -169,17 +231,20 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
 def _jetstream(uses: _Uses) -> list[str]:
     api = "$JS.API"
     out = [f"{api}.INFO"]
-    for spec in s.ALL_STREAMS:  # every service makes sure the streams exist (idempotent)
-        out += [f"{api}.STREAM.INFO.{spec.name}", f"{api}.STREAM.CREATE.{spec.name}"]
-        out.append(f"{api}.STREAM.UPDATE.{spec.name}")
-    for spec in uses.consumes:
+    for spec in s.ALL_STREAMS:  # a service checks that the streams exist; only admin makes them
+        out.append(f"{api}.STREAM.INFO.{spec.name}")
+    for spec, durable in uses.consumes:
+        # Only its own durable, by its exact name: created (again, from its committed
+        # offset: the old one is deleted first), read, fetched from and acknowledged.
+        own = f"{spec.name}.{durable}"
         out += [
-            f"{api}.CONSUMER.CREATE.{spec.name}.>",
-            f"{api}.CONSUMER.DURABLE.CREATE.{spec.name}.>",
-            f"{api}.CONSUMER.INFO.{spec.name}.>",
-            f"{api}.CONSUMER.DELETE.{spec.name}.>",
-            f"{api}.CONSUMER.MSG.NEXT.{spec.name}.>",
-            f"$JS.ACK.{spec.name}.>",
+            f"{api}.CONSUMER.CREATE.{own}",
+            f"{api}.CONSUMER.CREATE.{own}.>",  # with a filter subject
+            f"{api}.CONSUMER.DURABLE.CREATE.{own}",
+            f"{api}.CONSUMER.INFO.{own}",
+            f"{api}.CONSUMER.DELETE.{own}",
+            f"{api}.CONSUMER.MSG.NEXT.{own}",
+            f"$JS.ACK.{own}.>",
         ]
     for spec in uses.reads_last:
         out += [f"{api}.STREAM.MSG.GET.{spec.name}", f"{api}.DIRECT.GET.{spec.name}.>"]
@@ -188,8 +253,7 @@ def _jetstream(uses: _Uses) -> list[str]:
         stream = f"OBJ_{uses.object_store}"
         out += [
             f"{api}.STREAM.NAMES",  # finding the stream of an object's subject
-            f"{api}.STREAM.INFO.{stream}",
-            f"{api}.STREAM.CREATE.{stream}",
+            f"{api}.STREAM.INFO.{stream}",  # the bucket is created by `cdp up` / `cdp setup`
             f"{api}.STREAM.MSG.GET.{stream}",
             f"{api}.DIRECT.GET.{stream}.>",
             f"{api}.STREAM.PURGE.{stream}",  # an ingested file's chunks are removed
@@ -208,15 +272,15 @@ def permissions(
     """What `account` may do on NATS."""
     if account == ADMIN:
         return Permissions(publish=(">",), subscribe=(">",), allow_responses=True)
-    if account == CLIENT:
+    uses = _uses(activation_subjects).get(account)
+    if uses is None:
+        if not _APP_NAME.match(account):
+            raise SecurityError(f"no such account: {account!r} (one of {', '.join(ACCOUNTS)})")
         return Permissions(
             publish=(s.INGEST_ALL, s.PROFILE_LOOKUP),
             publish_deny=(s.PRIVACY_DELETE, s.PROBE),
-            subscribe=(s.MEMBERSHIP_ALL, f"{inbox_prefix(CLIENT)}.>"),
+            subscribe=(s.MEMBERSHIP_ALL, f"{inbox_prefix(account)}.>"),
         )
-    uses = _uses(activation_subjects).get(account)
-    if uses is None:
-        raise SecurityError(f"no such account: {account!r} (one of {', '.join(ACCOUNTS)})")
     publish = [*uses.publishes, *uses.requests, *_jetstream(uses)]
     subscribe = [*uses.serves, f"{inbox_prefix(account)}.>"]
     return Permissions(
@@ -241,13 +305,13 @@ def public_key(seed: bytes) -> str:
     return str(nkeys.from_seed(bytearray(seed.strip())).public_key.decode())
 
 
-def ensure_credentials(secrets_dir: Path) -> dict[str, str]:
+def ensure_credentials(secrets_dir: Path, apps: Iterable[str] = ()) -> dict[str, str]:
     """Create a seed file for every account that has none (0600, in a 0700 folder); return
     each account's public key. Existing seeds are kept, so credentials survive restarts."""
     secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
     keys: dict[str, str] = {}
-    for account in ACCOUNTS:
+    for account in dict.fromkeys((*ACCOUNTS, *apps)):
         path = seed_path(secrets_dir, account)
         if not path.exists():
             tmp = path.with_suffix(".tmp")
@@ -273,22 +337,56 @@ def _list(items: Iterable[str]) -> str:
     return json.dumps(values)
 
 
+PLATFORM_ACCOUNT = "CDP"
+"""The NATS account of the services and the admin: the streams and every internal subject."""
+APP_ACCOUNT = "APP"
+"""The NATS account of applications: it sees only what the platform exports to it."""
+
+EXPORTS: tuple[tuple[str, str], ...] = (
+    ("service", s.INGEST_ALL),  # JetStream publishes; each PubAck returns to the app only
+    ("stream", s.MEMBERSHIP_ALL),
+    ("service", s.PROFILE_LOOKUP),
+)
+"""What the platform account offers applications (kind, subject)."""
+
+
+def _user(account: str, key: str, activation: tuple[str, ...]) -> str:
+    p = permissions(account, activation)
+    publish = f"allow: {_list(p.publish)}"
+    if p.publish_deny:
+        publish += f", deny: {_list(p.publish_deny)}"
+    parts = [f"publish: {{{publish}}}", f"subscribe: {{allow: {_list(p.subscribe)}}}"]
+    if p.allow_responses:
+        parts.append("allow_responses: true")
+    return (
+        f"      # {account}\n      {{nkey: {json.dumps(key)}, permissions: {{{', '.join(parts)}}}}}"
+    )
+
+
 def server_authorization(
     public_keys: Mapping[str, str],
     activation_subjects: Iterable[str] = DEFAULT_ACTIVATION_SUBJECTS,
 ) -> str:
-    """The `authorization { users = [...] }` block of nats-server's configuration."""
+    """The `accounts {...}` block of nats-server's configuration: the services and the
+    admin in the platform account (with JetStream), applications in their own account,
+    which imports only the ingest subjects, membership announcements and the lookup
+    service. A subject an application names (a reply subject included) lives in the
+    application account and reaches nothing internal."""
     activation = tuple(activation_subjects)
-    users = []
-    for account, key in public_keys.items():
-        p = permissions(account, activation)
-        publish = f"allow: {_list(p.publish)}"
-        if p.publish_deny:
-            publish += f", deny: {_list(p.publish_deny)}"
-        parts = [f"publish: {{{publish}}}", f"subscribe: {{allow: {_list(p.subscribe)}}}"]
-        if p.allow_responses:
-            parts.append("allow_responses: true")
-        users.append(
-            f"    # {account}\n    {{nkey: {json.dumps(key)}, permissions: {{{', '.join(parts)}}}}}"
-        )
-    return "authorization {\n  users = [\n" + ",\n".join(users) + "\n  ]\n}\n"
+    platform = [_user(a, k, activation) for a, k in public_keys.items() if not is_app(a)]
+    apps = [_user(a, k, activation) for a, k in public_keys.items() if is_app(a)]
+    exports = ", ".join(f"{{{kind}: {json.dumps(subj)}}}" for kind, subj in EXPORTS)
+    imports = ", ".join(
+        f"{{{kind}: {{account: {PLATFORM_ACCOUNT}, subject: {json.dumps(subj)}}}}}"
+        for kind, subj in EXPORTS
+    )
+    return (
+        "accounts {\n"
+        f"  {PLATFORM_ACCOUNT}: {{\n    jetstream: enabled\n"
+        "    users = [\n" + ",\n".join(platform) + "\n    ]\n"
+        f"    exports = [{exports}]\n  }}\n"
+        f"  {APP_ACCOUNT}: {{\n"
+        "    users = [\n" + ",\n".join(apps) + "\n    ]\n"
+        f"    imports = [{imports}]\n  }}\n"
+        "}\n"
+    )

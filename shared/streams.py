@@ -1,14 +1,16 @@
-"""Create or update the JetStream streams the platform needs (idempotent)."""
+"""Create or update the JetStream streams the platform needs (idempotent), and check that
+they exist. Only the admin key (`cdp up`, `cdp setup`, compose's setup step) may create or
+change streams; a service only checks (`missing_streams`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from shared.subjects import ALL_STREAMS, StreamSpec
+from shared.subjects import ALL_STREAMS, BATCH_BUCKET, StreamSpec
 
 
 def stream_config(spec: StreamSpec) -> StreamConfig:
@@ -25,7 +27,18 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext, specs: Iterable[StreamSpec] = ALL_STREAMS) -> None:
+async def ensure_streams(
+    js: JetStreamContext,
+    specs: Iterable[StreamSpec] = ALL_STREAMS,
+    buckets: Iterable[str] = (BATCH_BUCKET,),
+) -> None:
+    """Create missing streams and object-store buckets; update streams whose settings
+    differ from the code's."""
+    for bucket in buckets:
+        try:
+            await js.object_store(bucket)
+        except NotFoundError:
+            await js.create_object_store(bucket, ObjectStoreConfig(bucket=bucket))
     for spec in specs:
         config = stream_config(spec)
         try:
@@ -42,3 +55,14 @@ async def ensure_streams(js: JetStreamContext, specs: Iterable[StreamSpec] = ALL
             or (current.max_msgs_per_subject or -1) != config.max_msgs_per_subject
         ):
             await js.update_stream(config)
+
+
+async def missing_streams(js: JetStreamContext, specs: Iterable[StreamSpec]) -> list[str]:
+    """The names of the streams in `specs` that do not exist."""
+    missing = []
+    for spec in specs:
+        try:
+            await js.stream_info(spec.name)
+        except NotFoundError:
+            missing.append(spec.name)
+    return missing

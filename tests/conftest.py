@@ -12,6 +12,9 @@ from nats.aio.client import Client
 
 from shared.log import configure_logging
 from shared.natsd import NatsServer, free_port
+from shared.streams import ensure_streams
+from shared.subjects import ALL_STREAMS
+from tests.actors.counter import IN_STREAM, OUT_STREAM
 
 configure_logging("warning", "json")
 
@@ -23,11 +26,19 @@ settings.register_profile(
 )
 settings.load_profile("cdp")
 
+COUNTER_STREAMS = (IN_STREAM, OUT_STREAM)
+
 
 @pytest_asyncio.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     server = NatsServer(tmp_path / "jetstream", port=free_port(), log_file=tmp_path / "nats.log")
     await server.start()
+    # Services only check that their streams exist; creating them is the admin's job.
+    setup = await nats.connect(server.url)
+    try:
+        await ensure_streams(setup.jetstream(), (*ALL_STREAMS, *COUNTER_STREAMS))
+    finally:
+        await setup.close()
     try:
         yield server
     finally:

@@ -254,9 +254,43 @@ def test_each_service_connects_with_its_own_key_read_only() -> None:
     for name in SERVICES:
         assert _environment(name).get("CDP_NATS_NKEY") == f"{folder}/{name}.nk", name
         mounts = [str(m) for m in _service(name).get("volumes") or []]
-        assert f"{SECRETS}:{folder}:ro" in mounts, f"{name}: secrets not mounted read-only"
+        own = f"{SECRETS}-{name}"
+        assert f"{own}:{folder}:ro" in mounts, f"{name}: its seed not mounted read-only"
         depends_on = _service(name).get("depends_on") or {}
         assert depends_on[SECRETS]["condition"] == "service_completed_successfully", name
+
+
+def test_each_service_mounts_only_its_own_seed_and_never_the_admin_seed() -> None:
+    """Before, every service container mounted the whole secrets volume, admin.nk included."""
+    args = _cli_command(SECRETS)
+    folder = args[args.index("--dir") + 1]
+    assert "--per-service" in args, "the secrets job does not split the seeds"
+    assert "--per-service" in CliRunner().invoke(cli_app, ["secrets", "--help"]).output
+    declared = _compose().get("volumes") or {}
+    writer = _volume_mounts(SECRETS)
+    for name in SERVICES:
+        own = f"{SECRETS}-{name}"
+        assert own in declared, f"{own} undeclared"
+        # The secrets job writes <folder>/<service>/<service>.nk into that volume.
+        assert writer.get(f"{folder}/{name}") == own, f"secrets job does not fill {own}"
+        volumes = set(_volume_mounts(name).values())
+        seeds = {v for v in volumes if v.startswith(SECRETS)}
+        assert seeds == {own}, f"{name} mounts seeds {sorted(seeds)}"
+        assert "admin.nk" not in json.dumps(_service(name)), name
+
+
+def test_streams_are_created_once_with_the_admin_key_before_the_services_start() -> None:
+    setup = "setup"
+    assert _one_shot(setup)
+    assert _cli_command(setup) == ["setup"]
+    assert CliRunner().invoke(cli_app, ["setup", "--help"]).exit_code == 0
+    folder = _cli_command(SECRETS)[_cli_command(SECRETS).index("--dir") + 1]
+    assert _environment(setup).get("CDP_NATS_NKEY") == f"{folder}/admin.nk"
+    assert _volume_mounts(setup).get(folder) == SECRETS
+    assert _service(setup)["depends_on"][NATS]["condition"] == "service_healthy"
+    for name in SERVICES:
+        depends_on = _service(name).get("depends_on") or {}
+        assert depends_on[setup]["condition"] == "service_completed_successfully", name
 
 
 def test_ports_are_published_on_loopback_only() -> None:

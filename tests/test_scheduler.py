@@ -6,14 +6,16 @@ import sqlite3
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from services.scheduler.schedules import ScheduleError, check, last_due, missed, next_due
 from services.scheduler.service import SEGMENTATION_SCHEDULE, SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import BatchList, JobList
+from shared.admin import BatchList, JobInfo, JobList
 from shared.natsd import NatsServer
 from tests.helpers import eventually, settings_for
 
@@ -86,3 +88,49 @@ async def test_a_daily_run_missed_while_down_runs_once_at_start(
             await second.stop()
     finally:
         await seg.stop()
+
+
+@pytest.mark.asyncio
+async def test_exports_follow_only_a_decoded_finished_job_never_the_subject_alone(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Before, any message on cdp.jobs.segmentation.done (any payload) made the scheduler
+    run every export "after segmentation"."""
+    asked: list[str] = []
+
+    async def on_list(msg: Msg) -> None:
+        asked.append(msg.subject)
+
+    await nc.subscribe(subjects.admin("destination", "list"), cb=on_list)
+    svc = SchedulerService(settings_for("scheduler", nats_server.url, tmp_path))
+    await svc.start()
+    js = nc.jetstream()
+    try:
+        for junk in (b"{}", b"not json", b'{"kind":"segmentation","status":"failed"}'):
+            ack = await js.publish(subjects.SEGMENTATION_JOB_DONE, junk)
+
+            async def stored(seq: int = ack.seq) -> bool:
+                rows = await svc.db.execute_fetchall(
+                    "SELECT 1 FROM job_events WHERE seq = ?", (seq,)
+                )
+                return bool(list(rows))
+
+            await eventually(stored)
+        done = JobInfo(
+            job_id="j1",
+            kind="segmentation",
+            trigger="",
+            status="succeeded",
+            started_at=0.0,
+            finished_at=1.0,
+        )
+        await js.publish(subjects.SEGMENTATION_JOB_DONE, msgspec.json.encode(done))
+        await eventually(lambda: _at_least(asked, 1))
+        await nc.flush()
+        assert asked == [subjects.admin("destination", "list")], asked
+    finally:
+        await svc.stop()
+
+
+async def _at_least(items: list[str], n: int) -> bool:
+    return len(items) >= n

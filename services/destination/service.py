@@ -38,6 +38,7 @@ from services.destination.store import (
     UPSERT_PROFILE,
 )
 from shared import subjects
+from shared.admin import finished_segmentation_job
 from shared.db import Tx, apply
 from shared.messages import (
     Identity,
@@ -180,8 +181,9 @@ class DestinationService(Service):
     # -- batch jobs ------------------------------------------------------------------------------
     async def handle_jobs(self, batch: Batch) -> None:
         """After a batch job, audience managers receive the members realised before their
-        segment metadata was synced, with status `existing`."""
-        if not batch.deliveries:
+        segment metadata was synced, with status `existing`. Only a message that decodes as
+        a finished segmentation job counts, never the subject alone."""
+        if not any(finished_segmentation_job(d.data) for d in batch.deliveries):
             return
         pending = list(
             await self.db.execute_fetchall(

@@ -13,7 +13,7 @@ from nats.aio.subscription import Subscription
 
 from services.profile.merge import AttributeValue, default_policy, merge
 from shared import subjects
-from shared.admin import AdminError, AdminFailure, AdminReply
+from shared.admin import AdminError, AdminFailure, AdminReply, answerable
 from shared.db import write_lock
 from shared.messages import ExperienceEvent, Identity
 from shared.normalize import Unusable
@@ -74,7 +74,7 @@ class ProfileLookups:
                 self.svc.log.debug("unsubscribe failed", error=repr(exc))
 
     async def _on_request(self, msg: Msg) -> None:
-        if not msg.reply:
+        if not answerable(msg, self.svc.log):
             return
         try:
             view = await self.lookup(_lookup_decoder.decode(msg.data))

@@ -244,7 +244,15 @@ class SchedulerService(Service):
     # -- after segmentation -------------------------------------------------------------------
     async def handle_job_events(self, batch: Batch) -> None:
         batch.tx.add_many(INSERT_JOB_EVENT, ((d.seq, d.subject, d.data) for d in batch.deliveries))
-        if any(d.subject == subjects.SEGMENTATION_JOB_DONE for d in batch.deliveries):
+        done = [
+            d
+            for d in batch.deliveries
+            if d.subject == subjects.SEGMENTATION_JOB_DONE
+            and admin.finished_segmentation_job(d.data) is not None
+        ]
+        if len(done) < sum(d.subject == subjects.SEGMENTATION_JOB_DONE for d in batch.deliveries):
+            self.log.warning("ignored a segmentation-done message that is not a finished job")
+        if done:
             batch.after_commit(self._start_exports)
 
     def _start_exports(self) -> None:

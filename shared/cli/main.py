@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -58,10 +59,12 @@ from shared.natsd import server_config
 from shared.resources import KINDS, OWNERS, PLURALS
 from shared.security import (
     activation_subjects,
+    app_names,
     ensure_credentials,
     seed_path,
     server_authorization,
 )
+from shared.streams import ensure_streams
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
 console = Console()
@@ -111,11 +114,16 @@ def secrets(
         Path | None,
         typer.Option(help="Also write nats-server's configuration file (public keys only)."),
     ] = None,
+    per_service: Annotated[
+        bool, typer.Option(help="Also copy each service's seed into a folder of its own.")
+    ] = False,
 ) -> None:
-    """Create the NATS credentials of every account (kept if they exist) and, with
-    --nats-config, the server configuration that admits them. `cdp up` does this itself;
-    compose.yaml runs it once before nats-server starts."""
-    keys = ensure_credentials(folder)
+    """Create the NATS credentials of every key (kept if they exist): one per service,
+    `admin`, `client` and each application named in CDP_APPS; with --nats-config, the
+    server configuration that admits them; with --per-service, a copy of each service's
+    seed alone in `<dir>/<service>/` (what compose mounts into that service).
+    `cdp up` does this itself; compose.yaml runs it once before nats-server starts."""
+    keys = ensure_credentials(folder, app_names())
     table = Table()
     table.add_column("account")
     table.add_column("seed file")
@@ -123,6 +131,17 @@ def secrets(
     for account, key in keys.items():
         table.add_row(account, str(seed_path(folder, account)), key)
     console.print(table)
+    if per_service:
+        for name in SERVICES:
+            own = folder / name
+            own.mkdir(mode=0o700, exist_ok=True)
+            copy = seed_path(own, name)
+            tmp = copy.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(seed_path(folder, name).read_bytes())
+            tmp.replace(copy)
+        console.print(f"each service's seed alone in {folder}/<service>/")
     if nats_config is not None:
         nats_config.parent.mkdir(parents=True, exist_ok=True)
         tmp = nats_config.with_suffix(".tmp")
@@ -130,6 +149,20 @@ def secrets(
         tmp.chmod(0o644)  # public keys and permissions only; nats-server may run as another user
         tmp.replace(nats_config)
         console.print(f"wrote {nats_config}")
+
+
+@app.command()
+def setup(nats_url: NatsOption = None) -> None:
+    """Create or update the JetStream streams and the batch-file bucket, with the admin
+    key. `cdp up` does this itself; compose.yaml runs it once after nats-server is healthy.
+    Services never create streams: without them they wait, not ready."""
+
+    async def go() -> None:
+        async with connect(nats_url) as nc:
+            await ensure_streams(nc.jetstream())
+
+    run(go)
+    console.print("streams ready")
 
 
 @app.command()

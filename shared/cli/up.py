@@ -23,6 +23,7 @@ from shared.security import (
     ADMIN,
     CLIENT,
     activation_subjects,
+    app_names,
     cli_credentials,
     ensure_credentials,
     inbox_prefix,
@@ -87,7 +88,7 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
         nats_url = external
         console.print(f"using NATS at [bold]{nats_url}[/]")
     else:
-        keys = ensure_credentials(secrets)
+        keys = ensure_credentials(secrets, app_names())
         server = NatsServer(
             data_dir / "nats",
             port=nats_port,
@@ -99,7 +100,8 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
         nats_url = server.url
         console.print(
             f"nats-server with JetStream on [bold]{nats_url}[/] (data in {data_dir / 'nats'}); "
-            f"credentials in {secrets}: {CLIENT}.nk for applications, {ADMIN}.nk for operators"
+            f"credentials in {secrets}: {CLIENT}.nk for applications (inbox_prefix "
+            f"{inbox_prefix(CLIENT)}), {ADMIN}.nk for operators"
         )
     env["CDP_NATS_URL"] = nats_url
 

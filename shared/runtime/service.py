@@ -39,7 +39,7 @@ from shared.runtime.actor import (
     flush_outbox,
 )
 from shared.security import inbox_prefix
-from shared.streams import ensure_streams
+from shared.streams import missing_streams
 from shared.subjects import ALL_STREAMS, StreamSpec
 
 
@@ -122,11 +122,7 @@ class Service:
         self._phase = "starting: connecting to NATS"
         self._nc = await self._connect()
         self._js = self._nc.jetstream()
-        self._phase = "starting: creating streams"
-        try:
-            await ensure_streams(self._js, self.streams)
-        except Exception as exc:
-            raise StartupError(self.name, "streams", repr(exc)) from exc
+        await self._wait_streams()
         self._phase = "starting: opening SQLite"
         self._db = await open_db(s.db_path, RUNTIME_MIGRATIONS + self.migrations)
         await flush_outbox(self._js, self._db, self.log, lambda: self._stopping)
@@ -158,6 +154,23 @@ class Service:
         self._phase = "ready"
         self._ready = True
         self.log.info("ready", port=self.health.port, db=str(s.db_path))
+
+    async def _wait_streams(self) -> None:
+        """Wait, not ready, until the streams exist: only the admin key creates them."""
+        assert self._js is not None
+        said = ""
+        while True:
+            try:
+                missing = await missing_streams(self._js, self.streams)
+            except Exception as exc:
+                raise StartupError(self.name, "streams", repr(exc)) from exc
+            if not missing:
+                return
+            self._phase = f"stream {missing[0]} missing: run `cdp up` or `cdp setup`"
+            if self._phase != said:
+                self.log.warning("waiting for streams", missing=missing)
+                said = self._phase
+            await asyncio.sleep(0.5)
 
     async def _connect(self) -> Client:
         backoff = 0.1
