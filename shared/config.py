@@ -57,11 +57,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The NKey seed file this service authenticates with (none: no authentication)."""
     ingest_token: str | None = None
     """When set, the ingest HTTP door requires `Authorization: Bearer <token>`."""
+    profile_token: str | None = None
+    """`GET /v1/profiles` (personal data) requires `Authorization: Bearer <token>`; without a
+    token configured it answers 401 to everyone."""
     phone_region: str = "US"
     """Region (ISO 3166 code) of phone numbers written without a country code."""
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
-        shown = msgspec.structs.replace(self, ingest_token="***" if self.ingest_token else None)
+        shown = msgspec.structs.replace(
+            self,
+            ingest_token="***" if self.ingest_token else None,
+            profile_token="***" if self.profile_token else None,
+        )
         fields = ", ".join(f"{f}={getattr(shown, f)!r}" for f in self.__struct_fields__)
         return f"Settings({fields})"
 
@@ -131,5 +138,6 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,
+        profile_token=env.get("CDP_PROFILE_TOKEN") or None,
         phone_region=_phone_region(env),
     )
