@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -810,4 +811,5 @@ def delete(
 
 
 def main() -> None:
+    os.umask(0o077)  # data, logs, secrets and exports are the owner's alone
     app()
