@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     token configured it answers 401 to everyone."""
     phone_region: str = "US"
     """Region (ISO 3166 code) of phone numbers written without a country code."""
+    export_root: Path | None = None
+    """File destinations write only inside this folder (none: `<data_dir>/exports`)."""
+    allow_private_destinations: bool = False
+    """HTTP destinations may reach private and link-local addresses (loopback always)."""
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
         shown = msgspec.structs.replace(
@@ -71,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         )
         fields = ", ".join(f"{f}={getattr(shown, f)!r}" for f in self.__struct_fields__)
         return f"Settings({fields})"
+
+    @property
+    def exports_root(self) -> Path:
+        return self.export_root if self.export_root is not None else self.data_dir / "exports"
 
     @property
     def db_path(self) -> Path:
@@ -119,6 +127,15 @@ def _phone_region(env: Mapping[str, str]) -> str:
     return region
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(name, raw, "true or false")
+
+
 def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings of `service` from `env` (the process environment by default)."""
     env = os.environ if env is None else env
@@ -140,4 +157,6 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,
         profile_token=env.get("CDP_PROFILE_TOKEN") or None,
         phone_region=_phone_region(env),
+        export_root=Path(env["CDP_EXPORT_ROOT"]) if env.get("CDP_EXPORT_ROOT") else None,
+        allow_private_destinations=_bool(env, "CDP_ALLOW_PRIVATE_DESTINATIONS"),
     )

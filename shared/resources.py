@@ -181,7 +181,7 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     """Connector settings (url, list_id, subject, folder, ...); never secrets."""
     secrets: dict[str, str] = {}
     """Secret name -> the environment variable that holds it (e.g. signing_secret:
-    CDP_WEBHOOK_SECRET); values are read at delivery time, never stored or shown."""
+    CDP_SECRET_WEBHOOK); values are read at delivery time, never stored or shown."""
     identity: str | None = None
     """The identity namespace the destination needs; profiles without it are skipped."""
     mappings: dict[str, str] = {}
