@@ -149,4 +149,4 @@ async def test_secrets_come_only_from_cdp_secret_variables(
         spec["connection"]["_allow_private"] = True
         failure = await refused(nc, spec)
         assert failure.field == "connection._allow_private"
-        await apply(nc, webhook("http://127.0.0.1:9/", secret="CDP_SECRET_HOOK"))
+        await apply(nc, webhook("http://127.0.0.1:9/", secret="CDP_SECRET_HOOK"), dry_run=True)
