@@ -30,6 +30,9 @@ SECRET_PREFIX: Final = "CDP_SECRET_"
 ALLOW_PRIVATE_SETTING: Final = "_allow_private"
 """Put in every connector's settings by the destination service (never from configuration)."""
 
+RESOLVE_TIMEOUT: Final = 3.0
+"""Seconds a host name may take to resolve before the check leaves it to the delivery."""
+
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _METADATA: Final = frozenset(
@@ -103,7 +106,8 @@ def check_url(url: str, allow_private: bool) -> str:
 
 async def check_resolved(url: str, allow_private: bool) -> None:
     """`check_url`, and every address the host resolves to is allowed. A name that does
-    not resolve is left to the delivery (it may resolve later)."""
+    not resolve (or not within RESOLVE_TIMEOUT) is left to the delivery, which checks
+    again before each request."""
     host = check_url(url, allow_private)
     try:
         ipaddress.ip_address(host)
@@ -112,8 +116,11 @@ async def check_resolved(url: str, allow_private: bool) -> None:
     else:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
+            RESOLVE_TIMEOUT,
+        )
+    except (OSError, TimeoutError):
         return
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
