@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RETAIL_CONFIG = ROOT / "examples" / "retail" / "config.yaml"
 GEN = ROOT / "scripts" / "gen"
 WEBHOOK = "bench-webhook"
-WEBHOOK_SECRET_VAR = "CDP_BENCH_WEBHOOK_SECRET"
+WEBHOOK_SECRET_VAR = "CDP_SECRET_BENCH_WEBHOOK"
 KEEP_VAR = "CDP_BENCH_KEEP"
 """A folder to run the platform in and keep afterwards (default: a temporary one)."""
 EVENT_TYPES = (

@@ -57,17 +57,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The NKey seed file this service authenticates with (none: no authentication)."""
     ingest_token: str | None = None
     """When set, the ingest HTTP door requires `Authorization: Bearer <token>`."""
+    profile_token: str | None = None
+    """`GET /v1/profiles` (personal data) requires `Authorization: Bearer <token>`; without a
+    token configured it answers 401 to everyone."""
     phone_region: str = "US"
     """Region (ISO 3166 code) of phone numbers written without a country code."""
     errors_max_age_days: float = 30.0
     """Ingest's error store drops rejected records older than this."""
     errors_max_bytes: int = 256 * 1024 * 1024
     """Ingest's error store drops its oldest rejected records past this size."""
+    export_root: Path | None = None
+    """File destinations write only inside this folder (none: `<data_dir>/exports`)."""
+    allow_private_destinations: bool = False
+    """HTTP destinations may reach private and link-local addresses (loopback always)."""
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
-        shown = msgspec.structs.replace(self, ingest_token="***" if self.ingest_token else None)
+        shown = msgspec.structs.replace(
+            self,
+            ingest_token="***" if self.ingest_token else None,
+            profile_token="***" if self.profile_token else None,
+        )
         fields = ", ".join(f"{f}={getattr(shown, f)!r}" for f in self.__struct_fields__)
         return f"Settings({fields})"
+
+    @property
+    def exports_root(self) -> Path:
+        return self.export_root if self.export_root is not None else self.data_dir / "exports"
 
     @property
     def db_path(self) -> Path:
@@ -116,6 +131,15 @@ def _phone_region(env: Mapping[str, str]) -> str:
     return region
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(name, raw, "true or false")
+
+
 def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings of `service` from `env` (the process environment by default)."""
     env = os.environ if env is None else env
@@ -135,7 +159,10 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,
+        profile_token=env.get("CDP_PROFILE_TOKEN") or None,
         phone_region=_phone_region(env),
         errors_max_age_days=_float(env, "CDP_ERRORS_MAX_AGE_DAYS", 30.0),
         errors_max_bytes=_int(env, "CDP_ERRORS_MAX_BYTES", 256 * 1024 * 1024, minimum=1),
+        export_root=Path(env["CDP_EXPORT_ROOT"]) if env.get("CDP_EXPORT_ROOT") else None,
+        allow_private_destinations=_bool(env, "CDP_ALLOW_PRIVATE_DESTINATIONS"),
     )

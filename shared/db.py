@@ -9,6 +9,8 @@ A `Tx` collects the writes of one batch so that they reach SQLite in a handful o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,7 +29,13 @@ class Migration(msgspec.Struct, frozen=True):
 async def open_db(path: Path | str, migrations: Sequence[Migration] = ()) -> aiosqlite.Connection:
     """Open (creating if needed) a SQLite file in WAL mode and bring its schema up to date."""
     if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Personal data: the folder and the file are the owner's alone (SQLite gives its
+        # -wal and -shm files the database file's mode).
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if os.stat(path).st_mode & 0o077:  # created by an older version: narrowed
+            with contextlib.suppress(PermissionError):  # not ours to change: keep running
+                os.chmod(path, 0o600)
     db = await aiosqlite.connect(str(path), isolation_level=None)
     try:
         await db.executescript(

@@ -7,6 +7,7 @@ line, so no raw personal identifier reaches a log file.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import sys
@@ -15,19 +16,50 @@ from typing import Any
 
 import structlog
 
-EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
-# 9 to 15 digits, optionally after "+", with single spaces, dots, dashes or brackets between.
-# Dates (8 digits) and times (digits next to ':') are left alone.
-PHONE_RE = re.compile(r"(?<![\w:+])\+?\(?\d(?:[\s().\-]?\d){8,14}(?![\w:])")
+# The masking rule (see README "Logs"):
+# - an email address is any run of non-space characters on both sides of an "@": local
+#   parts with apostrophes, plus signs or any script, international domains;
+# - a phone number is 9 to 15 digits (7 to 15 after a "+") written with phone punctuation
+#   between them: up to three spaces, dots, dashes, slashes or brackets between digits;
+# - left readable: numbers logged as numbers, anything under 9 digits (counts, ids, dates),
+#   times (digits next to ":"), decimals (one "." between two digit runs, as in epoch
+#   seconds), IPv4 addresses, and digits inside words (ids such as CRM00000001).
+EMAIL_RE = re.compile(r"""[^\s@<>()\[\],;:"\\]+@[^\s@<>()\[\],;:"'\\/]*\w[^\s@<>()\[\],;:"'\\/]*""")
+_PHONE_SEP = r"[\s().\-/\u2010-\u2015]{0,3}"
+PHONE_RE = re.compile(
+    r"(?<![\w+.])(?<!\d:)(?<!\d[\-/])"  # not inside a word, a time, a decimal or a date
+    rf"\+?\(?\d(?:{_PHONE_SEP}\d){{6,14}}"
+    r"(?![\w:]|[.,\-/]\d)"  # not followed by more of a word, time, decimal or date
+)
+_DIGIT = re.compile(r"\d")
+_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_DECIMAL = re.compile(r"\d+\.\d+")
 SENSITIVE_KEYS = frozenset({"email", "phone", "password", "token", "secret"})
 REDACTED = "[redacted]"
+
+
+def _phone(match: re.Match[str]) -> str:
+    text = match.group()
+    digits = len(_DIGIT.findall(text))
+    if digits < (7 if text.startswith("+") else 9):
+        return text
+    if _DECIMAL.fullmatch(text):
+        return text
+    if _IPV4.fullmatch(text):
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            pass  # 4 dotted groups that are no address (e.g. "06.12.345.678")
+        else:
+            return text
+    return "[phone]"
 
 
 def redact_text(text: str) -> str:
     """Mask email addresses and phone numbers inside a string."""
     if "@" in text:
         text = EMAIL_RE.sub("[email]", text)
-    return PHONE_RE.sub("[phone]", text)
+    return PHONE_RE.sub(_phone, text)
 
 
 def _redact(value: Any, depth: int = 0) -> Any:

@@ -163,7 +163,8 @@ class Export(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A file destination's export: when, what and where."""
 
     folder: str
-    """Where files are written (relative paths are under the service's data folder)."""
+    """Where files are written (relative paths are under the service's data folder); it must
+    lie inside the export root (`CDP_EXPORT_ROOT`, default `<data dir>/exports`)."""
     format: Literal["csv", "jsonl", "parquet"] = "csv"
     mode: Literal["full", "incremental"] = "full"
     """incremental: only changes since the last export, exits included; the first is full."""
@@ -181,7 +182,7 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     """Connector settings (url, list_id, subject, folder, ...); never secrets."""
     secrets: dict[str, str] = {}
     """Secret name -> the environment variable that holds it (e.g. signing_secret:
-    CDP_WEBHOOK_SECRET); values are read at delivery time, never stored or shown."""
+    CDP_SECRET_WEBHOOK); values are read at delivery time, never stored or shown."""
     identity: str | None = None
     """The identity namespace the destination needs; profiles without it are skipped."""
     mappings: dict[str, str] = {}

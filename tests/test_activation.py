@@ -55,7 +55,7 @@ CLASSES: tuple[type[Service], ...] = (
 async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[dict[str, Service]]:
-    monkeypatch.setenv("CDP_TEST_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("CDP_SECRET_TEST_WEBHOOK", SECRET)
     async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
         yield services
 
@@ -100,7 +100,7 @@ async def test_a_streaming_segment_reaches_a_signed_webhook_in_batches(
                 "type": "webhook",
                 "segments": ["email-optin"],
                 "connection": {"url": hook.url},
-                "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+                "secrets": {"signing_secret": "CDP_SECRET_TEST_WEBHOOK"},
                 "aggregation": {"mode": "configurable", "max_events": 3, "max_batch_age_s": 1.5},
             },
         )
@@ -135,7 +135,7 @@ async def test_a_social_destination_receives_only_hashes_of_normalised_emails(
                 "segments": ["email-optin"],
                 "identity": "email",
                 "connection": {"url": social.url, "audience_id": "a1"},
-                "secrets": {"api_key": "CDP_TEST_WEBHOOK_SECRET"},
+                "secrets": {"api_key": "CDP_SECRET_TEST_WEBHOOK"},
             },
         )
         await customer(nc, 1, "  Ann.Lee@Example.COM ")
@@ -162,7 +162,7 @@ async def test_an_outage_then_recovery_delivers_everything_once(
                 "type": "webhook",
                 "segments": ["email-optin"],
                 "connection": {"url": hook.url},
-                "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+                "secrets": {"signing_secret": "CDP_SECRET_TEST_WEBHOOK"},
             },
         )
         for n in range(5):
@@ -185,7 +185,7 @@ async def test_a_consent_rule_keeps_opted_out_profiles_out(
                 "type": "webhook",
                 "segments": ["email-optin"],
                 "connection": {"url": hook.url},
-                "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+                "secrets": {"signing_secret": "CDP_SECRET_TEST_WEBHOOK"},
                 "consent": {"path": "consents.marketing.sms", "allow": ["y"]},
             },
         )
@@ -224,7 +224,7 @@ async def test_a_destination_missing_settings_is_refused(
                 "type": "sms",
                 "segments": ["email-optin"],
                 "connection": {"url": "http://127.0.0.1:9", "list_id": "l", "default_region": "EU"},
-                "secrets": {"api_key": "CDP_SMS_API_KEY"},
+                "secrets": {"api_key": "CDP_SECRET_SMS_API_KEY"},
             },
         )
     assert (region.value.name, region.value.field) == ("s3", "connection")
@@ -292,7 +292,7 @@ async def test_audience_sharing_syncs_metadata_first_and_existing_members_at_the
                 "type": "audience_sharing",
                 "segments": ["gold-members"],
                 "connection": {"url": manager.url},
-                "secrets": {"api_key": "CDP_TEST_WEBHOOK_SECRET"},
+                "secrets": {"api_key": "CDP_SECRET_TEST_WEBHOOK"},
             },
         )
         await manager.wait_for(1, timeout=20)

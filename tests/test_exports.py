@@ -7,6 +7,7 @@ import csv
 import datetime as dt
 import json
 import os
+import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -584,3 +585,18 @@ async def test_sftp_missing_local_file(tmp_path: Path) -> None:
             remote_dir="/exports",
         )
     assert caught.value.retryable is False
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_export_files_are_the_owners_alone(tmp_path: Path, fmt: exports.Format) -> None:
+    """Exports hold emails and phone numbers: 0600 files in a 0700 folder, whatever the
+    process umask (this test process runs with the usual 022)."""
+    previous = os.umask(0o022)
+    try:
+        files = export(tmp_path, sample_rows(), fmt, max_rows=2)
+    finally:
+        os.umask(previous)
+    assert len(files) == 2
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700
+    for f in files:
+        assert stat.S_IMODE(f.path.stat().st_mode) == 0o600, f.path

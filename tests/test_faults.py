@@ -186,7 +186,7 @@ async def publish(nc: Client, records: list[Record], first: int, sent: list[int]
 # -- the platform -------------------------------------------------------------------------------
 def platform_env() -> dict[str, str]:
     return {
-        "CDP_TEST_WEBHOOK_SECRET": SECRET,
+        "CDP_SECRET_TEST_WEBHOOK": SECRET,
         # No daily batch job in the middle of the test (a scheduler that restarts runs a
         # missed one): memberships change only by streaming evaluation here.
         "CDP_SEGMENTATION_SCHEDULE": "0 0 1 1 *",
@@ -201,7 +201,7 @@ async def configure(nc: Client, hook: WebhookServer) -> None:
         "type": "webhook",
         "segments": list(HOOK_SEGMENTS),
         "connection": {"url": hook.url, "timeout": 5},
-        "secrets": {"signing_secret": "CDP_TEST_WEBHOOK_SECRET"},
+        "secrets": {"signing_secret": "CDP_SECRET_TEST_WEBHOOK"},
     }
     await admin.request(
         nc,

@@ -56,7 +56,7 @@ __all__ = ["sftp_server"]
 async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[dict[str, Service]]:
-    monkeypatch.setenv("CDP_TEST_SFTP_PASSWORD", PASSWORD)
+    monkeypatch.setenv("CDP_SECRET_TEST_SFTP_PASSWORD", PASSWORD)
     async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
         yield services
 
@@ -102,7 +102,7 @@ async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
         "segments": ["email-optin"],
         "identity": "email",
         "mappings": {"person.name.first": "first_name"},
-        "secrets": {"sftp_password": "CDP_TEST_SFTP_PASSWORD"},
+        "secrets": {"sftp_password": "CDP_SECRET_TEST_SFTP_PASSWORD"},
         "export": {
             "folder": "exports",
             "mode": "incremental",

@@ -43,7 +43,7 @@ CLASSES: tuple[type[Service], ...] = (
 async def platform(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> AsyncIterator[dict[str, Service]]:
-    async with running(CLASSES, nats_server.url, tmp_path, nc) as services:
+    async with running(CLASSES, nats_server.url, tmp_path, nc, profile_token="t") as services:
         legacy = {"name": "crm-legacy", "schema": "crm-profile", "profile_enabled": True}
         await admin.request(
             nc,
@@ -141,7 +141,7 @@ async def test_one_person_journey_ends_in_one_profile(
         other = await lookup(nc, identity)
         assert other is not None and other["profile_id"] == view["profile_id"]
     assert (await lookup(nc, "email:ANN@example.com ")) is not None  # normalised on lookup too
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as s:
         port = platform["profile"].health.port
         url = f"http://127.0.0.1:{port}/v1/profiles"
         async with s.get(url, params={"identity": "crm_id:C1"}) as r:

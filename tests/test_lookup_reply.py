@@ -17,9 +17,13 @@ from services.profile.service import ProfileService
 from services.segmentation.service import SegmentationService
 from shared import subjects
 from shared.natsd import NatsServer
-from tests.helpers import eventually, running
+from tests.helpers import eventually, running, settings_for
 
 pytestmark = pytest.mark.asyncio
+
+
+TOKEN = "s3cret-profile-token"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def ask(nc: Client, request: bytes) -> dict[str, Any]:
@@ -32,7 +36,7 @@ async def test_lookup_replies_over_nats_and_http(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     classes = (IngestService, IdentityService, ProfileService, SegmentationService)
-    async with running(classes, nats_server.url, tmp_path, nc) as services:
+    async with running(classes, nats_server.url, tmp_path, nc, profile_token=TOKEN) as services:
         js = nc.jetstream()
         await js.publish("cdp.ingest.crm", b'{"crm_id": "C1", "email": "a@example.com"}')
         login = {"ecid": "c-1", "eventType": "app.login", "timestamp": "2026-11-21T10:00:00Z"}
@@ -102,7 +106,7 @@ async def test_lookup_replies_over_nats_and_http(
             assert malformed["ok"] is False and malformed["error"]["code"] == "malformed"
 
         url = f"http://127.0.0.1:{services['profile'].health.port}/v1/profiles"
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=BEARER) as http:
             queries: list[tuple[dict[str, str], int, Any]] = [
                 ({"identity": "email: A@Example.com ", "events": "1"}, 200, result),
                 ({"identity": "email:nobody@example.com"}, 404, {"error": not_found["error"]}),
@@ -121,6 +125,41 @@ async def test_lookup_replies_over_nats_and_http(
             for params, status, body in queries:
                 async with http.get(url, params=params) as r:
                     assert (r.status, await r.json()) == (status, body), params
+        # Personal data needs the token: none, another scheme or a wrong one get 401 only.
+        refused = {
+            "error": {
+                "code": "unauthorized",
+                "message": "this endpoint needs `Authorization: Bearer <CDP_PROFILE_TOKEN>`",
+            }
+        }
+        for headers in ({}, {"Authorization": TOKEN}, {"Authorization": "Bearer wrong"}):
+            async with (
+                aiohttp.ClientSession(headers=headers) as http,
+                http.get(url, params={"identity": "crm_id:C1"}) as r,
+            ):
+                assert (r.status, await r.json()) == (401, refused), headers
+                assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_profile_http_without_a_configured_token_serves_nobody(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    svc = ProfileService(settings_for("profile", nats_server.url, tmp_path))
+    await svc.start()
+    try:
+        base = f"http://127.0.0.1:{svc.health.port}"
+        async with aiohttp.ClientSession() as http:
+            for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer x"}):
+                async with http.get(
+                    f"{base}/v1/profiles", params={"identity": "crm_id:C1"}, headers=headers
+                ) as r:
+                    assert r.status == 401
+                    assert "set CDP_PROFILE_TOKEN" in (await r.json())["error"]["message"]
+            for open_path in ("/healthz", "/metrics"):
+                async with http.get(base + open_path) as r:
+                    assert r.status == 200, open_path
+    finally:
+        await svc.stop()
 
 
 async def _has_membership(nc: Client) -> bool:

@@ -239,7 +239,7 @@ async def cdp_up(
         **{port_variable(n): str(p) for n, p in ports.items()},
         "CDP_INGEST_TOKEN": TOKEN,
         "CDP_LOG_LEVEL": "debug",
-        "CDP_WEBHOOK_TEST_SECRET": "s3cret",
+        "CDP_SECRET_WEBHOOK_TEST": "s3cret",
     }
     cdp = Path(sys.executable).parent / "cdp"
     proc = await asyncio.create_subprocess_exec(
@@ -357,7 +357,7 @@ async def test_locked_down_platform_works_end_to_end_refuses_clients_and_logs_no
                                 "type": "webhook",
                                 "segments": ["email-optin"],
                                 "connection": {"url": hook.url},
-                                "secrets": {"signing_secret": "CDP_WEBHOOK_TEST_SECRET"},
+                                "secrets": {"signing_secret": "CDP_SECRET_WEBHOOK_TEST"},
                             },
                         )
                     ]

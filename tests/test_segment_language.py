@@ -467,6 +467,8 @@ def test_syntax_errors(text: str, line: int, column: int, expected: str, got: st
     [
         ('a = 1 and\n median(x of event(type = "b")) > 3', 2, 2, 'unknown aggregate "median"'),
         ('a matches "(unclosed"', 1, 11, "not a valid regular expression"),
+        ('a matches "(x)\\\\1"', 1, 11, "invalid escape sequence: \\1"),
+        ('a matches "x(?=y)"', 1, 11, "no lookaround"),
         ("event() between 2026-03-01 and 2026-01-31", 1, 9, "is before the start"),
         ("event() between 2026-02-01 and 2026-02-30", 1, 9, "not a date"),
         ("event() within 0 days", 1, 16, "longer than 0"),

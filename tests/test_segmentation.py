@@ -184,6 +184,34 @@ async def test_cycles_are_refused_and_chains_follow_dependencies(
     assert "nope" in unknown.value.message
 
 
+async def test_a_pathological_pattern_cannot_stall_segmentation(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    """`^(a+)+$` on many `a` and a `!` backtracks exponentially with Python's `re`: the
+    record is evaluated at once, and the record after it too."""
+    with pytest.raises(AdminFailure) as backreference:
+        await apply_segments(nc, {"name": "twice", "expression": r'email matches "(.)\\1"'})
+    assert backreference.value.field == "expression"
+    assert "RE2" in backreference.value.message and "backreferences" in backreference.value.message
+    assert "twice" not in await segment_list(nc)
+    await apply_segments(
+        nc,
+        {"name": "all-a", "expression": 'person.name.first matches "^(a+)+$"'},
+        {"name": "not-all-a", "expression": 'not (person.name.first matches "^(a+)+$")'},
+    )
+    inbox = Inbox()
+    await nc.subscribe(subjects.MEMBERSHIP_ALL, cb=inbox.on_msg)
+    js = nc.jetstream()
+    for crm_id, first in (("P1", "a" * 60 + "!"), ("P2", "aaaa")):
+        record = {"crm_id": crm_id, "person": {"name": {"first": first}}}
+        await js.publish("cdp.ingest.crm", json.dumps(record).encode())
+    await eventually(lambda: _true(len(inbox.of("all-a")) == 1 and len(inbox.of("not-all-a")) == 1))
+    stalled = await people.profile(nc, "crm_id:P1", None, 0)
+    plain = await people.profile(nc, "crm_id:P2", None, 0)
+    assert inbox.of("not-all-a") == [(stalled["profile_id"], "realized")]
+    assert inbox.of("all-a") == [(plain["profile_id"], "realized")]
+
+
 def _population(path: Path, n: int) -> set[str]:
     """CRM rows; returns the crm ids that `country in [FR, BE] and email consent y` selects."""
     countries = ["FR", "BE", "US", "DE", "GB"]

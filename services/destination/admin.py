@@ -13,6 +13,13 @@ from nats.aio.subscription import Subscription
 from services.destination.connectors import CONNECTORS
 from services.destination.connectors.base import REGION_SETTING, ConnectorSettingsError
 from services.destination.export_job import run_export
+from services.destination.guard import (
+    ALLOW_PRIVATE_SETTING,
+    UnsafeDestination,
+    check_resolved,
+    check_secret_variable,
+    export_folder,
+)
 from services.destination.model import SegmentMeta
 from shared import admin, subjects
 from shared.admin import (
@@ -93,6 +100,7 @@ class DestinationAdmin:
         for obj in request.objects:
             dest = decode_object(obj, KIND, "destination", Destination)
             self._check(dest, known)
+            await self._check_addresses(dest)
             current = self.svc.destinations.get(dest.name)
             planned.append((dest, apply_result(KIND, dest.name, current, dest)))
         if request.dry_run:
@@ -136,6 +144,17 @@ class DestinationAdmin:
                 )
         return ApplyBatchResult([r for _, r in planned])
 
+    async def _check_addresses(self, dest: Destination) -> None:
+        """The addresses the URL's host resolves to now (checked again at every send)."""
+        url = dest.connection.get("url")
+        if dest.type in CONNECTORS and dest.type not in ("nats",) and isinstance(url, str):
+            try:
+                await check_resolved(url, self.svc.settings.allow_private_destinations)
+            except UnsafeDestination as exc:
+                raise AdminFailure(
+                    "invalid", exc.message, kind=KIND, name=dest.name, field=exc.field
+                ) from None
+
     def _check(self, dest: Destination, known: set[str]) -> None:
         def fail(field: str, message: str) -> AdminFailure:
             return AdminFailure("invalid", message, kind=KIND, name=dest.name, field=field)
@@ -150,8 +169,19 @@ class DestinationAdmin:
         if unknown:
             raise fail("segments", f"unknown segments: {', '.join(unknown)}")
         for key, env in dest.secrets.items():
-            if not env or not env.replace("_", "").isalnum():
-                raise fail(f"secrets.{key}", "name an environment variable, not a secret value")
+            try:
+                check_secret_variable(env)
+            except UnsafeDestination as exc:
+                raise fail(f"secrets.{key}", exc.message) from None
+        settings = self.svc.settings
+        for key in dest.connection:
+            if key.startswith("_"):
+                raise fail(f"connection.{key}", "settings starting with `_` are the service's own")
+        if dest.export is not None:
+            try:
+                export_folder(dest.export.folder, settings.data_dir, settings.exports_root)
+            except UnsafeDestination as exc:
+                raise fail(exc.field, exc.message) from None
         policy = dest.aggregation
         if policy.max_users_per_request < 1 or policy.max_events < 1 or policy.max_batch_age_s <= 0:
             raise fail("aggregation", "limits must be positive")
@@ -173,9 +203,15 @@ class DestinationAdmin:
         if connector is not None and dest.type != "nats":
             try:  # settings checked now; secret values are read only when sending
                 connector(
-                    {REGION_SETTING: self.svc.settings.phone_region, **dest.connection},
+                    {
+                        REGION_SETTING: settings.phone_region,
+                        **dest.connection,
+                        ALLOW_PRIVATE_SETTING: settings.allow_private_destinations,
+                    },
                     {k: "(set at delivery)" for k in dest.secrets},
                 )
+            except UnsafeDestination as exc:
+                raise fail(exc.field, exc.message) from None
             except ConnectorSettingsError as exc:
                 raise fail("connection", str(exc)) from None
 

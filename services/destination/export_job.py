@@ -16,6 +16,7 @@ import msgspec
 
 from services.destination.activation import consents, lookup
 from services.destination.exports import ExportRow, export_files, incremental_rows
+from services.destination.guard import check_secret_variable, export_folder
 from services.destination.sftp import upload
 from shared.admin import ExportResult
 from shared.db import Tx, apply
@@ -36,9 +37,7 @@ async def run_export(svc: DestinationService, dest: Destination, trigger: str) -
     exp = dest.export
     started = time.time()
     db = svc.db
-    folder = Path(exp.folder)
-    if not folder.is_absolute():
-        folder = svc.settings.data_dir / folder
+    settings = svc.settings
     files: list[str] = []
     counts: dict[str, dict[str, int]] = {}
     skipped = 0
@@ -52,6 +51,8 @@ async def run_export(svc: DestinationService, dest: Destination, trigger: str) -
     full = exp.mode == "full" or not done_before
     new_state: list[tuple[str, str, str, str]] = []
     try:
+        # Checked again now: a symlink may have appeared since the destination was applied.
+        folder = export_folder(exp.folder, settings.data_dir, settings.exports_root)
         for segment in dest.segments:
             current = {
                 str(pid): str(status)
@@ -123,7 +124,9 @@ async def run_export(svc: DestinationService, dest: Destination, trigger: str) -
             target = exp.sftp
             password = None
             if target.password_secret:
-                password = os.environ.get(dest.secrets.get(target.password_secret, ""), "")
+                variable = dest.secrets.get(target.password_secret, "")
+                check_secret_variable(variable)
+                password = os.environ.get(variable, "")
             files += await upload(
                 [Path(f) for f in files],
                 host=target.host,

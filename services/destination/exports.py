@@ -258,7 +258,7 @@ def export_files(
     header = [*columns, STATUS_COLUMN]
     if len(set(header)) != len(header):
         raise ValueError(f"duplicate export column in {header}")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_hex(4)
     base = file_name(destination, segment, started, fmt)
     temps: list[Path] = []
@@ -267,6 +267,8 @@ def export_files(
 
     def start_part() -> _Writer:
         temp = folder / f".{base}.{len(temps) + 1:03d}.{token}.tmp"
+        # Exports hold personal data: created 0600 before any writer opens them.
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         temps.append(temp)
         counts.append(0)
         return _open(fmt, temp, header)

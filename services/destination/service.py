@@ -29,6 +29,7 @@ from services.destination.activation import backoff, build
 from services.destination.admin import DestinationAdmin
 from services.destination.connectors import CONNECTORS
 from services.destination.connectors.base import REGION_SETTING
+from services.destination.guard import ALLOW_PRIVATE_SETTING, SECRET_PREFIX
 from services.destination.model import Activation, DeliveryError
 from services.destination.store import (
     BUMP_STATS,
@@ -394,8 +395,15 @@ class DestinationService(Service):
         cached = self._connectors.get(dest.name)
         if cached is not None and cached[0] is dest:
             return cached[1]
-        secrets = {k: os.environ.get(env, "") for k, env in dest.secrets.items()}
-        settings = {REGION_SETTING: self.settings.phone_region, **dest.connection}
+        secrets = {
+            k: os.environ.get(env, "") if env.startswith(SECRET_PREFIX) else ""
+            for k, env in dest.secrets.items()
+        }
+        settings = {
+            REGION_SETTING: self.settings.phone_region,
+            **dest.connection,
+            ALLOW_PRIVATE_SETTING: self.settings.allow_private_destinations,
+        }
         if dest.type == "nats":
             settings["_nc"] = self.nc
         try:

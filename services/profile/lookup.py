@@ -3,6 +3,7 @@ HTTP GET /v1/profiles?identity=<namespace>:<value> on the profile service."""
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +86,29 @@ class ProfileLookups:
             reply = AdminReply(ok=False, error=exc.to_error())
         await msg.respond(_encoder.encode(reply))
 
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """Personal data needs `Authorization: Bearer <CDP_PROFILE_TOKEN>` (compared in
+        constant time); with no token configured nobody is served."""
+        token = self.svc.settings.profile_token
+        if token is None:
+            message = "profile lookups over HTTP are disabled: set CDP_PROFILE_TOKEN"
+        else:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode(), token.encode()
+            ):
+                return None
+            message = "this endpoint needs `Authorization: Bearer <CDP_PROFILE_TOKEN>`"
+        response = web.json_response(
+            {"error": {"code": "unauthorized", "message": message}}, status=401
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="cdp-profile"'
+        return response
+
     async def http_get(self, request: web.Request) -> web.Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         identity = request.query.get("identity", "")
         try:
             events = int(request.query.get("events", "20"))

@@ -10,7 +10,6 @@ Pure: the caller gives the facts and the time.
 from __future__ import annotations
 
 import math
-import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -36,6 +35,7 @@ from services.segmentation.language import (
     Sequence,
     StringTest,
     Window,
+    compile_regex,
     day_range,
 )
 from shared.messages import ExperienceEvent
@@ -126,8 +126,9 @@ def _scalar(x: Any) -> bool:
 
 
 @lru_cache(maxsize=1024)
-def _regex(pattern: str, ignore_case: bool) -> re.Pattern[str]:
-    return re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+def _regex(pattern: str, ignore_case: bool) -> Any:
+    """RE2 (linear time), as checked when the segment was applied."""
+    return compile_regex(pattern, ignore_case)
 
 
 def _string_test(node: StringTest, actual: Any) -> bool:

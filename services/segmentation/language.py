@@ -18,9 +18,10 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
-from typing import Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
+import re2
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
@@ -481,6 +482,21 @@ _RESERVED_FIRST: Final = frozenset({"not", "event", "count", "insegment"})
 _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+def compile_regex(pattern: str, ignore_case: bool) -> Any:
+    """A `matches` pattern compiled with RE2: matching takes time linear in the text, so no
+    pattern and no record can stall segmentation. Raises `re2.error` for what RE2 refuses
+    (backreferences, lookaround, invalid syntax)."""
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = not ignore_case
+    return re2.compile(pattern, options)
+
+
+def _re2_reason(error: Exception) -> str:
+    reason = error.args[0] if error.args else str(error)
+    return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+
+
 def _check(node: Node, in_event: bool) -> None:
     """The checks of one node on its own (its children are checked separately)."""
     match node:
@@ -502,9 +518,13 @@ def _check(node: Node, in_event: bool) -> None:
             _check_text(node.value)
             if node.func == "matches":
                 try:
-                    re.compile(node.value, re.IGNORECASE if node.ignore_case else 0)
-                except re.error as e:
-                    raise _Invalid(f"not a valid regular expression: {e}", "value") from None
+                    compile_regex(node.value, node.ignore_case)
+                except re2.error as e:
+                    raise _Invalid(
+                        "not a valid regular expression for RE2 (linear-time matching: no "
+                        f"backreferences, no lookaround): {_re2_reason(e)}",
+                        "value",
+                    ) from None
         case And() | Or():
             if len(node.items) < 2:
                 raise _Invalid(f"{type(node).__name__} needs at least two items")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import msgspec
 import nats.errors
 import yaml
 from nats.aio.client import Client
@@ -23,6 +24,8 @@ from shared.admin import (
 from shared.cli.client import ClientError
 from shared.resources import APPLY_ORDER, KINDS, OWNERS, PLURALS
 
+_encoder = msgspec.json.Encoder()
+
 
 class ConfigFileError(ClientError):
     """A configuration file is not readable or not shaped as expected."""
@@ -32,17 +35,56 @@ class ConfigFileError(ClientError):
         self.file = file
 
 
+MAX_FILE_BYTES: Final = 4 * 1024 * 1024
+"""The largest configuration file `cdp apply` reads (4 MiB; the retail example is 10 KB).
+Each service's share must also fit in one NATS message (8 MiB under `cdp up`)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a few hundred bytes of nested aliases expand
+    to gigabytes (a "billion laughs"), and configuration never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = "aliases" if isinstance(event, yaml.AliasEvent) else "anchors"
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"YAML {what} (&name, *name) are not accepted: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"not valid YAML: {exc}"
+
+
 def load_file(path: Path) -> list[ConfigObject]:
     """Objects of a configuration file, in dependency order."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigFileError(file, f"cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigFileError(
+            file, f"larger than {MAX_FILE_BYTES} bytes: split it into several files (-f ... -f)"
+        )
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(file, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
     except yaml.YAMLError as exc:
-        raise ConfigFileError(file, f"not valid YAML: {exc}") from None
+        raise ConfigFileError(file, _yaml_error(exc)) from None
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for doc in docs:
         if not isinstance(doc, dict):
@@ -111,13 +153,16 @@ async def apply_objects(
     results: list[ApplyResult] = []
     earlier: list[ConfigObject] = []
     for owner in order:
-        try:
-            reply = await admin.request(
-                nc,
-                subjects.admin(owner, "apply"),
-                ApplyBatch(groups[owner], dry_run, context=list(earlier) if dry_run else []),
-                ApplyBatchResult,
+        batch = ApplyBatch(groups[owner], dry_run, context=list(earlier) if dry_run else [])
+        size = len(_encoder.encode(batch))
+        if size > nc.max_payload:
+            raise ClientError(
+                f"{file}: the {owner} objects ({', '.join(sorted({o.kind for o in groups[owner]}))}"
+                f") encode to {size} bytes, more than the {nc.max_payload} bytes one NATS "
+                "message may carry: split them into several files applied one after another"
             )
+        try:
+            reply = await admin.request(nc, subjects.admin(owner, "apply"), batch, ApplyBatchResult)
         except AdminFailure as exc:
             where = exc.where()
             origin = (sources or {}).get((exc.kind or "", exc.name or ""), file)

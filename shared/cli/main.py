@@ -848,4 +848,5 @@ def delete(
 
 
 def main() -> None:
+    os.umask(0o077)  # data, logs, secrets and exports are the owner's alone
     app()

@@ -96,8 +96,9 @@ class Supervisor:
         out: int | IO[bytes] = asyncio.subprocess.DEVNULL
         log = None
         if spec.log_file is not None:
-            spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-            log = open(spec.log_file, "ab")  # noqa: SIM115, ASYNC230 - start-up only; handed to the child
+            spec.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(spec.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            log = open(fd, "ab")  # noqa: SIM115, ASYNC230 - start-up only; handed to the child
             out = log
         try:
             child.proc = await asyncio.create_subprocess_exec(

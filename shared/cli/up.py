@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets as token_source
 import signal
 import sys
 import time
@@ -31,6 +32,23 @@ from shared.security import (
     server_authorization,
 )
 from shared.streams import ensure_streams
+
+PROFILE_TOKEN_FILE = "profile.token"
+
+
+def profile_token(secrets: Path) -> tuple[str, Path | None]:
+    """The bearer token of `GET /v1/profiles`: CDP_PROFILE_TOKEN when given, else the one in
+    `<secrets>/profile.token`, written (0600) at first start."""
+    given = os.environ.get("CDP_PROFILE_TOKEN")
+    if given:
+        return given, None
+    path = secrets / PROFILE_TOKEN_FILE
+    if not path.exists():
+        secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token_source.token_urlsafe(32) + "\n")
+    return path.read_text().strip(), path
 
 
 def probe_host(bind: str) -> str:
@@ -119,8 +137,14 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
     finally:
         await nc.close()
 
+    token, token_file = profile_token(secrets)
+    if token_file is not None:
+        console.print(f"profile lookups over HTTP need the bearer token in {token_file}")
+
     def service_env(name: str) -> dict[str, str]:
         out = {**env, "CDP_LOG_FORMAT": os.environ.get("CDP_LOG_FORMAT", "json")}
+        if name == "profile":
+            out["CDP_PROFILE_TOKEN"] = token
         if server is not None:  # the embedded server: each service has its own key
             out["CDP_NATS_NKEY"] = str(seed_path(secrets, name))
         return out

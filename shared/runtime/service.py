@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -343,6 +344,7 @@ async def serve(service: Service) -> int:
 
 def run_service(cls: type[Service]) -> None:
     """Process entry point: `python -m services.<name>`."""
+    os.umask(0o077)  # data, logs and exports are the owner's alone: files 0600, folders 0700
     settings = load_settings(cls.name)
     configure_logging(settings.log_level, settings.log_format)
     sys.exit(asyncio.run(serve(cls(settings))))

@@ -21,6 +21,12 @@ import msgspec
 import phonenumbers
 
 from services.destination.errors import DestinationError
+from services.destination.guard import (
+    ALLOW_PRIVATE_SETTING,
+    UnsafeDestination,
+    check_resolved,
+    check_url,
+)
 from services.destination.model import Activation, DeliveryError, SegmentMeta
 
 ADD_STATUSES = frozenset({"realized", "existing"})
@@ -187,6 +193,8 @@ class HttpConnector:
 
     def __init__(self, settings: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         self.url = require(settings, "url", self.kind).rstrip("/")
+        self.allow_private = settings.get(ALLOW_PRIVATE_SETTING) is True
+        check_url(self.url, self.allow_private)  # http(s) only; refused literal addresses
         self.max_per_request = positive_int(
             settings, "max_per_request", DEFAULT_MAX_PER_REQUEST, self.kind
         )
@@ -220,6 +228,10 @@ class HttpConnector:
     async def request(
         self, session: aiohttp.ClientSession, method: str, url: str, body: bytes
     ) -> bytes:
+        try:  # checked again now: the host may resolve elsewhere than when it was applied
+            await check_resolved(url, self.allow_private)
+        except UnsafeDestination as e:
+            raise DeliveryError(f"{self.kind}: {e.message}", retryable=False) from None
         try:
             async with session.request(
                 method, url, data=body, headers=self.headers(body), timeout=self.timeout
