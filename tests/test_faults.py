@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
@@ -26,12 +27,15 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
+from services.ingest.service import IngestService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
 from shared.cli.apply import apply_objects, load_file
+from shared.db import Tx, apply, open_db
 from shared.natsd import NatsServer
+from shared.resources import OWNERS
 from tests.destination_servers import WebhookServer
-from tests.helpers import RETAIL_CONFIG, eventually
+from tests.helpers import RETAIL_CONFIG, eventually, settings_for
 from tests.processes import Platform
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -442,3 +446,112 @@ async def test_nats_server_restart_midstream_loses_nothing(
             KILL_ORDER, 1
         ), "a service died instead of reconnecting"
     assert platform.codes == dict.fromkeys(KILL_ORDER, 0), platform.codes
+
+
+# -- a fault never leaves a service alive but idle ---------------------------------------------
+def ingest_objects() -> list[ConfigObject]:
+    """The retail example's namespaces, schemas and datasets (what the ingest service owns)."""
+    return [o for o in load_file(RETAIL_CONFIG) if OWNERS[o.kind] == "ingest"]
+
+
+def web_record(i: int) -> dict[str, Any]:
+    return {
+        "ecid": f"W{i}",
+        "eventType": "web.pageview",
+        "timestamp": iso(time.time()),
+        "page": {"url": f"/w/{i}"},
+    }
+
+
+async def publish_web(nc: Client, first: int, count: int) -> None:
+    js = nc.jetstream()
+    for i in range(first, first + count):
+        await js.publish(
+            subjects.ingest("web"),
+            json.dumps(web_record(i)).encode(),
+            headers={"Nats-Msg-Id": f"web-{i}"},
+        )
+
+
+def web_accepted(platform: Platform) -> int:
+    return platform.scalar("ingest", "SELECT accepted FROM dataset_counts WHERE dataset = 'web'")
+
+
+async def test_a_failing_commit_reports_the_real_error(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back by itself when COMMIT finds the disk full; the error
+    the caller sees is the full disk, not a failed ROLLBACK ("no transaction is active")."""
+    db = await open_db(tmp_path / "small.db")
+    try:
+        await db.execute("CREATE TABLE t (x TEXT)")
+        pages = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
+        await db.execute(f"PRAGMA max_page_count = {pages + 1}")
+        tx = Tx()
+        tx.add_many("INSERT INTO t (x) VALUES (?)", [("x" * 1000,)] * 100)
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            await apply(db, tx)
+        assert not db.in_transaction
+        assert await db.execute_fetchall("SELECT count(*) FROM t") == [(0,)]
+    finally:
+        await db.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_consumer_that_dies_makes_its_service_exit_and_be_restarted(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Another process holds ingest.db's write lock longer than the busy timeout: the
+    consumer's transaction fails, the process exits non-zero (it does not linger with its
+    port open), the supervisor restarts it, and once the lock is gone every record is
+    ingested, once."""
+    async with Platform(nats_server.url, tmp_path / "data", services=("ingest",)) as platform:
+        await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+        sup = platform.supervisor
+        lock = sqlite3.connect(platform.db("ingest"), timeout=10, isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            await publish_web(nc, 0, 100)
+            await eventually(lambda: _true(sup.starts("ingest") == 2), timeout=30)
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+        assert sup.last_exit("ingest") not in (0, None)
+        assert "database is locked" in platform.log_tail("ingest", 50_000)
+        await eventually(lambda: _true(web_accepted(platform) == 100), timeout=30)
+        await publish_web(nc, 100, 10)  # and it goes on
+        await eventually(lambda: _true(web_accepted(platform) == 110), timeout=30)
+        assert await platform.all_ready() == {}
+        assert sup.starts("ingest") == 2
+
+
+@pytest.mark.timeout(30)
+async def test_a_consumer_deleted_under_a_service_is_recreated(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Someone deletes the ingest service's durable consumer while it runs: the service
+    creates it again (same name, from its committed offset) and the records flow."""
+    svc = IngestService(settings_for("ingest", nats_server.url, tmp_path))
+    await svc.start()
+    try:
+        await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+        await publish_web(nc, 0, 5)
+
+        async def accepted(n: int) -> bool:
+            rows = await svc.db.execute_fetchall(
+                "SELECT accepted FROM dataset_counts WHERE dataset = 'web'"
+            )
+            return bool(rows) and int(next(iter(rows))[0]) == n
+
+        await eventually(lambda: accepted(5), timeout=10)
+        await nc.jetstream().delete_consumer("CDP_INGEST", "ingest")
+        await publish_web(nc, 5, 5)
+        await eventually(lambda: accepted(10), timeout=15)
+
+        async def ready() -> bool:
+            return await svc.readiness() is None
+
+        await eventually(ready, timeout=10)
+        info = await nc.jetstream().consumer_info("CDP_INGEST", "ingest")
+        assert info.delivered.stream_seq == 10
+    finally:
+        await svc.stop()

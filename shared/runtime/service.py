@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar
 
 import aiosqlite
@@ -61,7 +61,12 @@ class Service:
         self.log = structlog.get_logger(service=self.name)
         self.metrics = ServiceMetrics(self.name)
         self.health = HealthServer(
-            self.name, self.metrics, self.readiness, settings.bind, settings.port
+            self.name,
+            self.metrics,
+            self.readiness,
+            settings.bind,
+            settings.port,
+            liveness=self.liveness,
         )
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -72,6 +77,7 @@ class Service:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._fatal: asyncio.Event = asyncio.Event()
+        self._fatal_reason: str | None = None
         self._status_sub: Subscription | None = None
         self._listing_sub: Subscription | None = None
         self.exit_code = 0
@@ -203,8 +209,14 @@ class Service:
             return
         exc = task.exception()
         self.log.error("consumer stopped unexpectedly", task=task.get_name(), error=repr(exc))
+        self._fatal_reason = f"{task.get_name()} died: {type(exc).__name__}: {exc}"
+        self._ready = False
         self.exit_code = 1
         self._fatal.set()
+
+    def liveness(self) -> str | None:
+        """None while alive; else why the process must be restarted (served on /healthz)."""
+        return self._fatal_reason
 
     async def stop(self) -> None:
         """Stop fetching, finish the batch in flight, drain NATS, close SQLite. Idempotent."""
@@ -214,26 +226,43 @@ class Service:
         self._stopping = True
         self._ready = False
         self._phase = "stopping"
+        # Every step runs whatever the one before it raised: a step left out (SQLite's
+        # thread not closed, the HTTP port not released) would keep the process alive.
         try:
-            for runner in self.runners:
-                await runner.stop()
-            subs = [x for x in (self._status_sub, self._listing_sub) if x is not None]
-            self._status_sub = self._listing_sub = None
-            await admin.unsubscribe_all(subs)
-            await self.on_stop()
-            nc, self._nc = self._nc, None
-            if nc is not None and not nc.is_closed:
-                try:
-                    await asyncio.wait_for(nc.drain(), timeout=5)
-                except (TimeoutError, nats.errors.Error):
-                    await nc.close()
-            await self.health.stop()
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+            async with self._step("consumers"):
+                for runner in self.runners:
+                    await runner.stop()
+            async with self._step("subscriptions"):
+                subs = [x for x in (self._status_sub, self._listing_sub) if x is not None]
+                self._status_sub = self._listing_sub = None
+                await admin.unsubscribe_all(subs)
+            async with self._step("on_stop"):
+                await self.on_stop()
+            async with self._step("nats"):
+                nc, self._nc = self._nc, None
+                if nc is not None and not nc.is_closed:
+                    try:
+                        await asyncio.wait_for(nc.drain(), timeout=5)
+                    except (TimeoutError, nats.errors.Error):
+                        await nc.close()
+            async with self._step("http"):
+                await self.health.stop()
+            async with self._step("sqlite"):
+                db, self._db = self._db, None
+                if db is not None:
+                    await db.close()
             self.log.info("stopped")
         finally:
             self._stopped.set()
+
+    @contextlib.asynccontextmanager
+    async def _step(self, what: str) -> AsyncIterator[None]:
+        """One step of `stop`: an error is logged (and makes the exit status 1), not raised."""
+        try:
+            yield
+        except Exception as exc:
+            self.log.error("stop step failed", step=what, error=repr(exc))
+            self.exit_code = 1
 
     async def status(self, _request: admin.StatusRequest) -> admin.ServiceStatus:
         """The service's backlog: what its consumers have not applied yet, what its
@@ -284,8 +313,12 @@ class Service:
         nc, js, db = self._nc, self._js, self._db
         if nc is None or js is None or db is None or not nc.is_connected:
             return "nats: not connected"
+        if self._fatal_reason is not None:
+            return self._fatal_reason
         for runner in self.runners:
             spec = runner.spec
+            if runner.fault is not None:
+                return runner.fault
             try:
                 await js.consumer_info(spec.stream.name, spec.name, timeout=1)
             except Exception as exc:
