@@ -29,6 +29,7 @@ class HealthServer:
         readiness: ReadinessCheck,
         host: str,
         port: int,
+        *,
         liveness: Callable[[], str | None] | None = None,
     ) -> None:
         self.service = service

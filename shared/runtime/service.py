@@ -261,7 +261,7 @@ class Service:
         try:
             yield
         except Exception as exc:
-            self.log.error("stop step failed", step=what, error=repr(exc))
+            self.log.exception("stop step failed", step=what, error=repr(exc))
             self.exit_code = 1
 
     async def status(self, _request: admin.StatusRequest) -> admin.ServiceStatus:
