@@ -116,6 +116,12 @@ class Service:
         return self._ready
 
     @property
+    def nats_connected(self) -> bool:
+        """Whether the NATS connection is up now (not connecting, reconnecting or closed)."""
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
+    @property
     def fatal(self) -> asyncio.Event:
         """Set when a consumer died: the process should stop and exit non-zero."""
         return self._fatal
@@ -315,6 +321,11 @@ class Service:
             return "nats: not connected"
         if self._fatal_reason is not None:
             return self._fatal_reason
+        try:
+            await js.account_info(timeout=1)
+        except Exception as exc:
+            # JetStream disables itself when it cannot write (a full disk): say so.
+            return f"nats: JetStream storage full or unavailable ({type(exc).__name__})"
         for runner in self.runners:
             spec = runner.spec
             if runner.fault is not None:
