@@ -23,6 +23,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from shared import admin, subjects
 from shared.config import Settings, load_settings
@@ -321,19 +322,17 @@ class Service:
             return "nats: not connected"
         if self._fatal_reason is not None:
             return self._fatal_reason
-        try:
-            await js.account_info(timeout=1)
-        except Exception as exc:
-            # JetStream disables itself when it cannot write (a full disk): say so.
-            return f"nats: JetStream storage full or unavailable ({type(exc).__name__})"
         for runner in self.runners:
             spec = runner.spec
             if runner.fault is not None:
                 return runner.fault
             try:
                 await js.consumer_info(spec.stream.name, spec.name, timeout=1)
-            except Exception as exc:
+            except NotFoundError as exc:
                 return f"consumer {spec.stream.name}/{spec.name}: {type(exc).__name__}"
+            except Exception as exc:
+                # Nobody answers for JetStream: it disables itself when it cannot write.
+                return f"nats: JetStream storage full or unavailable ({type(exc).__name__})"
         try:
             await db.execute_fetchall("SELECT 1")
         except Exception as exc:
