@@ -144,7 +144,7 @@ async def test_up_restarts_a_nats_server_that_died_and_says_so(tmp_path: Path) -
         async with aiohttp.ClientSession() as session:
             await eventually(lambda: all_ready(session, ports), timeout=30, interval=0.1)
             pids = nats_server_pids(marker)
-            assert len(pids) == 1, [(p, Path(f"/proc/{p}/cmdline").read_bytes()) for p in pids]
+            assert len(pids) == 1, pids
             first = pids[0]
             os.kill(first, signal.SIGKILL)
 
