@@ -490,7 +490,7 @@ async def test_a_failing_commit_reports_the_real_error(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
             await apply(db, tx)
         assert not db.in_transaction
-        assert await db.execute_fetchall("SELECT count(*) FROM t") == [(0,)]
+        assert [tuple(r) for r in await db.execute_fetchall("SELECT count(*) FROM t")] == [(0,)]
     finally:
         await db.close()
 
