@@ -188,20 +188,27 @@ class NatsServer:
                 await asyncio.to_thread(proc.wait)
         return proc.returncode
 
-    async def jetstream_enabled(self, timeout: float = 2.0) -> bool:
-        """Whether JetStream runs (nats-server's `/healthz?js-enabled-only=true`). It
-        disables itself after a write failure (a full disk) and stays so until restarted."""
+    async def jetstream_trouble(self, timeout: float = 2.0) -> str | None:
+        """Why JetStream cannot store now, from nats-server's monitoring `/healthz`, or None.
+        After a write failure (a full disk) a stream keeps failing its writes, and
+        JetStream may disable itself, until nats-server is restarted."""
         if self.monitor_port is None:
             raise NatsServerError("no monitoring port configured")
-        url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
+        base = f"http://{self.host}:{self.monitor_port}/healthz"
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-                session.get(url) as resp,
-            ):
-                return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session:
+                async with session.get(f"{base}?js-enabled-only=true") as resp:
+                    if resp.status != 200:
+                        return "JetStream is disabled"
+                async with session.get(base) as resp:
+                    if resp.status == 200:
+                        return None
+                    error = str((await resp.json(content_type=None)).get("error", ""))
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
+            return None  # not answering: the process check decides
+        return f"JetStream {error}" if "write error" in error else None
 
     def kill(self) -> None:
         """SIGKILL (for fault tests)."""
@@ -213,10 +220,10 @@ class NatsServer:
 
 class NatsWatchdog:
     """Keeps an embedded nats-server running, as the supervisor keeps the services: it is
-    restarted (with backoff) when it exits, and when its JetStream stays disabled (it
-    disables itself after a write failure such as a full disk, and would stay so until
-    restarted: once space is back, a restart brings it back). Each event goes to
-    `on_event` (`cdp up` prints it)."""
+    restarted (with backoff) when it exits, and when its JetStream cannot write (after a
+    write failure such as a full disk a stream fails every write, or JetStream disables
+    itself, until nats-server restarts: once space is back, a restart heals it). Each
+    event goes to `on_event` (`cdp up` prints it)."""
 
     def __init__(
         self,
@@ -249,6 +256,14 @@ class NatsWatchdog:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def _space_back(self) -> bool:
+        """Whether JetStream's folder has room again (5% of its file system free)."""
+        try:
+            st = os.statvfs(self.server.store_dir)
+        except OSError:
+            return True
+        return st.f_bavail >= 0.05 * st.f_blocks
+
     async def _problem(self, js_failures: int) -> tuple[str | None, int]:
         proc = self.server.proc
         if proc is None:
@@ -258,12 +273,13 @@ class NatsWatchdog:
             return f"exited with status {code}", js_failures
         if self.server.monitor_port is None:
             return None, 0
-        if await self.server.jetstream_enabled():
+        trouble = await self.server.jetstream_trouble()
+        if trouble is None:
             return None, 0
         js_failures += 1
         if js_failures < self._js_checks:
             return None, js_failures
-        return "JetStream is disabled (a write failed: is the disk full?)", js_failures
+        return f"{trouble} (is the disk full?)", js_failures
 
     async def _run(self) -> None:
         backoff = self._backoff_initial
@@ -276,6 +292,12 @@ class NatsWatchdog:
                 if time.monotonic() - up_since > self._stable_after:
                     backoff = self._backoff_initial
                 continue
+            if js_failures and not self._space_back():
+                # Restarted on a full disk, nats-server would size JetStream to the little
+                # space left and refuse writes for good: wait for room first.
+                self._on_event(f"{problem}; waiting for free space in {self.server.store_dir}")
+                while not self._space_back():
+                    await asyncio.sleep(self._interval)
             self._on_event(f"{problem}; restarting in {backoff:.1f}s")
             await self.server.stop()
             await asyncio.sleep(backoff)

@@ -17,13 +17,17 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import nats
 import pytest
 from nats.aio.client import Client
 
@@ -32,7 +36,7 @@ from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
 from shared.cli.apply import apply_objects, load_file
 from shared.db import Tx, apply, open_db
-from shared.natsd import NatsServer
+from shared.natsd import NatsServer, NatsWatchdog, free_port
 from shared.resources import OWNERS
 from tests.destination_servers import WebhookServer
 from tests.helpers import RETAIL_CONFIG, eventually, settings_for
@@ -555,3 +559,149 @@ async def test_a_consumer_deleted_under_a_service_is_recreated(
         assert info.delivered.stream_seq == 10
     finally:
         await svc.stop()
+
+
+# -- a full disk: not ready with the reason, 503 at the door, healed when space is back ---------
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `path` (a real full disk); unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of `disk` with one file; returns it (remove it to free space)."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * (st.f_bavail * st.f_frsize))
+    return filler
+
+
+async def readyz(port: int) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{port}/readyz") as r,
+    ):
+        return r.status, str((await r.json()).get("reason", ""))
+
+
+async def ingest_counts(svc: IngestService) -> tuple[int, int]:
+    """(accepted web records, rejected records) in the ingest service's SQLite file."""
+    rows = await svc.db.execute_fetchall(
+        "SELECT (SELECT coalesce(sum(accepted), 0) FROM dataset_counts WHERE dataset = 'web'),"
+        " (SELECT count(*) FROM rejected_records)"
+    )
+    accepted, rejected = next(iter(rows))
+    return int(accepted), int(rejected)
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_disk_under_a_service_makes_it_not_ready_and_it_resumes(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """The ingest service's data folder fills up: /readyz answers 503 with SQLite's reason,
+    the process stays up; once space is freed it applies everything by itself, once."""
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        svc = IngestService(settings_for("ingest", nats_server.url, disk))
+        await svc.start()
+        try:
+            await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+            await publish_web(nc, 0, 10)
+
+            async def counts(want: tuple[int, int]) -> bool:
+                return await ingest_counts(svc) == want
+
+            await eventually(lambda: counts((10, 0)), timeout=10)
+            filler = fill(disk)
+            await publish_web(nc, 10, 300)
+
+            async def full() -> bool:
+                status, reason = await readyz(svc.health.port)
+                return status == 503 and reason == "sqlite: database or disk is full"
+
+            await eventually(full, timeout=15)
+            assert await ingest_counts(svc) == (10, 0)
+            filler.unlink()
+            await eventually(lambda: counts((310, 0)), timeout=15)
+            assert await readyz(svc.health.port) == (200, "")
+        finally:
+            await svc.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_full_disk_under_nats_makes_the_door_answer_503_and_heals(tmp_path: Path) -> None:
+    """nats-server's JetStream folder fills up: the HTTP door answers 503 (retry), never
+    400, and keeps nothing in the error store; /readyz says why; once space is freed the
+    watchdog restarts nats-server (a stream that failed a write fails every write until
+    then), and clients that retry with their Idempotency-Key get every record ingested
+    once."""
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        server = NatsServer(
+            disk / "jetstream",
+            port=free_port(),
+            monitor_port=free_port(),
+            log_file=tmp_path / "nats.log",
+        )
+        await server.start()
+        events: list[str] = []
+        watchdog = NatsWatchdog(server, events.append, interval=0.2, backoff_initial=0.2)
+        watchdog.start()
+        client = await nats.connect(server.url)
+        svc = IngestService(settings_for("ingest", server.url, tmp_path / "data"))
+        try:
+            await svc.start()
+            await apply_objects(client, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+            url = f"http://127.0.0.1:{svc.health.port}/v1/datasets/web/records"
+            statuses: Counter[int] = Counter()
+
+            async def post(s: aiohttp.ClientSession, i: int) -> int:
+                headers = {"Idempotency-Key": f"rec-{i}"}
+                async with s.post(url, json=web_record(i), headers=headers) as r:
+                    statuses[r.status] += 1
+                    return r.status
+
+            async with aiohttp.ClientSession() as s:
+                assert [await post(s, i) for i in range(10)] == [202] * 10
+                filler = fill(disk)
+                # nats-server acknowledges what it holds in memory: the write that fails
+                # may come some records later.
+                sent = 10
+                while statuses[503] == 0:
+                    assert sent < 200, statuses
+                    await post(s, sent)
+                    sent += 1
+                status, reason = await readyz(svc.health.port)
+                assert status == 503 and "JetStream storage full" in reason, reason
+                filler.unlink()
+                for i in range(10, sent):
+                    deadline = time.monotonic() + 30
+                    while await post(s, i) != 202:
+                        assert time.monotonic() < deadline, f"record {i} never stored"
+                        await asyncio.sleep(0.2)
+            assert statuses[400] == 0, statuses
+
+            async def counts(want: tuple[int, int]) -> bool:
+                return await ingest_counts(svc) == want
+
+            await eventually(lambda: counts((sent, 0)), timeout=20)
+            assert watchdog.restarts >= 1, events
+            assert any("JetStream" in e for e in events), events
+            assert (await readyz(svc.health.port))[0] == 200
+        finally:
+            await svc.stop()
+            await client.close()
+            await watchdog.stop()
+            await server.stop()

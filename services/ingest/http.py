@@ -181,6 +181,10 @@ class IngestHttp:
         if unpublished:
             await self._keep_unpublished(dataset, request_id, unpublished)
         if unknown:
+            svc.publish_failed(
+                "nats: JetStream storage full or unavailable "
+                f"(a publish was not acknowledged: {type(failure).__name__})"
+            )
             svc.log.warning(
                 "records not acknowledged", dataset=dataset, count=len(unknown), error=repr(failure)
             )
@@ -194,6 +198,7 @@ class IngestHttp:
                 accepted=accepted,
                 rejected=rejected,
             )
+        svc.publish_succeeded()
         body_out = {"dataset": dataset, "accepted": accepted, "rejected": rejected}
         return web.json_response(body_out, status=400 if rejected else 202)
 

@@ -44,6 +44,10 @@ from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec
 
 
+PUBLISH_FAULT_S = 10.0
+"""How long a publish that was not acknowledged keeps a service not ready."""
+
+
 class Service:
     """Base class of the six services (and of test actors).
 
@@ -79,6 +83,7 @@ class Service:
         self._stopped = asyncio.Event()
         self._fatal: asyncio.Event = asyncio.Event()
         self._fatal_reason: str | None = None
+        self._publish_fault: tuple[str, float] | None = None
         self._status_sub: Subscription | None = None
         self._listing_sub: Subscription | None = None
         self.exit_code = 0
@@ -221,6 +226,14 @@ class Service:
         self.exit_code = 1
         self._fatal.set()
 
+    def publish_failed(self, reason: str) -> None:
+        """A publish was not acknowledged: readiness reports `reason` until one is, for
+        PUBLISH_FAULT_S at most (with nothing to publish, nothing shows it still holds)."""
+        self._publish_fault = (reason, time.monotonic())
+
+    def publish_succeeded(self) -> None:
+        self._publish_fault = None
+
     def liveness(self) -> str | None:
         """None while alive; else why the process must be restarted (served on /healthz)."""
         return self._fatal_reason
@@ -322,6 +335,9 @@ class Service:
             return "nats: not connected"
         if self._fatal_reason is not None:
             return self._fatal_reason
+        fault = self._publish_fault
+        if fault is not None and time.monotonic() - fault[1] < PUBLISH_FAULT_S:
+            return fault[0]
         for runner in self.runners:
             spec = runner.spec
             if runner.fault is not None:
