@@ -296,7 +296,7 @@ class NatsWatchdog:
                 # Restarted on a full disk, nats-server would size JetStream to the little
                 # space left and refuse writes for good: wait for room first.
                 self._on_event(f"{problem}; waiting for free space in {self.server.store_dir}")
-                while not self._space_back():
+                while not self._space_back():  # noqa: ASYNC110 - polls the file system
                     await asyncio.sleep(self._interval)
             self._on_event(f"{problem}; restarting in {backoff:.1f}s")
             await self.server.stop()

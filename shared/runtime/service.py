@@ -43,7 +43,6 @@ from shared.security import inbox_prefix
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec
 
-
 PUBLISH_FAULT_S = 10.0
 """How long a publish that was not acknowledged keeps a service not ready."""
 
