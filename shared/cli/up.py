@@ -101,7 +101,9 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
     taken = ports_taken(None if external else nats_port)
     if taken:
         for what in taken:
-            console.print(f"[red]cannot start: {what} is in use by another process[/]")
+            console.print(
+                f"[red]cannot start: {what} is in use by another process[/]", soft_wrap=True
+            )
         console.print("stop that process, or choose other ports (--nats-port, CDP_<SERVICE>_PORT)")
         return 1
     watchdog: NatsWatchdog | None = None
@@ -121,10 +123,10 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
         try:
             await server.start()
         except NatsServerError as exc:
-            console.print(f"[red]cannot start nats-server: {exc}[/]")
+            console.print(f"[red]cannot start nats-server: {exc}[/]", soft_wrap=True)
             return 1
         watchdog = NatsWatchdog(
-            server, lambda what: console.print(f"[yellow]nats-server[/] {what}")
+            server, lambda what: console.print(f"[yellow]nats-server[/] {what}", soft_wrap=True)
         )
         watchdog.start()
         nats_url = server.url
@@ -191,7 +193,7 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
                     name, f"{urls[name]}/readyz", "[green]ready[/]" if ok else f"[red]{why}[/]"
                 )
             console.print(table)
-            console.print(f"logs in {data_dir / 'logs'}; press Ctrl-C to stop")
+            console.print(f"logs in {data_dir / 'logs'}; press Ctrl-C to stop", soft_wrap=True)
         else:
             waiting.cancel()
         await stopped
