@@ -612,7 +612,7 @@ async def test_http_door_during_a_nats_outage_answers_503_and_ingests_each_recor
         await clients
     assert statuses[400] == 0, statuses
     assert statuses[503] >= 3, statuses
-    assert slowest_503 < 4.0, "a request was held during the outage"
+    assert slowest_503 < 7.0, "a request was held longer than a publish timeout"
     await eventually(lambda: _count_downstream(nc, total), timeout=30)
     downstream = Counter(r.payload["crm_id"] for r in await records_downstream(nc))
     assert downstream == Counter(f"K{i}" for i in range(total))

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = MAX_PAYLOAD - 64 * 1024
 MAX_RECORDS_PER_REQUEST = 10_000
 MAX_KEY_CHARS = 200
-PUBLISH_TIMEOUT = 2.0
+PUBLISH_TIMEOUT = 5.0
 """Seconds to wait for JetStream's acknowledgement of a record before answering 503."""
 RETRY_AFTER_S = 1
 
