@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,10 +79,24 @@ async def migrate(db: aiosqlite.Connection, migrations: Sequence[Migration]) -> 
             )
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            await rollback(db)
             raise
         applied.append(m)
     return applied
+
+
+async def rollback(db: aiosqlite.Connection) -> None:
+    """Roll back the open transaction, if any, without hiding the error that caused it.
+
+    SQLite rolls a transaction back by itself after some errors (a full disk during
+    COMMIT, an I/O error): a ROLLBACK then fails with "no transaction is active", which
+    would replace the real error. Called from an `except` block: the error that caused
+    the rollback is the one that propagates, whatever the ROLLBACK does.
+    """
+    if not db.in_transaction:
+        return
+    with contextlib.suppress(sqlite3.Error):
+        await db.execute("ROLLBACK")
 
 
 class Tx:
@@ -156,5 +171,5 @@ async def apply(db: aiosqlite.Connection, tx: Tx) -> None:
                     await db.executemany(sql, rows)
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            await rollback(db)
             raise

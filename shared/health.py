@@ -1,5 +1,8 @@
 """The HTTP side of every service: /healthz, /readyz, /metrics (aiohttp).
 
+/healthz answers 503 once the process is dead inside (a consumer died): it is about to
+exit, and an orchestrator that only probes restarts it all the same.
+
 Services may add routes of their own (the ingest door, profile lookups) before start.
 """
 
@@ -26,11 +29,14 @@ class HealthServer:
         readiness: ReadinessCheck,
         host: str,
         port: int,
+        *,
+        liveness: Callable[[], str | None] | None = None,
     ) -> None:
         self.service = service
         self.app = web.Application()
         self._metrics = metrics
         self._readiness = readiness
+        self._liveness = liveness or (lambda: None)
         self._host = host
         self._port = port
         self._started = time.monotonic()
@@ -58,13 +64,16 @@ class HealthServer:
             await runner.cleanup()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
+        dead = self._liveness()
         return web.json_response(
             {
                 "service": self.service,
                 "version": __version__,
-                "status": "alive",
+                "status": "alive" if dead is None else "dead",
                 "uptime_s": round(time.monotonic() - self._started, 3),
-            }
+                **({} if dead is None else {"reason": dead}),
+            },
+            status=200 if dead is None else 503,
         )
 
     async def _readyz(self, _request: web.Request) -> web.Response:

@@ -23,10 +23,16 @@ class Platform:
     """`async with Platform(nats_url, data_dir, env) as p:` starts the six services, waits
     until every /readyz answers 200, and stops them afterwards (`p.codes`: exit statuses)."""
 
-    def __init__(self, nats_url: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        services: tuple[str, ...] = SERVICES,
+    ) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
-        self.ports = {name: free_port() for name in SERVICES}
+        self.ports = {name: free_port() for name in services}
         self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
         common = {
             "CDP_NATS_URL": nats_url,
@@ -44,7 +50,7 @@ class Platform:
                 env=common,
                 log_file=data_dir / "logs" / f"{name}.log",
             )
-            for name in SERVICES
+            for name in services
         ]
         self.supervisor = Supervisor(self.specs, backoff_initial=0.2)
         self.codes: dict[str, int | None] = {}

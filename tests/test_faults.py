@@ -16,22 +16,30 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
+import subprocess
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import nats
 import pytest
 from nats.aio.client import Client
 
+from services.ingest.service import IngestService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
 from shared.cli.apply import apply_objects, load_file
-from shared.natsd import NatsServer
+from shared.db import Tx, apply, open_db
+from shared.natsd import NatsServer, NatsWatchdog, free_port
+from shared.resources import OWNERS
 from tests.destination_servers import WebhookServer
-from tests.helpers import RETAIL_CONFIG, eventually
+from tests.helpers import RETAIL_CONFIG, eventually, settings_for
 from tests.processes import Platform
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -442,3 +450,258 @@ async def test_nats_server_restart_midstream_loses_nothing(
             KILL_ORDER, 1
         ), "a service died instead of reconnecting"
     assert platform.codes == dict.fromkeys(KILL_ORDER, 0), platform.codes
+
+
+# -- a fault never leaves a service alive but idle ---------------------------------------------
+def ingest_objects() -> list[ConfigObject]:
+    """The retail example's namespaces, schemas and datasets (what the ingest service owns)."""
+    return [o for o in load_file(RETAIL_CONFIG) if OWNERS[o.kind] == "ingest"]
+
+
+def web_record(i: int) -> dict[str, Any]:
+    return {
+        "ecid": f"W{i}",
+        "eventType": "web.pageview",
+        "timestamp": iso(time.time()),
+        "page": {"url": f"/w/{i}"},
+    }
+
+
+async def publish_web(nc: Client, first: int, count: int) -> None:
+    js = nc.jetstream()
+    for i in range(first, first + count):
+        await js.publish(
+            subjects.ingest("web"),
+            json.dumps(web_record(i)).encode(),
+            headers={"Nats-Msg-Id": f"web-{i}"},
+        )
+
+
+def web_accepted(platform: Platform) -> int:
+    return platform.scalar("ingest", "SELECT accepted FROM dataset_counts WHERE dataset = 'web'")
+
+
+async def test_a_failing_commit_reports_the_real_error(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back by itself when COMMIT finds the disk full; the error
+    the caller sees is the full disk, not a failed ROLLBACK ("no transaction is active")."""
+    db = await open_db(tmp_path / "small.db")
+    try:
+        await db.execute("CREATE TABLE t (x TEXT)")
+        pages = int(next(iter(await db.execute_fetchall("PRAGMA page_count")))[0])
+        await db.execute(f"PRAGMA max_page_count = {pages + 1}")
+        tx = Tx()
+        tx.add_many("INSERT INTO t (x) VALUES (?)", [("x" * 1000,)] * 100)
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            await apply(db, tx)
+        assert not db.in_transaction
+        assert [tuple(r) for r in await db.execute_fetchall("SELECT count(*) FROM t")] == [(0,)]
+    finally:
+        await db.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_consumer_that_dies_makes_its_service_exit_and_be_restarted(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Another process holds ingest.db's write lock longer than the busy timeout: the
+    consumer's transaction fails, the process exits non-zero (it does not linger with its
+    port open), the supervisor restarts it, and once the lock is gone every record is
+    ingested, once."""
+    async with Platform(nats_server.url, tmp_path / "data", services=("ingest",)) as platform:
+        await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+        sup = platform.supervisor
+        lock = sqlite3.connect(platform.db("ingest"), timeout=10, isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            await publish_web(nc, 0, 100)
+            await eventually(lambda: _true(sup.starts("ingest") == 2), timeout=30)
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+        assert sup.last_exit("ingest") not in (0, None)
+        assert "database is locked" in platform.log_tail("ingest", 50_000)
+        await eventually(lambda: _true(web_accepted(platform) == 100), timeout=30)
+        await publish_web(nc, 100, 10)  # and it goes on
+        await eventually(lambda: _true(web_accepted(platform) == 110), timeout=30)
+        assert await platform.all_ready() == {}
+        assert sup.starts("ingest") == 2
+
+
+@pytest.mark.timeout(30)
+async def test_a_consumer_deleted_under_a_service_is_recreated(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Someone deletes the ingest service's durable consumer while it runs: the service
+    creates it again (same name, from its committed offset) and the records flow."""
+    svc = IngestService(settings_for("ingest", nats_server.url, tmp_path))
+    await svc.start()
+    try:
+        await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+        await publish_web(nc, 0, 5)
+
+        async def accepted(n: int) -> bool:
+            rows = await svc.db.execute_fetchall(
+                "SELECT accepted FROM dataset_counts WHERE dataset = 'web'"
+            )
+            return bool(rows) and int(next(iter(rows))[0]) == n
+
+        await eventually(lambda: accepted(5), timeout=10)
+        await nc.jetstream().delete_consumer("CDP_INGEST", "ingest")
+        await publish_web(nc, 5, 5)
+        await eventually(lambda: accepted(10), timeout=15)
+
+        async def ready() -> bool:
+            return await svc.readiness() is None
+
+        await eventually(ready, timeout=10)
+        info = await nc.jetstream().consumer_info("CDP_INGEST", "ingest")
+        assert info.delivered.stream_seq == 10
+    finally:
+        await svc.stop()
+
+
+# -- a full disk: not ready with the reason, 503 at the door, healed when space is back ---------
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `path` (a real full disk); unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of `disk` with one file; returns it (remove it to free space)."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * (st.f_bavail * st.f_frsize))
+    return filler
+
+
+async def readyz(port: int) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{port}/readyz") as r,
+    ):
+        return r.status, str((await r.json()).get("reason", ""))
+
+
+async def ingest_counts(svc: IngestService) -> tuple[int, int]:
+    """(accepted web records, rejected records) in the ingest service's SQLite file."""
+    rows = await svc.db.execute_fetchall(
+        "SELECT (SELECT coalesce(sum(accepted), 0) FROM dataset_counts WHERE dataset = 'web'),"
+        " (SELECT count(*) FROM rejected_records)"
+    )
+    accepted, rejected = next(iter(rows))
+    return int(accepted), int(rejected)
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_disk_under_a_service_makes_it_not_ready_and_it_resumes(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """The ingest service's data folder fills up: /readyz answers 503 with SQLite's reason,
+    the process stays up; once space is freed it applies everything by itself, once."""
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        svc = IngestService(settings_for("ingest", nats_server.url, disk))
+        await svc.start()
+        try:
+            await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+            await publish_web(nc, 0, 10)
+
+            async def counts(want: tuple[int, int]) -> bool:
+                return await ingest_counts(svc) == want
+
+            await eventually(lambda: counts((10, 0)), timeout=10)
+            filler = fill(disk)
+            await publish_web(nc, 10, 300)
+
+            async def full() -> bool:
+                status, reason = await readyz(svc.health.port)
+                return status == 503 and reason == "sqlite: database or disk is full"
+
+            await eventually(full, timeout=15)
+            assert await ingest_counts(svc) == (10, 0)
+            filler.unlink()
+            await eventually(lambda: counts((310, 0)), timeout=15)
+            assert await readyz(svc.health.port) == (200, "")
+        finally:
+            await svc.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_full_disk_under_nats_makes_the_door_answer_503_and_heals(tmp_path: Path) -> None:
+    """nats-server's JetStream folder fills up: the HTTP door answers 503 (retry), never
+    400, and keeps nothing in the error store; /readyz says why; once space is freed the
+    watchdog restarts nats-server (a stream that failed a write fails every write until
+    then), and clients that retry with their Idempotency-Key get every record ingested
+    once."""
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        server = NatsServer(
+            disk / "jetstream",
+            port=free_port(),
+            monitor_port=free_port(),
+            log_file=tmp_path / "nats.log",
+        )
+        await server.start()
+        events: list[str] = []
+        watchdog = NatsWatchdog(server, events.append, interval=0.2, backoff_initial=0.2)
+        watchdog.start()
+        client = await nats.connect(server.url)
+        svc = IngestService(settings_for("ingest", server.url, tmp_path / "data"))
+        try:
+            await svc.start()
+            await apply_objects(client, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
+            url = f"http://127.0.0.1:{svc.health.port}/v1/datasets/web/records"
+            statuses: Counter[int] = Counter()
+
+            async def post(s: aiohttp.ClientSession, i: int) -> int:
+                headers = {"Idempotency-Key": f"rec-{i}"}
+                async with s.post(url, json=web_record(i), headers=headers) as r:
+                    statuses[r.status] += 1
+                    return r.status
+
+            async with aiohttp.ClientSession() as s:
+                assert [await post(s, i) for i in range(10)] == [202] * 10
+                filler = fill(disk)
+                # nats-server acknowledges what it holds in memory: the write that fails
+                # may come some records later.
+                sent = 10
+                while statuses[503] == 0:
+                    assert sent < 200, statuses
+                    await post(s, sent)
+                    sent += 1
+                status, reason = await readyz(svc.health.port)
+                assert status == 503 and "JetStream storage full" in reason, reason
+                filler.unlink()
+                for i in range(10, sent):
+                    deadline = time.monotonic() + 30
+                    while await post(s, i) != 202:
+                        assert time.monotonic() < deadline, f"record {i} never stored"
+                        await asyncio.sleep(0.2)
+            assert statuses[400] == 0, statuses
+
+            async def counts(want: tuple[int, int]) -> bool:
+                return await ingest_counts(svc) == want
+
+            await eventually(lambda: counts((sent, 0)), timeout=20)
+            assert watchdog.restarts >= 1, events
+            assert any("JetStream" in e for e in events), events
+            assert (await readyz(svc.health.port))[0] == 200
+        finally:
+            await svc.stop()
+            await client.close()
+            await watchdog.stop()
+            await server.stop()

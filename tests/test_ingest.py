@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -560,3 +562,85 @@ async def test_identity_count_and_no_identity_rules_with_configured_limits(
         assert [r.reason for r in news] == ["no identity"]
     finally:
         await svc.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_http_door_during_a_nats_outage_answers_503_and_ingests_each_record_once(
+    ingest: IngestService, nats_server: NatsServer, nc: Client
+) -> None:
+    """nats-server is killed while clients post records, each request with its own
+    Idempotency-Key, and started again a second later. During the outage the door answers
+    503 at once (not after a publish timeout); no record is reported rejected, none goes to
+    the error store; clients retry every 503 with the same key, and each record arrives
+    downstream exactly once."""
+    url = f"http://127.0.0.1:{ingest.health.port}/v1/datasets/crm/records"
+    total = 150
+    statuses: Counter[int] = Counter()
+    fast_503 = 0
+    slowest_503 = 0.0
+    done = 0
+
+    async def post(s: aiohttp.ClientSession, i: int) -> None:
+        nonlocal fast_503, slowest_503, done
+        while True:
+            t0 = time.monotonic()
+            async with s.post(
+                url, json={"crm_id": f"K{i}"}, headers={"Idempotency-Key": f"key-{i}"}
+            ) as r:
+                took = time.monotonic() - t0
+                statuses[r.status] += 1
+                body = await r.json()
+                if r.status == 202:
+                    done += 1
+                    return
+                assert r.status == 503, (r.status, body)
+                assert r.headers.get("Retry-After")
+                slowest_503 = max(slowest_503, took)
+                fast_503 += took < 0.5
+            await asyncio.sleep(0.05)
+
+    async def client(s: aiohttp.ClientSession, first: int) -> None:
+        for i in range(first, total, 5):
+            await post(s, i)
+
+    async with aiohttp.ClientSession() as s:
+        clients = asyncio.gather(*(client(s, k) for k in range(5)))
+        await eventually(lambda: _true(done >= 40), timeout=20, interval=0.005)
+        nats_server.kill()
+        await eventually(lambda: _true(fast_503 >= 3), timeout=10, interval=0.01)
+        await nats_server.start()
+        await clients
+    assert statuses[400] == 0, statuses
+    assert statuses[503] >= 3, statuses
+    assert slowest_503 < 7.0, "a request was held longer than a publish timeout"
+    await eventually(lambda: _count_downstream(nc, total), timeout=30)
+    downstream = Counter(r.payload["crm_id"] for r in await records_downstream(nc))
+    assert downstream == Counter(f"K{i}" for i in range(total))
+    assert (await errors_for(nc, "crm")).total == 0
+
+
+async def test_http_door_same_idempotency_key_ingests_once(
+    ingest: IngestService, nc: Client
+) -> None:
+    """The same request sent twice with one Idempotency-Key: the same record ids, each
+    record downstream once; the ingest stream keeps message ids long enough to tell."""
+    url = f"http://127.0.0.1:{ingest.health.port}/v1/datasets/crm/records"
+    body = [{"crm_id": "I1"}, {"crm_id": "I2"}]
+    answers = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(url, json=body, headers={"Idempotency-Key": "order-77"}) as r:
+                assert r.status == 202
+                answers.append(await r.json())
+        async with s.post(url, json=body, headers={"Idempotency-Key": "x" * 201}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "bad_idempotency_key"
+    assert answers[0]["accepted"] == answers[1]["accepted"]
+    await eventually(lambda: _count_downstream(nc, 2))
+    assert sorted(r.payload["crm_id"] for r in await records_downstream(nc)) == ["I1", "I2"]
+    info = await nc.jetstream().stream_info("CDP_INGEST")
+    assert (info.config.duplicate_window or 0) >= 120
+
+
+async def _true(value: bool) -> bool:
+    return value

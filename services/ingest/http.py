@@ -5,17 +5,26 @@ Each record is validated at once, for the answer, and then published to
 ingests the good ones and keeps the bad ones in the error store. The answer is 202 with
 the record ids when every record is valid, else 400 with an error per rejected record
 (the valid ones of the same request are ingested all the same).
+
+A record is reported rejected only when it is known not to be stored. While NATS is
+unreachable the door answers 503 at once; a publish whose outcome is unknown (no
+acknowledgement in time, the connection lost) makes the answer 503 too: the client sends
+the request again with the same `Idempotency-Key`, whose records keep their message ids
+(`Nats-Msg-Id`, one per record: the key and the record's index), so JetStream stores
+each record once however often it is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import nats.errors
 from aiohttp import web
 
 from services.ingest.records import reject_row
@@ -29,6 +38,10 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = MAX_PAYLOAD - 64 * 1024
 MAX_RECORDS_PER_REQUEST = 10_000
+MAX_KEY_CHARS = 200
+PUBLISH_TIMEOUT = 5.0
+"""Seconds to wait for JetStream's acknowledgement of a record before answering 503."""
+RETRY_AFTER_S = 1
 
 _any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -36,6 +49,33 @@ _encoder = msgspec.json.Encoder()
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _unavailable(message: str, **extra: Any) -> web.Response:
+    """503: nothing the client sent is lost by retrying (with the same Idempotency-Key)."""
+    response = web.json_response(
+        {"error": {"code": "unavailable", "message": message}, **extra}, status=503
+    )
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+def message_ids(dataset: str, key: str, count: int) -> list[str]:
+    """The Nats-Msg-Id of each record of a request: derived from its dataset, its
+    Idempotency-Key and the record's index, so that a retried request has the same ids."""
+    digest = hashlib.sha256(f"{dataset}\n{key}".encode()).hexdigest()[:32]
+    return [f"http:{digest}:{i}" for i in range(count)]
+
+
+def _valid_key(key: str) -> bool:
+    return 0 < len(key) <= MAX_KEY_CHARS and key.isascii() and key.isprintable()
+
+
+def _known_not_stored(exc: BaseException) -> bool:
+    """Whether a failed publish certainly stored nothing, for a reason retrying cannot
+    change (the record is too big for NATS). Every other failure (no acknowledgement in
+    time, connection lost, JetStream unavailable or out of storage) is worth a retry."""
+    return isinstance(exc, nats.errors.MaxPayloadError)
 
 
 def split_body(body: bytes) -> list[bytes]:
@@ -76,6 +116,16 @@ class IngestHttp:
             return response
         if not svc.ready:
             return _error(503, "not_ready", "the ingest service is starting or stopping")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not _valid_key(key):
+            return _error(
+                400,
+                "bad_idempotency_key",
+                f"Idempotency-Key: 1 to {MAX_KEY_CHARS} printable ASCII characters",
+            )
+        if not svc.nats_connected:
+            # Fail fast: holding the request for a publish timeout helps nobody.
+            return _unavailable("NATS is unreachable; nothing was stored, retry later")
         dataset = request.match_info["dataset"]
         found = svc.compiled(dataset)
         if found is None:
@@ -92,20 +142,29 @@ class IngestHttp:
                 f"{len(items)} records in one request; at most {MAX_RECORDS_PER_REQUEST}",
             )
         results = [compiled.validate_json(item) for item in items]
-        request_id = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
+        request_id = key or uuid.uuid4().hex
+        ids = message_ids(dataset, request_id, len(items))
         subject = subjects.ingest(dataset)
         acks = await asyncio.gather(
             *(
-                svc.js.publish(subject, item, headers={"Nats-Msg-Id": f"http:{request_id}:{i}"})
-                for i, item in enumerate(items)
+                svc.js.publish(
+                    subject, item, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
+                )
+                for item, msg_id in zip(items, ids, strict=True)
             ),
             return_exceptions=True,
         )
         accepted: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         unpublished: list[tuple[int, bytes, list[Problem]]] = []
+        unknown: list[int] = []
+        failure: BaseException | None = None
         for i, (item, result, ack) in enumerate(zip(items, results, acks, strict=True)):
             if isinstance(ack, BaseException):
+                if not _known_not_stored(ack):
+                    unknown.append(i)
+                    failure = failure or ack
+                    continue
                 problems = (
                     result
                     if isinstance(result, list)
@@ -121,6 +180,25 @@ class IngestHttp:
                 rejected.append({"index": i, "record_id": record_id, "errors": _errors(result)})
         if unpublished:
             await self._keep_unpublished(dataset, request_id, unpublished)
+        if unknown:
+            svc.publish_failed(
+                "nats: JetStream storage full or unavailable "
+                f"(a publish was not acknowledged: {type(failure).__name__})"
+            )
+            svc.log.warning(
+                "records not acknowledged", dataset=dataset, count=len(unknown), error=repr(failure)
+            )
+            return _unavailable(
+                f"{len(unknown)} record(s) not acknowledged by NATS "
+                f"({type(failure).__name__}): they may or may not be stored; "
+                "retry with the same Idempotency-Key, which stores each record once",
+                dataset=dataset,
+                idempotency_key=request_id,
+                unknown=unknown,
+                accepted=accepted,
+                rejected=rejected,
+            )
+        svc.publish_succeeded()
         body_out = {"dataset": dataset, "accepted": accepted, "rejected": rejected}
         return web.json_response(body_out, status=400 if rejected else 202)
 

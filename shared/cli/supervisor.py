@@ -75,6 +75,10 @@ class Supervisor:
     def starts(self, name: str) -> int:
         return self._children[name].starts
 
+    def last_exit(self, name: str) -> int | None:
+        """The exit status of the last process of `name` that ended (None: none has)."""
+        return self._children[name].last_exit
+
     async def wait_running(self, name: str) -> int:
         """Wait until `name` has a live process; returns its pid."""
         child = self._children[name]

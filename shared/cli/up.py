@@ -19,7 +19,7 @@ from rich.table import Table
 
 from shared.cli.supervisor import ProcessSpec, Supervisor
 from shared.config import SERVICES, load_settings
-from shared.natsd import NatsServer
+from shared.natsd import NatsServer, NatsServerError, NatsWatchdog, free_port, port_taken
 from shared.security import (
     ADMIN,
     CLIENT,
@@ -94,6 +94,21 @@ async def wait_ready(urls: dict[str, str], timeout: float) -> dict[str, tuple[bo
             await asyncio.sleep(0.1)
 
 
+def ports_taken(nats_port: int | None, env: dict[str, str] | None = None) -> list[str]:
+    """What `cdp up` would listen on that another process holds: its NATS port (None:
+    an external server) and every service's HTTP port."""
+    wanted: list[tuple[str, int, str]] = []
+    if nats_port is not None:
+        wanted.append(("127.0.0.1", nats_port, "NATS"))
+    for name in SERVICES:
+        settings = load_settings(name, env)
+        if settings.port:
+            wanted.append((probe_host(settings.bind), settings.port, f"the {name} service"))
+    return [
+        f"port {port} on {host} ({what})" for host, port, what in wanted if port_taken(host, port)
+    ]
+
+
 async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
     data_dir = data_dir.resolve()  # noqa: ASYNC240 - start-up only
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +117,15 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
     server: NatsServer | None = None
     secrets = data_dir / "secrets"
     external = os.environ.get("CDP_NATS_URL")
+    taken = ports_taken(None if external else nats_port)
+    if taken:
+        for what in taken:
+            console.print(
+                f"[red]cannot start: {what} is in use by another process[/]", soft_wrap=True
+            )
+        console.print("stop that process, or choose other ports (--nats-port, CDP_<SERVICE>_PORT)")
+        return 1
+    watchdog: NatsWatchdog | None = None
     if external:
         nats_url = external
         console.print(f"using NATS at [bold]{nats_url}[/]")
@@ -112,9 +136,18 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
             port=nats_port,
             log_file=data_dir / "logs" / "nats.log",
             authorization=server_authorization(keys, activation_subjects()),
+            monitor_port=free_port(),
         )
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        await server.start()
+        try:
+            await server.start()
+        except NatsServerError as exc:
+            console.print(f"[red]cannot start nats-server: {exc}[/]", soft_wrap=True)
+            return 1
+        watchdog = NatsWatchdog(
+            server, lambda what: console.print(f"[yellow]nats-server[/] {what}", soft_wrap=True)
+        )
+        watchdog.start()
         nats_url = server.url
         console.print(
             f"nats-server with JetStream on [bold]{nats_url}[/] (data in {data_dir / 'nats'}); "
@@ -186,7 +219,7 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
                     name, f"{urls[name]}/readyz", "[green]ready[/]" if ok else f"[red]{why}[/]"
                 )
             console.print(table)
-            console.print(f"logs in {data_dir / 'logs'}; press Ctrl-C to stop")
+            console.print(f"logs in {data_dir / 'logs'}; press Ctrl-C to stop", soft_wrap=True)
         else:
             waiting.cancel()
         await stopped
@@ -197,6 +230,8 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
         if bad:
             console.print(f"[red]services exited with errors: {bad}[/]")
             code = 1
+        if watchdog is not None:
+            await watchdog.stop()
         if server is not None:
             await server.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -179,6 +181,8 @@ class ConsumerRunner:
         self._busy = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self.fault: str | None = None
+        """Why the consumer cannot apply what it fetched now (a full disk), else None."""
         self._log = structlog.get_logger(service=service, consumer=spec.name)
         self._labels = (service, spec.name)
 
@@ -237,7 +241,9 @@ class ConsumerRunner:
             return
         if not self._busy:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # A task that died has reported its error already (the service's done callback):
+        # raising it again here would stop the shutdown half-way and keep the process up.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         if self._puller is not None:
             await self._puller.close()
@@ -247,7 +253,7 @@ class ConsumerRunner:
         return self._task
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = full_backoff = 0.05
         while not self._stopping:
             try:
                 if self._resync_needed:
@@ -269,8 +275,25 @@ class ConsumerRunner:
                 await self._process(msgs)
             except _Stop:
                 return
+            except Exception as exc:
+                fault = storage_fault(exc)
+                if fault is None:
+                    raise  # unknown: the consumer dies, the service exits, it is restarted
+                # A full disk: nothing was committed or acknowledged. Report it (readiness)
+                # and apply the same messages again from the offset once there is room.
+                if self.fault is None:
+                    self._log.error("cannot commit", error=fault)
+                self.fault = fault
+                self._resync_needed = True
+                await asyncio.sleep(full_backoff)
+                full_backoff = min(full_backoff * 2, 2.0)
+                continue
             finally:
                 self._busy = False
+            full_backoff = 0.05
+            if self.fault is not None:
+                self._log.info("committing again", was=self.fault)
+                self.fault = None
 
     async def _process(self, msgs: list[Msg]) -> None:
         started = time.perf_counter()
@@ -378,6 +401,18 @@ class ConsumerRunner:
             # The offset is committed; the next resync starts after it either way.
             self._log.warning("ack failed", error=repr(exc))
             self._resync_needed = True
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """The reason to report when `exc` means the disk is full (it heals when space is
+    freed), else None."""
+    if isinstance(exc, sqlite3.Error) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "is full" in str(exc)
+    ):
+        return f"sqlite: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full: {exc.strerror}"
+    return None
 
 
 PUBLISH_ACK_TIMEOUT = 10.0

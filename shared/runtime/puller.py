@@ -23,14 +23,25 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import Header
 
 _STATUS = "Status"
+_DESCRIPTION = Header.DESCRIPTION  # nats-py keys it by the enum member
+
+
+class ConsumerGone(nats.errors.Error):
+    """The durable consumer does not exist (any more): nobody answers its pull requests
+    (503), or the server reports it deleted while a request was waiting (409)."""
+
+    def __init__(self, consumer: str, why: str) -> None:
+        super().__init__(f"consumer {consumer}: {why}")
 
 
 class Puller:
     def __init__(self, nc: Client, stream: str, consumer: str) -> None:
         self._nc = nc
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._name = f"{stream}/{consumer}"
         self._inbox = ""
         self._sub: Subscription | None = None
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -89,7 +100,14 @@ class Puller:
             if status is None and msg.reply:
                 out.append(msg)
             elif msg.subject == reply and status not in ("100",):
-                break  # this request is over: 404 no messages, 408 expired, 409 ...
+                # This request is over: 404 no messages, 408 expired, 409 ... A consumer
+                # that is gone never delivers again: say so instead of looking idle.
+                description = str((msg.headers or {}).get(_DESCRIPTION, ""))
+                if status == "503":
+                    raise ConsumerGone(self._name, "no responders (the consumer is missing)")
+                if status == "409" and "deleted" in description.lower():
+                    raise ConsumerGone(self._name, description)
+                break
         return out
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar
 
 import aiosqlite
@@ -24,6 +24,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from shared import admin, subjects
 from shared.config import Settings, load_settings
@@ -42,6 +43,9 @@ from shared.runtime.actor import (
 from shared.security import inbox_prefix
 from shared.streams import missing_streams
 from shared.subjects import ALL_STREAMS, StreamSpec
+
+PUBLISH_FAULT_S = 10.0
+"""How long a publish that was not acknowledged keeps a service not ready."""
 
 
 class Service:
@@ -62,7 +66,12 @@ class Service:
         self.log = structlog.get_logger(service=self.name)
         self.metrics = ServiceMetrics(self.name)
         self.health = HealthServer(
-            self.name, self.metrics, self.readiness, settings.bind, settings.port
+            self.name,
+            self.metrics,
+            self.readiness,
+            settings.bind,
+            settings.port,
+            liveness=self.liveness,
         )
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -73,6 +82,8 @@ class Service:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._fatal: asyncio.Event = asyncio.Event()
+        self._fatal_reason: str | None = None
+        self._publish_fault: tuple[str, float] | None = None
         self._status_sub: Subscription | None = None
         self._listing_sub: Subscription | None = None
         self.exit_code = 0
@@ -109,6 +120,12 @@ class Service:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def nats_connected(self) -> bool:
+        """Whether the NATS connection is up now (not connecting, reconnecting or closed)."""
+        nc = self._nc
+        return nc is not None and nc.is_connected
 
     @property
     def fatal(self) -> asyncio.Event:
@@ -217,8 +234,22 @@ class Service:
             return
         exc = task.exception()
         self.log.error("consumer stopped unexpectedly", task=task.get_name(), error=repr(exc))
+        self._fatal_reason = f"{task.get_name()} died: {type(exc).__name__}: {exc}"
+        self._ready = False
         self.exit_code = 1
         self._fatal.set()
+
+    def publish_failed(self, reason: str) -> None:
+        """A publish was not acknowledged: readiness reports `reason` until one is, for
+        PUBLISH_FAULT_S at most (with nothing to publish, nothing shows it still holds)."""
+        self._publish_fault = (reason, time.monotonic())
+
+    def publish_succeeded(self) -> None:
+        self._publish_fault = None
+
+    def liveness(self) -> str | None:
+        """None while alive; else why the process must be restarted (served on /healthz)."""
+        return self._fatal_reason
 
     async def stop(self) -> None:
         """Stop fetching, finish the batch in flight, drain NATS, close SQLite. Idempotent."""
@@ -228,26 +259,43 @@ class Service:
         self._stopping = True
         self._ready = False
         self._phase = "stopping"
+        # Every step runs whatever the one before it raised: a step left out (SQLite's
+        # thread not closed, the HTTP port not released) would keep the process alive.
         try:
-            for runner in self.runners:
-                await runner.stop()
-            subs = [x for x in (self._status_sub, self._listing_sub) if x is not None]
-            self._status_sub = self._listing_sub = None
-            await admin.unsubscribe_all(subs)
-            await self.on_stop()
-            nc, self._nc = self._nc, None
-            if nc is not None and not nc.is_closed:
-                try:
-                    await asyncio.wait_for(nc.drain(), timeout=5)
-                except (TimeoutError, nats.errors.Error):
-                    await nc.close()
-            await self.health.stop()
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+            async with self._step("consumers"):
+                for runner in self.runners:
+                    await runner.stop()
+            async with self._step("subscriptions"):
+                subs = [x for x in (self._status_sub, self._listing_sub) if x is not None]
+                self._status_sub = self._listing_sub = None
+                await admin.unsubscribe_all(subs)
+            async with self._step("on_stop"):
+                await self.on_stop()
+            async with self._step("nats"):
+                nc, self._nc = self._nc, None
+                if nc is not None and not nc.is_closed:
+                    try:
+                        await asyncio.wait_for(nc.drain(), timeout=5)
+                    except (TimeoutError, nats.errors.Error):
+                        await nc.close()
+            async with self._step("http"):
+                await self.health.stop()
+            async with self._step("sqlite"):
+                db, self._db = self._db, None
+                if db is not None:
+                    await db.close()
             self.log.info("stopped")
         finally:
             self._stopped.set()
+
+    @contextlib.asynccontextmanager
+    async def _step(self, what: str) -> AsyncIterator[None]:
+        """One step of `stop`: an error is logged (and makes the exit status 1), not raised."""
+        try:
+            yield
+        except Exception as exc:
+            self.log.exception("stop step failed", step=what, error=repr(exc))
+            self.exit_code = 1
 
     async def status(self, _request: admin.StatusRequest) -> admin.ServiceStatus:
         """The service's backlog: what its consumers have not applied yet, what its
@@ -298,12 +346,22 @@ class Service:
         nc, js, db = self._nc, self._js, self._db
         if nc is None or js is None or db is None or not nc.is_connected:
             return "nats: not connected"
+        if self._fatal_reason is not None:
+            return self._fatal_reason
+        fault = self._publish_fault
+        if fault is not None and time.monotonic() - fault[1] < PUBLISH_FAULT_S:
+            return fault[0]
         for runner in self.runners:
             spec = runner.spec
+            if runner.fault is not None:
+                return runner.fault
             try:
                 await js.consumer_info(spec.stream.name, spec.name, timeout=1)
-            except Exception as exc:
+            except NotFoundError as exc:
                 return f"consumer {spec.stream.name}/{spec.name}: {type(exc).__name__}"
+            except Exception as exc:
+                # Nobody answers for JetStream: it disables itself when it cannot write.
+                return f"nats: JetStream storage full or unavailable ({type(exc).__name__})"
         try:
             await db.execute_fetchall("SELECT 1")
         except Exception as exc:
