@@ -137,10 +137,10 @@ async def test_the_error_store_keeps_within_its_size_limit_newest_first(
 async def test_a_huge_rejected_payload_is_cut_with_a_marker_and_keeps_its_reason(
     ingest: IngestService, nc: Client
 ) -> None:
-    await publish_all(nc, ingest, [(subjects.ingest("nowhere"), b"z" * 300_000)])
+    await publish_all(nc, ingest, [(subjects.ingest("nowhere"), b"z" * 3_000_000)])
     ((payload, reason),) = stored(ingest, "SELECT payload, reason FROM rejected_records")
-    assert isinstance(payload, bytes) and len(payload) < 70_000
-    assert payload.endswith(b"[truncated: 300000 bytes in all]")
+    assert isinstance(payload, bytes) and len(payload) < 1_100_000
+    assert payload.endswith(b"[truncated: 3000000 bytes in all]")
     assert reason == "unknown dataset"
 
 

@@ -38,6 +38,7 @@ from shared.cli.apply import apply_objects, load_file
 from shared.db import Tx, apply, open_db
 from shared.natsd import NatsServer, NatsWatchdog, free_port
 from shared.resources import OWNERS
+from shared.streams import ensure_streams
 from tests.destination_servers import WebhookServer
 from tests.helpers import RETAIL_CONFIG, eventually, settings_for
 from tests.processes import Platform
@@ -660,6 +661,7 @@ async def test_a_full_disk_under_nats_makes_the_door_answer_503_and_heals(tmp_pa
         watchdog = NatsWatchdog(server, events.append, interval=0.2, backoff_initial=0.2)
         watchdog.start()
         client = await nats.connect(server.url)
+        await ensure_streams(client.jetstream())  # as `cdp up` does: services only check
         svc = IngestService(settings_for("ingest", server.url, tmp_path / "data"))
         try:
             await svc.start()

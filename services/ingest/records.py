@@ -22,9 +22,11 @@ MAX_RECORDS_PER_MESSAGE = 500
 
 _problems_encoder = msgspec.json.Encoder()
 
-MAX_STORED_PAYLOAD = 64 * 1024
-"""Bytes of a rejected record's payload the error store keeps; the rest is cut, with a
-marker saying how long it was (the reason is kept whole)."""
+MAX_STORED_PAYLOAD = 1_048_576
+"""Bytes of a rejected record's payload the error store keeps: the default record limit,
+so a record that failed only its schema is kept whole and can be fixed and sent again.
+Only a payload already over that limit is cut, with a marker saying how long it was
+(the reason is kept whole)."""
 MAX_KEYS = 256
 """Identity keys a rejected record is findable by (for a privacy delete), at most."""
 MAX_KEY_LENGTH = 1024
