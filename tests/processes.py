@@ -3,8 +3,12 @@ against a test's nats-server: free ports, one data folder, one log file per serv
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +19,7 @@ from shared.cli.up import readiness, wait_ready
 from shared.config import SERVICES, port_variable
 from shared.natsd import free_port
 from shared.streams import ensure_streams
+from tests.helpers import all_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,3 +126,108 @@ class Platform:
     def scalar(self, service: str, sql: str, args: tuple[object, ...] = ()) -> int:
         rows = self.query(service, sql, args)
         return int(rows[0][0] or 0) if rows else 0  # type: ignore[call-overload]
+
+
+class CdpUp:
+    """`cdp up` in a subprocess on the given ports, its output collected line by line:
+
+        up = CdpUp(tmp_path / "var", ports, nats_port, env={...})
+        await up.start()
+        await up.wait_ready()
+        ...
+        assert await up.interrupt() == 0, up.text
+
+    `close()` (always, in a `finally`) kills it if it still runs. Every process it starts
+    carries `CDP_TEST_RUN=<data dir>` in its environment (`up.marker`), so a test can find
+    what is left running."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        ports: dict[str, int],
+        nats_port: int,
+        env: dict[str, str] | None = None,
+        without: tuple[str, ...] = (),
+    ) -> None:
+        """`env` is added to this process's environment, less `without` (and less the
+        NATS address and key: `cdp up` starts its own server)."""
+        self.data_dir = data_dir
+        self.ports = ports
+        self.nats_port = nats_port
+        self.marker = f"CDP_TEST_RUN={data_dir}"
+        self.env = {
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("CDP_NATS_URL", "CDP_NATS_NKEY", *without)
+            },
+            **(env or {}),
+            **{port_variable(n): str(p) for n, p in ports.items()},
+            "CDP_TEST_RUN": str(data_dir),
+        }
+        self.lines: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    async def printed(self, text: str) -> bool:
+        """Whether `cdp up` has printed `text` (for `eventually`)."""
+        return text in self.text
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    async def start(self) -> None:
+        cdp = Path(sys.executable).parent / "cdp"
+        self.proc = await asyncio.create_subprocess_exec(
+            str(cdp),
+            "up",
+            "--data-dir",
+            str(self.data_dir),
+            "--nats-port",
+            str(self.nats_port),
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read(self.proc))
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    async def wait_ready(self, timeout: float = 40.0) -> None:
+        """Until every service answers 200 on /readyz; fails if `cdp up` exits first."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while not await all_ready(session, self.ports):
+                assert self.returncode is None, "cdp up exited early:\n" + self.text
+                assert time.monotonic() < deadline, f"not ready in {timeout} s:\n{self.text}"
+                await asyncio.sleep(0.1)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def interrupt(self, timeout: float = 30.0) -> int:
+        """Ctrl-C (SIGINT), as a user stops it; its exit status."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+        return await self.wait_exit(timeout)
+
+    async def close(self) -> None:
+        """Kill it if it still runs. Idempotent."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            await self._reader

@@ -8,10 +8,8 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +28,7 @@ from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest
 from shared.cli.apply import apply_objects, load_file
 from shared.cli.check import wait_landed
-from shared.config import SERVICES, port_variable
+from shared.config import SERVICES
 from shared.natsd import NatsServer, free_port
 from shared.security import (
     ACCOUNTS,
@@ -48,7 +46,8 @@ from shared.security import (
 )
 from shared.streams import ensure_streams
 from tests.destination_servers import WebhookServer
-from tests.helpers import RETAIL_CONFIG, all_ready, eventually, settings_for
+from tests.helpers import RETAIL_CONFIG, eventually, settings_for
+from tests.processes import CdpUp
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-ingest-token-5f1c"
@@ -235,50 +234,19 @@ async def cdp_up(
     data = tmp_path / "var"
     env = {
         **extra,
-        **{k: v for k, v in os.environ.items() if k not in ("CDP_NATS_URL", "CDP_NATS_NKEY")},
-        **{port_variable(n): str(p) for n, p in ports.items()},
         "CDP_INGEST_TOKEN": TOKEN,
         "CDP_LOG_LEVEL": "debug",
         "CDP_SECRET_WEBHOOK_TEST": "s3cret",
     }
-    cdp = Path(sys.executable).parent / "cdp"
-    proc = await asyncio.create_subprocess_exec(
-        str(cdp),
-        "up",
-        "--data-dir",
-        str(data),
-        "--nats-port",
-        str(nats_port),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output: list[bytes] = []
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            output.append(line)
-
-    reader = asyncio.create_task(read())
+    up = CdpUp(data, ports, nats_port, env=env)
+    await up.start()
     try:
-        started = time.monotonic()
-        async with aiohttp.ClientSession() as session:
-            while not await all_ready(session, ports):
-                assert proc.returncode is None, b"".join(output).decode()
-                assert time.monotonic() - started < 40, "not ready in 40 s"
-                await asyncio.sleep(0.1)
+        await up.wait_ready(timeout=40)
         yield data
+        code = await up.interrupt()
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await reader
-    assert proc.returncode == 0, b"".join(output).decode()[-3000:]
+        await up.close()
+    assert code == 0, up.text[-3000:]
 
 
 def person(n: int) -> dict[str, Any]:
