@@ -69,3 +69,16 @@ async def all_ready(session: aiohttp.ClientSession, ports: dict[str, int]) -> bo
         except aiohttp.ClientError:
             return False
     return True
+
+
+async def lose_db(services: dict[str, Service], name: str) -> Service:
+    """Stop service `name`, delete its SQLite file (as a lost volume would), and put a
+    fresh, not yet started instance with the same settings in its place."""
+    old = services[name]
+    await old.stop()
+    db = old.settings.db_path
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240 - a test's setup step
+    fresh = type(old)(old.settings)
+    services[name] = fresh
+    return fresh

@@ -14,12 +14,10 @@ import pytest
 from nats.aio.client import Client
 
 from services.identity.errors import ReplayImpossible
-from services.identity.service import IdentityService
 from shared import subjects
 from shared.cli.check import check
 from shared.natsd import NatsServer
-from shared.runtime import Service
-from tests.helpers import running, settings_for
+from tests.helpers import lose_db, running
 from tests.journeys import big_journey
 from tests.test_equivalence import burst
 from tests.test_merges import CLASSES, crm, landed, login, view
@@ -64,12 +62,6 @@ def snapshot(data: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     return identity, profiles
 
 
-def forget(service: Service) -> None:
-    db = service.settings.db_path
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-
-
 async def test_profile_ids_survive_the_loss_of_identity_db(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
@@ -81,10 +73,7 @@ async def test_profile_ids_survive_the_loss_of_identity_db(
         assert report.ok, report.violations
         assert len(before[1]) > PEOPLE
 
-        await services["identity"].stop()
-        forget(services["identity"])
-        services["identity"] = IdentityService(settings_for("identity", nats_server.url, data))
-        await services["identity"].start()
+        await (await lose_db(services, "identity")).start()
         await landed(nc)
 
         after = snapshot(data)
@@ -101,12 +90,10 @@ async def test_records_sent_while_identity_was_gone_land_after_its_rebuild(
     async with running(CLASSES, nats_server.url, data, nc) as services:
         await journey(nc)
         before = snapshot(data)
-        await services["identity"].stop()
-        forget(services["identity"])
+        fresh = await lose_db(services, "identity")
         await publish(nc, "crm", crm("C99", "late@example.com"))
         await publish(nc, "web", login("ck3", "person3@example.com", "/again"))
-        services["identity"] = IdentityService(settings_for("identity", nats_server.url, data))
-        await services["identity"].start()
+        await fresh.start()
         await landed(nc)
 
         after = snapshot(data)
@@ -132,10 +119,7 @@ async def test_a_replayed_journey_with_deletes_and_shared_devices_keeps_every_id
         before = snapshot(data)
         assert (await check(nc)).ok
 
-        await services["identity"].stop()
-        forget(services["identity"])
-        services["identity"] = IdentityService(settings_for("identity", nats_server.url, data))
-        await services["identity"].start()
+        await (await lose_db(services, "identity")).start()
         await landed(nc)
 
         after = snapshot(data)
@@ -150,11 +134,8 @@ async def test_identity_refuses_to_start_when_the_records_stream_lost_its_start(
     data = tmp_path / "data"
     async with running(CLASSES, nats_server.url, data, nc) as services:
         await journey(nc)
-        await services["identity"].stop()
-        forget(services["identity"])
+        fresh = await lose_db(services, "identity")
         js = nc.jetstream()
         await js.delete_msg(subjects.STREAM_RECORDS.name, 1)  # as retention would
-        fresh = IdentityService(settings_for("identity", nats_server.url, data))
-        services["identity"] = fresh
         with pytest.raises(ReplayImpossible, match="cannot rebuild"):
             await fresh.start()

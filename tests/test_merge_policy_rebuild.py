@@ -10,13 +10,11 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from services.profile.service import ProfileService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest, GetResult
 from shared.cli import people
 from shared.natsd import NatsServer
-from tests.helpers import eventually, running, settings_for
-from tests.test_identity_rebuild import forget
+from tests.helpers import eventually, lose_db, running
 from tests.test_merges import CLASSES, crm, iso, landed
 
 pytestmark = pytest.mark.asyncio
@@ -61,10 +59,7 @@ async def test_merge_policies_survive_a_rebuild_of_profile_db(
         before = await answers(nc)
         assert before["loyalty-first"] != before["crm-first"]  # the policy makes a difference
 
-        await services["profile"].stop()
-        forget(services["profile"])
-        services["profile"] = ProfileService(settings_for("profile", nats_server.url, data))
-        await services["profile"].start()
+        await (await lose_db(services, "profile")).start()
         await landed(nc)
 
         async def restored() -> bool:  # the config stream is followed by its own consumer
