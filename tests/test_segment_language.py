@@ -378,6 +378,10 @@ def test_ever_and_any_event() -> None:
         ('a matches "b"', {"a": "abc"}, True),  # search, not full match
         ('a matches "^B"', {"a": "bc"}, False),
         ('a matchesIgnoreCase "^B"', {"a": "bc"}, True),
+        # long texts are searched afresh, short ones remembered: the same answers
+        ('a matches "z$"', {"a": "y" * 400 + "z"}, True),
+        ('a matches "^z"', {"a": "y" * 400 + "z"}, False),
+        ('a matches "^b"', {"a": "bc"}, True),  # the same text as above, another pattern
         ("a.b exists", {"a": [{"b": 1}]}, False),  # lists are not walked
         ("a exists", {"a": False}, True),
     ],

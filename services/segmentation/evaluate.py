@@ -131,11 +131,27 @@ def _regex(pattern: str, ignore_case: bool) -> Any:
     return compile_regex(pattern, ignore_case)
 
 
+@lru_cache(maxsize=65_536)
+def _matches_short(pattern: str, ignore_case: bool, text: str) -> bool:
+    return _regex(pattern, ignore_case).search(text) is not None
+
+
+_MEMO_TEXT = 256
+"""Texts up to this long have their `matches` results remembered (bounded): RE2 from
+Python costs some microseconds a search, and names, cities and emails repeat."""
+
+
+def _matches(pattern: str, ignore_case: bool, text: str) -> bool:
+    if len(text) <= _MEMO_TEXT:
+        return _matches_short(pattern, ignore_case, text)
+    return _regex(pattern, ignore_case).search(text) is not None
+
+
 def _string_test(node: StringTest, actual: Any) -> bool:
     if not isinstance(actual, str):
         return False
     if node.func == "matches":
-        return _regex(node.value, node.ignore_case).search(actual) is not None
+        return _matches(node.value, node.ignore_case, actual)
     text: str = actual
     value = node.value
     if node.ignore_case:
