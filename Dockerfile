@@ -9,6 +9,7 @@ WORKDIR /app
 
 COPY pyproject.toml README.md ./
 COPY shared/ shared/
+COPY ops/ ops/
 COPY services/ services/
 
 RUN pip install --no-cache-dir . \

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared.natsd import nats_server_binary
+from ops.natsd import nats_server_binary
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):

@@ -23,9 +23,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bench import Progress, Result, rate
+from ops.natsd import NatsServer, free_port
 from shared.config import Settings
 from shared.db import Migration, open_db
-from shared.natsd import NatsServer, free_port
 from shared.runtime import Batch, ConsumerSpec, Service
 from shared.streams import ensure_streams
 from shared.subjects import StreamSpec

@@ -52,6 +52,11 @@ from nats.js import JetStreamContext
 
 from bench import Progress, Result, rate
 from bench import segments as bench_segments
+from ops.cli.apply import apply_objects, load_file
+from ops.cli.ingest import run_batch
+from ops.cli.supervisor import ProcessSpec, Supervisor
+from ops.cli.up import health_urls, wait_ready
+from ops.natsd import NatsServer, free_port
 from shared import admin, subjects
 from shared.admin import (
     BatchInfo,
@@ -64,12 +69,7 @@ from shared.admin import (
     JobRun,
     SegmentList,
 )
-from shared.cli.apply import apply_objects, load_file
-from shared.cli.ingest import run_batch
-from shared.cli.supervisor import ProcessSpec, Supervisor
-from shared.cli.up import health_urls, wait_ready
 from shared.config import SERVICES, port_variable
-from shared.natsd import NatsServer, free_port
 from shared.streams import ensure_streams
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -60,6 +60,19 @@ BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
 
 
+MAX_PAYLOAD = 8 * 1024 * 1024
+"""Above NATS' 1 MB default, so that an oversize record reaches ingest and is rejected
+there with a reason (the ingest limit is 1 MB) instead of failing at the client."""
+
+
+def inbox_prefix(account: str) -> str:
+    """The reply-subject root of a key's connections: `_INBOX_<name>` for every key, an
+    application's included (connect with `inbox_prefix="_INBOX_client"` for the default
+    application key). No key may read another's root, so no application reads another's
+    answers, and none reads the platform's."""
+    return f"_INBOX_{account}"
+
+
 def ingest(dataset: str) -> str:
     return f"{INGEST_PREFIX}.{dataset}"
 

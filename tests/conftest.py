@@ -10,8 +10,8 @@ import pytest_asyncio
 from hypothesis import HealthCheck, settings
 from nats.aio.client import Client
 
+from ops.natsd import NatsServer, free_port
 from shared.log import configure_logging
-from shared.natsd import NatsServer, free_port
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS
 from tests.actors.counter import IN_STREAM, OUT_STREAM

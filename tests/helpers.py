@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 from nats.aio.client import Client
 
-from shared.cli.apply import apply_objects, load_file
+from ops.cli.apply import apply_objects, load_file
 from shared.config import Settings
 from shared.runtime import Service
 

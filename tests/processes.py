@@ -14,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import nats
 
-from shared.cli.supervisor import ProcessSpec, Supervisor
-from shared.cli.up import readiness, wait_ready
+from ops.cli.supervisor import ProcessSpec, Supervisor
+from ops.cli.up import readiness, wait_ready
+from ops.natsd import free_port
 from shared.config import SERVICES, port_variable
-from shared.natsd import free_port
 from shared.streams import ensure_streams
 from tests.helpers import all_ready
 

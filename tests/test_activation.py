@@ -15,6 +15,8 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from ops.cli.apply import apply_objects, load_file
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -32,8 +34,6 @@ from shared.admin import (
     JobInfo,
     JobRun,
 )
-from shared.cli.apply import apply_objects, load_file
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.destination_servers import AudienceManagerServer, SocialAudienceServer, WebhookServer
 from tests.helpers import eventually, running

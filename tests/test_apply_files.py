@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from shared.cli.apply import MAX_FILE_BYTES
-from shared.cli.main import app
-from shared.natsd import NatsServer, free_port, nats_server_binary
+from ops.cli.apply import MAX_FILE_BYTES
+from ops.cli.main import app
+from ops.natsd import NatsServer, free_port, nats_server_binary
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ops.natsd import free_port
 from shared.config import SERVICES
-from shared.natsd import free_port
 from tests.helpers import all_ready, eventually
 from tests.processes import CdpUp
 

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import yaml
 from typer.testing import CliRunner
 
-from shared.cli.main import app as cli_app
+from ops.cli.main import app as cli_app
 from shared.config import DEFAULT_PORTS, SERVICES, port_variable
 
 ROOT = Path(__file__).resolve().parent.parent

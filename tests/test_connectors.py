@@ -16,10 +16,10 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from ops.natsd import free_port
 from services.destination.connectors import CONNECTORS, Connector, ConnectorSettingsError
 from services.destination.connectors.base import http_error, parse_retry_after
 from services.destination.model import Activation, DeliveryError, SegmentMeta
-from shared.natsd import free_port
 from tests.destination_servers import (
     AdsCustomerListServer,
     AudienceManagerServer,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -25,7 +26,6 @@ from shared.admin import (
     ExportResult,
     ExportRun,
 )
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import running
 

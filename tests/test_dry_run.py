@@ -12,6 +12,10 @@ import pytest_asyncio
 from nats.aio.client import Client
 from typer.testing import CliRunner
 
+from ops.cli.apply import apply_objects, load_file, load_files
+from ops.cli.client import ClientError
+from ops.cli.main import app
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.ingest.service import IngestService
 from services.profile.service import ProfileService
@@ -26,10 +30,6 @@ from shared.admin import (
     GetResult,
     object_name,
 )
-from shared.cli.apply import apply_objects, load_file, load_files
-from shared.cli.client import ClientError
-from shared.cli.main import app
-from shared.natsd import NatsServer
 from shared.resources import OWNERS
 from shared.runtime import Service
 from tests.helpers import RETAIL_CONFIG, ROOT, settings_for

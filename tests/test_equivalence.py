@@ -34,6 +34,10 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from nats.aio.client import Client
 
+from ops.cli import people
+from ops.cli.check import check, wait_landed
+from ops.cli.ingest import run_batch
+from ops.natsd import NatsServer
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -46,11 +50,7 @@ from shared.admin import (
     JobRun,
     SegmentList,
 )
-from shared.cli import people
-from shared.cli.check import check, wait_landed
-from shared.cli.ingest import run_batch
 from shared.messages import Identity, PrivacyDelete
-from shared.natsd import NatsServer
 from tests.helpers import eventually, running
 from tests.journeys import (
     SEGMENTS,

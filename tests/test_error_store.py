@@ -16,11 +16,11 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from ops.natsd import NatsServer
 from services.ingest.service import IngestService
 from shared import admin, subjects
 from shared.admin import ErrorsQuery, ErrorsResult
 from shared.messages import Identity, PrivacyDelete
-from shared.natsd import NatsServer
 from tests.helpers import eventually, settings_for
 
 pytestmark = pytest.mark.asyncio

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import pytest_asyncio
 
+from ops.natsd import free_port
 from services.destination import exports
 from services.destination.errors import DestinationError
 from services.destination.exports import (
@@ -31,7 +32,6 @@ from services.destination.exports import (
     safe_name,
 )
 from services.destination.sftp import SftpError, upload
-from shared.natsd import free_port
 
 STARTED = dt.datetime(2024, 5, 17, 8, 30, 5, tzinfo=dt.UTC)
 COLUMNS = ["email_sha256", "first_name", "score", "vip", "tags", "meta"]

@@ -31,12 +31,12 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from ops.cli.apply import apply_objects, load_file
+from ops.natsd import NatsServer, NatsWatchdog, free_port
 from services.ingest.service import IngestService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
-from shared.cli.apply import apply_objects, load_file
 from shared.db import Tx, apply, open_db
-from shared.natsd import NatsServer, NatsWatchdog, free_port
 from shared.resources import OWNERS
 from shared.streams import ensure_streams
 from tests.destination_servers import WebhookServer

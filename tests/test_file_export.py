@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -34,7 +35,6 @@ from shared.admin import (
     JobList,
     JobRun,
 )
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import eventually, running, settings_for
 from tests.test_exports import PASSWORD, USER, SftpServer, sftp_server

@@ -36,11 +36,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
+from ops.cli.apply import apply_objects, load_file
+from ops.natsd import NatsServer
 from services.ingest.records import truncated
 from shared import admin, subjects
 from shared.admin import ErrorsQuery, ErrorsResult
-from shared.cli.apply import apply_objects, load_file
-from shared.natsd import NatsServer
 from tests.helpers import RETAIL_CONFIG, eventually
 from tests.processes import Platform
 

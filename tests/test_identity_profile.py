@@ -15,6 +15,8 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from ops.cli import people
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -22,9 +24,7 @@ from services.profile.service import ProfileService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import AdminFailure, ApplyBatch, ApplyBatchResult, ConfigObject
-from shared.cli import people
 from shared.messages import ChangeBatch, ProfileMerged
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import eventually, running
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
+from ops.cli.check import check
+from ops.natsd import NatsServer
 from services.identity.errors import ReplayImpossible
 from shared import subjects
-from shared.cli.check import check
-from shared.natsd import NatsServer
 from tests.helpers import lose_db, running
 from tests.journeys import big_journey
 from tests.test_equivalence import burst

@@ -20,6 +20,10 @@ import pytest_asyncio
 from nats.aio.client import Client
 from typer.testing import CliRunner
 
+from ops.cli.apply import apply_objects, load_file
+from ops.cli.ingest import run_batch
+from ops.cli.main import app
+from ops.natsd import NatsServer
 from services.ingest.service import IngestService
 from services.ingest.validation import Limits
 from services.profile.service import ProfileService
@@ -33,11 +37,7 @@ from shared.admin import (
     ErrorsQuery,
     ErrorsResult,
 )
-from shared.cli.apply import apply_objects, load_file
-from shared.cli.ingest import run_batch
-from shared.cli.main import app
 from shared.messages import Record, RecordBatch
-from shared.natsd import NatsServer
 from tests.helpers import eventually, settings_for
 
 pytestmark = pytest.mark.asyncio

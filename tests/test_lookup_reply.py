@@ -11,12 +11,12 @@ import aiohttp
 import pytest
 from nats.aio.client import Client
 
+from ops.natsd import NatsServer
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
 from services.profile.service import ProfileService
 from services.segmentation.service import SegmentationService
 from shared import subjects
-from shared.natsd import NatsServer
 from tests.helpers import eventually, running, settings_for
 
 pytestmark = pytest.mark.asyncio

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
+from ops.cli import people
+from ops.natsd import NatsServer
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest, GetResult
-from shared.cli import people
-from shared.natsd import NatsServer
 from tests.helpers import eventually, lose_db, running
 from tests.test_merges import CLASSES, crm, iso, landed
 

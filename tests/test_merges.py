@@ -20,6 +20,10 @@ import pytest_asyncio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ops.cli import people
+from ops.cli.check import check, wait_landed
+from ops.cli.ingest import run_batch
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -27,11 +31,7 @@ from services.profile.service import ProfileService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, ServiceStatus, StatusRequest
-from shared.cli import people
-from shared.cli.check import check, wait_landed
-from shared.cli.ingest import run_batch
 from shared.messages import MembershipEvent
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import running
 

@@ -23,14 +23,15 @@ import pytest_asyncio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ops.cli import people
+from ops.cli.check import check
+from ops.cli.ingest import run_batch
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, JobInfo, JobList, JobRun
-from shared.cli import people
-from shared.cli.check import check
-from shared.cli.ingest import run_batch
 from shared.messages import (
     ChangeBatch,
     ChangeItem,
@@ -44,7 +45,6 @@ from shared.messages import (
     Recheck,
     msgpack_encoder,
 )
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import eventually, running, settings_for
 from tests.test_merges import (

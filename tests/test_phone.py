@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
+from ops.cli import people
+from ops.natsd import NatsServer
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
 from services.profile.service import ProfileService
@@ -26,9 +28,7 @@ from shared.admin import (
     ErrorsQuery,
     ErrorsResult,
 )
-from shared.cli import people
 from shared.config import ConfigError, load_settings
-from shared.natsd import NatsServer
 from shared.normalize import Unusable, normalize, normalize_phone, phone_e164
 from shared.resources import Namespace
 from shared.runtime import Service

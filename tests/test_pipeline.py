@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -19,7 +20,6 @@ from services.scheduler.service import SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import eventually, settings_for
 

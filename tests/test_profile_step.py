@@ -8,7 +8,7 @@ import time
 from services.profile.merge import default_policy
 from services.profile.step import Loaded, ProfileStep, StoredEvent
 from shared.messages import ExperienceEvent, Identity, Reassigned
-from shared.natsd import MAX_PAYLOAD
+from shared.subjects import MAX_PAYLOAD
 
 PARTITIONS = 8
 

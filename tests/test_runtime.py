@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from shared.natsd import NatsServer
+from ops.natsd import NatsServer
 from tests.actors.counter import CounterActor
 from tests.helpers import eventually, settings_for
 

@@ -11,12 +11,12 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ops.natsd import NatsServer
 from services.scheduler.schedules import ScheduleError, check, last_due, missed, next_due
 from services.scheduler.service import SEGMENTATION_SCHEDULE, SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import BatchList, JobInfo, JobList
-from shared.natsd import NatsServer
 from tests.helpers import eventually, settings_for
 
 

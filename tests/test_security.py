@@ -23,14 +23,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from services.scheduler.service import SchedulerService
-from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest
-from shared.cli.apply import apply_objects, load_file
-from shared.cli.check import wait_landed
-from shared.config import SERVICES
-from shared.natsd import NatsServer, free_port
-from shared.security import (
+from ops.cli.apply import apply_objects, load_file
+from ops.cli.check import wait_landed
+from ops.natsd import NatsServer, free_port
+from ops.security import (
     ACCOUNTS,
     ADMIN,
     CLIENT,
@@ -38,13 +34,17 @@ from shared.security import (
     app_names,
     cli_credentials,
     ensure_credentials,
-    inbox_prefix,
     new_seed,
     permissions,
     public_key,
     server_authorization,
 )
+from services.scheduler.service import SchedulerService
+from shared import admin, subjects
+from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest
+from shared.config import SERVICES
 from shared.streams import ensure_streams
+from shared.subjects import inbox_prefix
 from tests.destination_servers import WebhookServer
 from tests.helpers import RETAIL_CONFIG, eventually, settings_for
 from tests.processes import CdpUp

@@ -18,6 +18,9 @@ import pytest_asyncio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ops.cli import people
+from ops.cli.ingest import run_batch
+from ops.natsd import NatsServer
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
 from services.profile.service import ProfileService
@@ -36,10 +39,7 @@ from shared.admin import (
     JobRun,
     SegmentList,
 )
-from shared.cli import people
-from shared.cli.ingest import run_batch
 from shared.messages import MembershipEvent
-from shared.natsd import NatsServer
 from shared.runtime import Service
 from tests.helpers import eventually, running
 

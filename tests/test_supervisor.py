@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from shared.cli.supervisor import ProcessSpec, Supervisor
-from shared.natsd import NatsServer, free_port
+from ops.cli.supervisor import ProcessSpec, Supervisor
+from ops.natsd import NatsServer, free_port
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ops.natsd import free_port
 from shared.config import SERVICES
-from shared.natsd import free_port
 from tests.processes import CdpUp
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]

@@ -31,7 +31,7 @@ from services.ingest.records import reject_row
 from services.ingest.validation import Accepted, Problem
 from shared import subjects
 from shared.db import Tx, apply
-from shared.natsd import MAX_PAYLOAD
+from shared.subjects import MAX_PAYLOAD
 
 if TYPE_CHECKING:
     from services.ingest.service import IngestService

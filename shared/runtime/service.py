@@ -40,9 +40,8 @@ from shared.runtime.actor import (
     ConsumerSpec,
     flush_outbox,
 )
-from shared.security import inbox_prefix
 from shared.streams import missing_streams
-from shared.subjects import ALL_STREAMS, StreamSpec
+from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
 PUBLISH_FAULT_S = 10.0
 """How long a publish that was not acknowledged keeps a service not ready."""

@@ -21,9 +21,9 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
+from ops.cli.client import ClientError
 from shared import admin, subjects
 from shared.admin import GetRequest, GetResult, LandedRequest, LandedResult
-from shared.cli.client import ClientError
 from shared.listing import read_all
 
 MAX_LISTED = 50

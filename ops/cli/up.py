@@ -17,21 +17,21 @@ import nats
 from rich.console import Console
 from rich.table import Table
 
-from shared.cli.supervisor import ProcessSpec, Supervisor
-from shared.config import SERVICES, load_settings
-from shared.natsd import NatsServer, NatsServerError, NatsWatchdog, free_port, port_taken
-from shared.security import (
+from ops.cli.supervisor import ProcessSpec, Supervisor
+from ops.natsd import NatsServer, NatsServerError, NatsWatchdog, free_port, port_taken
+from ops.security import (
     ADMIN,
     CLIENT,
     activation_subjects,
     app_names,
     cli_credentials,
     ensure_credentials,
-    inbox_prefix,
     seed_path,
     server_authorization,
 )
+from shared.config import SERVICES, load_settings
 from shared.streams import ensure_streams
+from shared.subjects import inbox_prefix
 
 PROFILE_TOKEN_FILE = "profile.token"
 

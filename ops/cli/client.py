@@ -10,9 +10,9 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
+from ops.security import cli_credentials
 from shared.config import DEFAULT_NATS_URL
 from shared.errors import CdpError
-from shared.security import cli_credentials
 
 
 class ClientError(CdpError):
@@ -27,7 +27,7 @@ def nats_url(explicit: str | None = None) -> str:
 
 @asynccontextmanager
 async def connect(url: str | None = None) -> AsyncIterator[Client]:
-    """A connection with the caller's credentials (see `shared.security.cli_credentials`).
+    """A connection with the caller's credentials (see `ops.security.cli_credentials`).
     When the server refuses something for lack of permission, the command fails saying so
     instead of with the timeout that follows."""
     target = nats_url(url)

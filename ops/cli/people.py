@@ -12,8 +12,8 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ops.cli.client import ClientError
 from shared import admin, subjects
-from shared.cli.client import ClientError
 from shared.messages import Identity, PrivacyDelete, PrivacyReport, privacy_report_decoder
 
 PRIVACY_SERVICES: tuple[str, ...] = ("ingest", "identity", "profile", "segmentation", "destination")

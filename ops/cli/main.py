@@ -20,6 +20,21 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops.cli import people
+from ops.cli.apply import apply_objects, load_files
+from ops.cli.check import CheckReport, wait_landed
+from ops.cli.check import check as run_check
+from ops.cli.client import ClientError, connect
+from ops.cli.ingest import file_format, run_batch
+from ops.cli.up import health_urls, readiness, run_up
+from ops.natsd import server_config
+from ops.security import (
+    activation_subjects,
+    app_names,
+    ensure_credentials,
+    seed_path,
+    server_authorization,
+)
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -46,24 +61,9 @@ from shared.admin import (
     ServiceStatus,
     StatusRequest,
 )
-from shared.cli import people
-from shared.cli.apply import apply_objects, load_files
-from shared.cli.check import CheckReport, wait_landed
-from shared.cli.check import check as run_check
-from shared.cli.client import ClientError, connect
-from shared.cli.ingest import file_format, run_batch
-from shared.cli.up import health_urls, readiness, run_up
 from shared.config import SERVICES
 from shared.log import configure_logging
-from shared.natsd import server_config
 from shared.resources import KINDS, OWNERS, PLURALS
-from shared.security import (
-    activation_subjects,
-    app_names,
-    ensure_credentials,
-    seed_path,
-    server_authorization,
-)
 from shared.streams import ensure_streams
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)

@@ -38,6 +38,7 @@ from nacl.signing import SigningKey
 from shared import subjects as s
 from shared.config import SERVICES
 from shared.errors import CdpError
+from shared.subjects import inbox_prefix
 
 CLIENT = "client"
 ADMIN = "admin"
@@ -105,14 +106,6 @@ class Permissions(msgspec.Struct, frozen=True, kw_only=True):
     publish_deny: tuple[str, ...] = ()
     allow_responses: bool = False
     """May answer the requests it receives (publish once to each request's reply subject)."""
-
-
-def inbox_prefix(account: str) -> str:
-    """The reply-subject root of a key's connections: `_INBOX_<name>` for every key, an
-    application's included (connect with `inbox_prefix="_INBOX_client"` for the default
-    application key). No key may read another's root, so no application reads another's
-    answers, and none reads the platform's."""
-    return f"_INBOX_{account}"
 
 
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

@@ -15,9 +15,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from ops.cli.client import ClientError
 from shared import admin, subjects
 from shared.admin import AdminFailure, BatchInfo, BatchStart
-from shared.cli.client import ClientError
 
 FORMATS = {
     ".csv": "csv",

@@ -12,6 +12,7 @@ import nats.errors
 import yaml
 from nats.aio.client import Client
 
+from ops.cli.client import ClientError
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -21,7 +22,6 @@ from shared.admin import (
     ConfigObject,
     object_name,
 )
-from shared.cli.client import ClientError
 from shared.resources import APPLY_ORDER, KINDS, OWNERS, PLURALS
 
 _encoder = msgspec.json.Encoder()

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from shared.errors import CdpError
+from shared.subjects import MAX_PAYLOAD
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,11 +33,6 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
 
 class NatsServerError(CdpError):
     code = "nats_server"
-
-
-MAX_PAYLOAD = 8 * 1024 * 1024
-"""Above NATS' 1 MB default, so that an oversize record reaches ingest and is rejected
-there with a reason (the ingest limit is 1 MB) instead of failing at the client."""
 
 
 def server_config(authorization: str | None = None) -> str:
@@ -98,7 +94,7 @@ class NatsServer:
         self.log_file = log_file
         self.extra_args = extra_args
         self.authorization = authorization
-        """An `authorization {...}` configuration block (see shared.security); none: open."""
+        """An `authorization {...}` configuration block (see ops.security); none: open."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
