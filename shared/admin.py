@@ -39,7 +39,14 @@ class AdminReply(msgspec.Struct, omit_defaults=True):
 
 
 class AdminFailure(CdpError):
-    """An admin request refused, with where the problem is."""
+    """An admin request refused, with where the problem is.
+
+    Raise one of its kinds (`NotFound`, `Invalid`, `Conflict`); the admin client raises
+    the same kind on the caller's side (`from_error`), so callers catch by type, never by
+    comparing codes. The code travels in the reply for clients in other languages.
+    """
+
+    code = "failed"
 
     def __init__(
         self,
@@ -61,7 +68,11 @@ class AdminFailure(CdpError):
 
     @classmethod
     def from_error(cls, e: AdminError) -> AdminFailure:
-        return cls(e.code, e.message, kind=e.kind, name=e.name, field=e.field)
+        """The failure a reply carries, as the kind its code names."""
+        kind = _KINDS.get(e.code, AdminFailure)
+        failure = AdminFailure.__new__(kind)
+        AdminFailure.__init__(failure, e.code, e.message, kind=e.kind, name=e.name, field=e.field)
+        return failure
 
     def where(self) -> str:
         parts = []
@@ -70,6 +81,66 @@ class AdminFailure(CdpError):
         if self.field:
             parts.append(f"field {self.field}")
         return ": ".join(parts)
+
+
+class NotFound(AdminFailure):
+    """The object, batch, job or person asked for does not exist."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str | None = None,
+        name: str | None = None,
+        field: str | None = None,
+        code: str = "not_found",
+    ) -> None:
+        super().__init__(code, message, kind=kind, name=name, field=field)
+
+
+class Invalid(AdminFailure):
+    """The request or the object it carries is wrong: a field, a syntax, a cycle, an
+    unknown kind. `code` says which (`invalid` unless more precise)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str | None = None,
+        name: str | None = None,
+        field: str | None = None,
+        code: str = "invalid",
+    ) -> None:
+        super().__init__(code, message, kind=kind, name=name, field=field)
+
+
+class Conflict(AdminFailure):
+    """The request is valid but the current state refuses it: a breaking change, a job
+    already running, an object in use."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str | None = None,
+        name: str | None = None,
+        field: str | None = None,
+        code: str = "conflict",
+    ) -> None:
+        super().__init__(code, message, kind=kind, name=name, field=field)
+
+
+_KINDS: dict[str, type[AdminFailure]] = {
+    "not_found": NotFound,
+    "invalid": Invalid,
+    "syntax": Invalid,
+    "cycle": Invalid,
+    "unknown_kind": Invalid,
+    "malformed": Invalid,
+    "conflict": Conflict,
+    "breaking_change": Conflict,
+}
+"""Which kind each code is (codes not named here stay plain `AdminFailure`)."""
 
 
 # -- requests and results -------------------------------------------------------------

@@ -123,13 +123,6 @@ class Batch:
     def notify(self, subject: str, payload: bytes) -> None:
         self._notes.append((subject, payload))
 
-    async def send_notes(self, nc: Client, log: structlog.typing.FilteringBoundLogger) -> None:
-        for subject, payload in self._notes:
-            try:
-                await nc.publish(subject, payload)
-            except nats.errors.Error as exc:  # whoever waits asks again
-                log.warning("notification not sent", subject=subject, error=repr(exc))
-
 
 Handler = Callable[[Batch], Awaitable[None]]
 
@@ -185,6 +178,7 @@ class ConsumerRunner:
         """Why the consumer cannot apply what it fetched now (a full disk), else None."""
         self._log = structlog.get_logger(service=service, consumer=spec.name)
         self._labels = (service, spec.name)
+        self._step = Step(spec.name, spec.handler, db, self._log)
 
     @property
     def offset(self) -> int:
@@ -333,66 +327,16 @@ class ConsumerRunner:
         self._metrics.latency.labels(*self._labels).observe(time.perf_counter() - started)
 
     async def _commit(self, deliveries: list[Delivery]) -> None:
-        batch = Batch(self.spec.name, deliveries, self._db)
-        try:
-            with structlog.contextvars.bound_contextvars(
-                consumer=self.spec.name, first_seq=deliveries[0].seq, last_seq=deliveries[-1].seq
-            ):
-                await self.spec.handler(batch)
-        except Exception:
-            # Isolate the message(s) that fail: the others are applied in order, each
-            # committed before the next is handled, so that each sees what came before it.
-            self._log.warning("batch failed, retrying message by message", size=len(deliveries))
-            for d in deliveries:
-                single = Batch(self.spec.name, [d], self._db)
-                with structlog.contextvars.bound_contextvars(
-                    consumer=self.spec.name, subject=d.subject, seq=d.seq, msg_id=d.msg_id
-                ):
-                    try:
-                        await self.spec.handler(single)
-                    except Exception as exc:
-                        self._log.exception("message failed")
-                        await self._apply(None, [(d, f"{type(exc).__name__}: {exc}")], d.seq)
-                        continue
-                await self._apply(single, [], d.seq)
-            return
-        await self._apply(batch, [], deliveries[-1].seq)
-
-    async def _apply(
-        self, batch: Batch | None, failed: list[tuple[Delivery, str]], last_seq: int
-    ) -> None:
-        """Commit a handled batch (its writes, its outbox, the failed messages, the offset)
-        in one transaction, then run its after-commit updates and publish its outbox."""
-        tx = Tx()
-        out: list[Outgoing] = []
-        if batch is not None:
-            tx.extend(batch.tx)
-            out = [
-                Outgoing(f"{self.spec.name}:{last_seq}:{i}", subject, payload)
-                for i, (subject, payload) in enumerate(batch._out)
-            ]
-        now = time.time()
-        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
-        tx.add_many(
-            _FAILED_INSERT,
-            ((self.spec.name, d.seq, d.subject, d.data, err, now) for d, err in failed),
-        )
-        tx.add(_SET_OFFSET, (self.spec.name, last_seq))
-        await apply(self._db, tx)
-        self._offset = last_seq
-        handled = 0
-        if batch is not None:
-            handled = len(batch.deliveries)
-            for fn in batch._after:
-                fn()
-        if handled:
-            self._metrics.handled.labels(*self._labels).inc(handled)
-        if failed:
-            self._metrics.failed.labels(*self._labels).inc(len(failed))
-        if out:
-            await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
-        if batch is not None and batch._notes:
-            await batch.send_notes(self._nc, self._log)
+        applied = await self._step.handle(deliveries)
+        if applied.handled:
+            self._metrics.handled.labels(*self._labels).inc(applied.handled)
+        if applied.failed:
+            self._metrics.failed.labels(*self._labels).inc(applied.failed)
+        for out, notes in applied.rounds:
+            if out:
+                await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
+            if notes:
+                await send_notes(self._nc, notes, self._log)
 
     async def _ack(self, msg: Msg) -> None:
         try:
@@ -401,6 +345,104 @@ class ConsumerRunner:
             # The offset is committed; the next resync starts after it either way.
             self._log.warning("ack failed", error=repr(exc))
             self._resync_needed = True
+
+
+class Applied(msgspec.Struct):
+    """What applying deliveries committed: per commit, its outbox and its notifications."""
+
+    rounds: list[tuple[list[Outgoing], list[tuple[str, bytes]]]]
+    handled: int = 0
+    failed: int = 0
+
+
+class Step:
+    """Applies deliveries to a handler and commits the result: the handler's writes, its
+    outbox, the failed messages and the offset, in one SQLite transaction; then runs its
+    after-commit updates. No NATS here: the runner publishes what `handle` returns, and
+    the handler-level harness (shared.runtime.harness) returns it to a test."""
+
+    def __init__(
+        self,
+        consumer: str,
+        handler: Handler,
+        db: aiosqlite.Connection,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.handler = handler
+        self.db = db
+        self.log = log or structlog.get_logger(consumer=consumer)
+
+    async def handle(self, deliveries: list[Delivery]) -> Applied:
+        """Run the handler on the whole batch; if it raises, on each message alone, in
+        order, each committed before the next so that each sees what came before it; a
+        message that fails alone is kept in `rt_failed` with its error."""
+        applied = Applied([])
+        batch = Batch(self.consumer, deliveries, self.db)
+        try:
+            with structlog.contextvars.bound_contextvars(
+                consumer=self.consumer, first_seq=deliveries[0].seq, last_seq=deliveries[-1].seq
+            ):
+                await self.handler(batch)
+        except Exception:
+            self.log.warning("batch failed, retrying message by message", size=len(deliveries))
+            for d in deliveries:
+                single = Batch(self.consumer, [d], self.db)
+                with structlog.contextvars.bound_contextvars(
+                    consumer=self.consumer, subject=d.subject, seq=d.seq, msg_id=d.msg_id
+                ):
+                    try:
+                        await self.handler(single)
+                    except Exception as exc:
+                        self.log.exception("message failed")
+                        error = f"{type(exc).__name__}: {exc}"
+                        await self._apply(applied, None, [(d, error)], d.seq)
+                        continue
+                await self._apply(applied, single, [], d.seq)
+            return applied
+        await self._apply(applied, batch, [], deliveries[-1].seq)
+        return applied
+
+    async def _apply(
+        self,
+        applied: Applied,
+        batch: Batch | None,
+        failed: list[tuple[Delivery, str]],
+        last_seq: int,
+    ) -> None:
+        tx = Tx()
+        out: list[Outgoing] = []
+        if batch is not None:
+            tx.extend(batch.tx)
+            out = [
+                Outgoing(f"{self.consumer}:{last_seq}:{i}", subject, payload)
+                for i, (subject, payload) in enumerate(batch._out)
+            ]
+        now = time.time()
+        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
+        tx.add_many(
+            _FAILED_INSERT,
+            ((self.consumer, d.seq, d.subject, d.data, err, now) for d, err in failed),
+        )
+        tx.add(_SET_OFFSET, (self.consumer, last_seq))
+        await apply(self.db, tx)
+        if batch is not None:
+            applied.handled += len(batch.deliveries)
+            for fn in batch._after:
+                fn()
+        applied.failed += len(failed)
+        applied.rounds.append((out, list(batch._notes) if batch is not None else []))
+
+
+async def send_notes(
+    nc: Client, notes: list[tuple[str, bytes]], log: structlog.typing.FilteringBoundLogger
+) -> None:
+    """Core NATS notifications of a committed batch; whoever waits asks again if lost."""
+    for subject, payload in notes:
+        try:
+            await nc.publish(subject, payload)
+        except nats.errors.Error as exc:
+            log.warning("notification not sent", subject=subject, error=repr(exc))
 
 
 def storage_fault(exc: BaseException) -> str | None:
