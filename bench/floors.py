@@ -26,7 +26,7 @@ from bench import Progress, Result, rate
 from ops.natsd import NatsServer, free_port
 from shared.config import Settings
 from shared.db import Migration, open_db
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 from shared.streams import ensure_streams
 from shared.subjects import StreamSpec
 
@@ -257,7 +257,7 @@ class HopActor(Service):
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (ConsumerSpec("bench_hop", HOP_IN, self.handle),)
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: Step) -> None:
         for d in batch.deliveries:
             records = _decode_records.decode(d.data)
             batch.tx.add_many(

@@ -60,13 +60,13 @@ from ops.natsd import NatsServer, free_port
 from shared import admin, subjects
 from shared.admin import (
     BatchInfo,
-    BatchList,
     ConfigObject,
     EstimateRequest,
     EstimateResult,
     JobInfo,
     JobList,
     JobRun,
+    ListRequest,
     SegmentList,
 )
 from shared.config import SERVICES, port_variable
@@ -538,7 +538,7 @@ async def run_job(p: Platform, total: int, label: str) -> tuple[Result, JobInfo]
         while final.status not in ("succeeded", "failed"):
             await asyncio.sleep(0.5)
             listed = await admin.request(
-                p.nc, subjects.admin("segmentation", "jobs"), BatchList(limit=5), JobList
+                p.nc, subjects.admin("segmentation", "jobs"), ListRequest(limit=5), JobList
             )
             final = next((j for j in listed.jobs if j.job_id == job.job_id), final)
     seen_s = time.perf_counter() - t0
@@ -711,7 +711,7 @@ async def throughput(
 
 async def segment_members(nc: Client, name: str) -> int:
     listed = await admin.request(
-        nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList, timeout=30
+        nc, subjects.admin("segmentation", "list"), ListRequest(), SegmentList, timeout=30
     )
     return next((s.members for s in listed.segments if s.name == name), 0)
 

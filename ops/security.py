@@ -187,8 +187,13 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             reads_last=(s.STREAM_CONFIG,),
         ),
         "segmentation": _Uses(
-            consumes=((s.STREAM_CHANGES, "segmentation"),),
+            consumes=(
+                (s.STREAM_CHANGES, "segmentation"),
+                (s.STREAM_CONFIG, "segmentation-policies"),  # merge policy names
+                (s.STREAM_JOBS, "segmentation-jobs"),  # job requests
+            ),
             publishes=(
+                s.config("segment", "*"),
                 s.MEMBERSHIP_ALL,
                 f"{s.CHANGES_PREFIX}.*",  # re-checks (time-based exits, batch jobs) go to its input
                 s.JOBS_ALL,
@@ -199,8 +204,11 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             requests=(s.admin("profile", "get"),),
         ),
         "scheduler": _Uses(
-            consumes=((s.STREAM_JOBS, "scheduler"),),
-            publishes=(s.JOBS_ALL,),
+            consumes=(
+                (s.STREAM_JOBS, "scheduler"),
+                (s.STREAM_CONFIG, "scheduler-destinations"),
+            ),
+            publishes=(s.JOBS_ALL, s.config("schedule", "*")),
             serves=(s.admin("scheduler", ">"),),
             requests=(
                 s.admin("segmentation", "job.run"),
@@ -213,8 +221,15 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 (s.STREAM_CHANGES, "destination-profiles"),
                 (s.STREAM_JOBS, "destination-jobs"),
                 (s.STREAM_MEMBERSHIP, "destination"),
+                (s.STREAM_CONFIG, "destination-segments"),  # segment names and methods
             ),
-            publishes=(_report("destination"), s.JOBS_ALL, _PROBE_REPORTS, *activation),
+            publishes=(
+                _report("destination"),
+                s.JOBS_ALL,
+                _PROBE_REPORTS,
+                s.config("destination", "*"),
+                *activation,
+            ),
             serves=(s.admin("destination", ">"),),
             requests=(s.admin("segmentation", "list"),),
         ),

@@ -334,7 +334,7 @@ class ConfigObject(msgspec.Struct):
     spec: dict[str, Any]
 
 
-class ApplyBatch(msgspec.Struct):
+class ApplyMany(msgspec.Struct):
     """Objects owned by one service, applied in order, all or none."""
 
     objects: list[ConfigObject]
@@ -355,7 +355,7 @@ class ApplyBatch(msgspec.Struct):
         return {n for n in names if n is not None}
 
 
-class ApplyBatchResult(msgspec.Struct):
+class ApplyManyResult(msgspec.Struct):
     results: list[ApplyResult]
 
 
@@ -390,7 +390,7 @@ class BatchInfo(msgspec.Struct, kw_only=True):
         return self.status in ("success", "partial", "failed")
 
 
-class BatchList(msgspec.Struct):
+class ListRequest(msgspec.Struct):
     limit: int = 50
 
 
@@ -462,6 +462,10 @@ class EstimateResult(msgspec.Struct, kw_only=True):
 class JobRun(msgspec.Struct):
     kind: str = "segmentation"
     trigger: str = "manual"
+    job_id: str | None = None
+    """Chosen by whoever asks on `cdp.jobs.segmentation.run` (the scheduler: from the
+    schedule and the due time), so that a request delivered twice runs one job; none: the
+    service makes one."""
 
 
 class JobInfo(msgspec.Struct, kw_only=True):
@@ -547,6 +551,8 @@ class ReplayResult(msgspec.Struct):
 class ExportRun(msgspec.Struct):
     destination: str
     trigger: str = "manual"
+    job_id: str | None = None
+    """As JobRun.job_id, for `cdp.jobs.export.<destination>.run`."""
 
 
 class ExportResult(msgspec.Struct, kw_only=True):
@@ -564,6 +570,8 @@ class ExportResult(msgspec.Struct, kw_only=True):
     """Per segment: rows by membership status."""
     skipped: int = 0
     error: str | None = None
+    job_id: str | None = None
+    """The job id of the ExportRun it answers (`cdp.jobs.export.<destination>.done`)."""
 
 
 # -- landing and backlog (cdp ingest --wait, cdp status) ------------------------------------

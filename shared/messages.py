@@ -73,7 +73,7 @@ class ProbeReport(msgspec.Struct, kw_only=True):
 
 
 # -- ingest -> identity ---------------------------------------------------------
-class RecordBatch(msgspec.Struct, tag="records"):
+class RecordEnvelope(msgspec.Struct, tag="records"):
     records: list[Record]
     deletes: list[PrivacyDelete] = []
     """A message carries records, deletes or probes; each comes after the records before it."""
@@ -129,7 +129,7 @@ class Deleted(msgspec.Struct, tag="deleted"):
 ProfileItem = Fragment | Merged | Reassigned | Deleted | Probe
 
 
-class ProfileBatch(msgspec.Struct, tag="profiles"):
+class ProfileEnvelope(msgspec.Struct, tag="profiles"):
     items: list[ProfileItem]
 
 
@@ -188,7 +188,7 @@ class Recheck(msgspec.Struct, tag="recheck"):
 ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted | Recheck | Probe
 
 
-class ChangeBatch(msgspec.Struct, tag="changes"):
+class ChangeEnvelope(msgspec.Struct, tag="changes"):
     items: list[ChangeItem]
 
 
@@ -266,9 +266,9 @@ def encode_fitting(
 # -- codecs, built once -------------------------------------------------------------
 msgpack_encoder = msgspec.msgpack.Encoder()
 json_encoder = msgspec.json.Encoder()
-record_batch_decoder = msgspec.msgpack.Decoder(RecordBatch)
-profile_batch_decoder = msgspec.msgpack.Decoder(ProfileBatch)
-change_batch_decoder = msgspec.msgpack.Decoder(ChangeBatch)
+record_batch_decoder = msgspec.msgpack.Decoder(RecordEnvelope)
+profile_batch_decoder = msgspec.msgpack.Decoder(ProfileEnvelope)
+change_batch_decoder = msgspec.msgpack.Decoder(ChangeEnvelope)
 membership_decoder = msgspec.json.Decoder(MembershipEvent)
 privacy_report_decoder = msgspec.json.Decoder(PrivacyReport)
 probe_decoder = msgspec.json.Decoder(Probe)

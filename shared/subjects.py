@@ -11,7 +11,14 @@ Internal subjects (msgpack, one message carries a batch of records):
     cdp.x.profiles.<partition>    records with profile ids, identity -> profile (CDP_PROFILES)
     cdp.x.changes.<partition>     profile changes, profile -> segmentation    (CDP_CHANGES)
     cdp.jobs.>                    job requests and job status events          (CDP_JOBS)
-    cdp.config.<kind>.<name>      the latest version of each configured object (CDP_CONFIG)
+      cdp.jobs.segmentation.run   run a segmentation job   scheduler, cdp -> segmentation
+      cdp.jobs.segmentation.done  a job finished           segmentation -> scheduler, destination
+      cdp.jobs.export.<d>.run     export a file now        scheduler, cdp -> destination
+      cdp.jobs.export.<d>.done    an export finished       destination -> scheduler
+    cdp.config.<kind>.<name>      the latest version of each configured object (CDP_CONFIG),
+                                  published by its owner: dataset and namespace (ingest),
+                                  merge_policy (profile), segment (segmentation),
+                                  destination (destination), schedule (scheduler)
     cdp.batches.<id>.progress     progress of a batch file ingestion (core NATS, not stored)
     cdp.ingest._delete            a privacy delete request, in-band with the records
     cdp.ingest._probe             a probe that follows the records to tell when they landed
@@ -43,8 +50,12 @@ PROFILES_PREFIX = "cdp.x.profiles"
 CHANGES_PREFIX = "cdp.x.changes"
 JOBS_PREFIX = "cdp.jobs"
 JOBS_ALL = f"{JOBS_PREFIX}.>"
+SEGMENTATION_JOB_RUN = f"{JOBS_PREFIX}.segmentation.run"
+"""A request to run a batch segmentation job (JSON JobRun, with the job id chosen by whoever
+asks, so that a request published twice runs once)."""
 SEGMENTATION_JOB_DONE = f"{JOBS_PREFIX}.segmentation.done"
 """A batch segmentation job finished (JSON JobInfo); exports "after segmentation" follow."""
+EXPORT_JOB_PREFIX = f"{JOBS_PREFIX}.export"
 CONFIG_PREFIX = "cdp.config"
 CONFIG_ALL = f"{CONFIG_PREFIX}.>"
 BATCHES_PREFIX = "cdp.batches"
@@ -88,6 +99,16 @@ def admin(area: str, operation: str) -> str:
 
 def config(kind: str, name: str) -> str:
     return f"{CONFIG_PREFIX}.{kind}.{name}"
+
+
+def export_run(destination: str) -> str:
+    """A request to export a destination's file now (JSON ExportRun, with its job id)."""
+    return f"{EXPORT_JOB_PREFIX}.{destination}.run"
+
+
+def export_done(destination: str) -> str:
+    """A destination's export finished (JSON ExportResult, with the job id it ran)."""
+    return f"{EXPORT_JOB_PREFIX}.{destination}.done"
 
 
 def privacy_report(request_id: str, service: str) -> str:

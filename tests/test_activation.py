@@ -26,13 +26,13 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
-    BatchList,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     DestinationList,
     JobInfo,
     JobRun,
+    ListRequest,
 )
 from shared.runtime import Service
 from tests.destination_servers import AudienceManagerServer, SocialAudienceServer, WebhookServer
@@ -64,8 +64,8 @@ async def destination(nc: Client, spec: dict[str, Any]) -> None:
     await admin.request(
         nc,
         subjects.admin("destination", "apply"),
-        ApplyBatch([ConfigObject("destination", spec)]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("destination", spec)]),
+        ApplyManyResult,
     )
 
 
@@ -84,7 +84,7 @@ def activations(server: WebhookServer) -> list[dict[str, Any]]:
 
 async def status(nc: Client, name: str) -> Any:
     listed = await admin.request(
-        nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+        nc, subjects.admin("destination", "list"), ListRequest(), DestinationList
     )
     return next(d for d in listed.destinations if d.name == name)
 
@@ -259,7 +259,7 @@ async def test_the_example_destinations_apply(platform: dict[str, Service], nc: 
         "crm-file-morning",
     }
     listed = await admin.request(
-        nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+        nc, subjects.admin("destination", "list"), ListRequest(), DestinationList
     )
     assert {d.name: d.type for d in listed.destinations}["crm-file"] == "file"
 

@@ -116,7 +116,7 @@ def _volume_mounts(name: str) -> dict[str, str]:
 @functools.cache
 def _variables_read_by_code() -> frozenset[str]:
     names = {port_variable(service) for service in SERVICES}
-    for package in ("shared", "services"):
+    for package in ("shared", "services", "ops"):
         for path in (ROOT / package).rglob("*.py"):
             names.update(CDP_VARIABLE.findall(path.read_text(encoding="utf-8")))
     return frozenset(names)

@@ -20,8 +20,8 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     ExportResult,
     ExportRun,
@@ -39,12 +39,12 @@ CLASSES: tuple[type[Service], ...] = (
 )
 
 
-async def apply(nc: Client, spec: dict[str, Any], dry_run: bool = False) -> ApplyBatchResult:
+async def apply(nc: Client, spec: dict[str, Any], dry_run: bool = False) -> ApplyManyResult:
     return await admin.request(
         nc,
         subjects.admin("destination", "apply"),
-        ApplyBatch([ConfigObject("destination", spec)], dry_run),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("destination", spec)], dry_run),
+        ApplyManyResult,
     )
 
 

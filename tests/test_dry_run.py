@@ -24,7 +24,7 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
+    ApplyMany,
     ConfigObject,
     GetRequest,
     GetResult,
@@ -142,9 +142,9 @@ async def test_a_dry_run_still_refuses_what_is_neither_stored_nor_in_the_file(
 async def test_context_counts_in_dry_runs_only(fresh: None, nc: Client) -> None:
     policy = {"name": "p", "type": "dataset_precedence", "datasets": ["ghost"]}
     context = [ConfigObject("dataset", {"name": "ghost", "schema": "s"})]
-    dry = ApplyBatch([ConfigObject("merge_policy", policy)], dry_run=True, context=context)
+    dry = ApplyMany([ConfigObject("merge_policy", policy)], dry_run=True, context=context)
     await admin.request(nc, subjects.admin("profile", "apply"), dry, dict)
-    real = ApplyBatch([ConfigObject("merge_policy", policy)], dry_run=False, context=context)
+    real = ApplyMany([ConfigObject("merge_policy", policy)], dry_run=False, context=context)
     with pytest.raises(AdminFailure) as failure:
         await admin.request(nc, subjects.admin("profile", "apply"), real, dict)
     assert "unknown dataset 'ghost'" in failure.value.message

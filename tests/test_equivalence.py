@@ -41,13 +41,13 @@ from ops.natsd import NatsServer
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
-    BatchList,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     JobInfo,
     JobList,
     JobRun,
+    ListRequest,
     SegmentList,
 )
 from shared.messages import Identity, PrivacyDelete
@@ -97,10 +97,10 @@ async def platform(nats_server: NatsServer, nc: Client, tmp_path: Path) -> Async
         await admin.request(
             nc,
             subjects.admin("segmentation", "apply"),
-            ApplyBatch(
+            ApplyMany(
                 [ConfigObject("segment", {"name": n, "expression": e}) for n, e in SEGMENTS.items()]
             ),
-            ApplyBatchResult,
+            ApplyManyResult,
         )
         yield Platform(nc, data)
 
@@ -167,7 +167,9 @@ async def batch_job(nc: Client) -> None:
     job = await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
 
     async def done() -> bool:
-        jobs = await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
+        jobs = await admin.request(
+            nc, subjects.admin("segmentation", "jobs"), ListRequest(), JobList
+        )
         return any(j.job_id == job.job_id and j.status == "succeeded" for j in jobs.jobs)
 
     await eventually(done, timeout=300)
@@ -248,7 +250,7 @@ async def assert_matches_model(p: Platform, journey: Journey, how: str) -> None:
 
 async def assert_counts(p: Platform) -> None:
     listed = await admin.request(
-        p.nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+        p.nc, subjects.admin("segmentation", "list"), ListRequest(), SegmentList
     )
     counts = {s.name: s.members for s in listed.segments if s.name in SEGMENTS}
     assert counts == {name: p.expected_members[name] for name in SEGMENTS}

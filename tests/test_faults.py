@@ -35,7 +35,7 @@ from ops.cli.apply import apply_objects, load_file
 from ops.natsd import NatsServer, NatsWatchdog, free_port
 from services.ingest.service import IngestService
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
+from shared.admin import ApplyMany, ApplyManyResult, ConfigObject
 from shared.db import Tx, apply, open_db
 from shared.resources import OWNERS
 from shared.streams import ensure_streams
@@ -215,8 +215,8 @@ async def configure(nc: Client, hook: WebhookServer) -> None:
     await admin.request(
         nc,
         subjects.admin("destination", "apply"),
-        ApplyBatch([ConfigObject("destination", spec)]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("destination", spec)]),
+        ApplyManyResult,
     )
 
 

@@ -25,15 +25,15 @@ from services.scheduler.service import SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
-    ApplyBatch,
-    ApplyBatchResult,
-    BatchList,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     GetRequest,
     GetResult,
     JobInfo,
     JobList,
     JobRun,
+    ListRequest,
 )
 from shared.runtime import Service
 from tests.helpers import eventually, running, settings_for
@@ -119,8 +119,8 @@ async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
     await admin.request(
         nc,
         subjects.admin("destination", "apply"),
-        ApplyBatch([ConfigObject("destination", spec)]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("destination", spec)]),
+        ApplyManyResult,
     )
     for n in range(3):
         await customer(nc, n, "y")
@@ -156,7 +156,9 @@ async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
 
     async def recorded() -> bool:
         # The job record is committed once the file is written and uploaded: wait for it.
-        jobs = await admin.request(nc, subjects.admin("destination", "jobs"), BatchList(), JobList)
+        jobs = await admin.request(
+            nc, subjects.admin("destination", "jobs"), ListRequest(), JobList
+        )
         return [(j.kind, j.trigger, j.status, j.total) for j in jobs.jobs] == want
 
     await eventually(recorded, timeout=30)
@@ -172,7 +174,7 @@ async def test_an_export_schedule_missed_while_down_runs_once_at_start(
     await admin.request(
         nc,
         subjects.admin("destination", "apply"),
-        ApplyBatch(
+        ApplyMany(
             [
                 ConfigObject(
                     "destination",
@@ -186,7 +188,7 @@ async def test_an_export_schedule_missed_while_down_runs_once_at_start(
                 )
             ]
         ),
-        ApplyBatchResult,
+        ApplyManyResult,
     )
     await customer(nc, 1, "y")
     await eventually(lambda: members(platform, 1), timeout=30)
@@ -200,8 +202,8 @@ async def test_an_export_schedule_missed_while_down_runs_once_at_start(
     await admin.request(
         nc,
         subjects.admin("scheduler", "apply"),
-        ApplyBatch([ConfigObject("schedule", schedule)]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("schedule", schedule)]),
+        ApplyManyResult,
     )
     listed = await admin.request(
         nc, subjects.admin("scheduler", "get"), GetRequest("schedule"), GetResult

@@ -6,13 +6,13 @@ import pytest
 
 from shared.admin import AdminError, AdminFailure, Conflict, Invalid, NotFound
 from shared.db import Migration
-from shared.runtime.actor import Batch
+from shared.runtime.actor import Step
 from shared.runtime.harness import StepHarness
 
 NOTES = (Migration("notes", 1, "CREATE TABLE notes (seq INTEGER PRIMARY KEY, text TEXT)"),)
 
 
-async def remember(batch: Batch) -> None:
+async def remember(batch: Step) -> None:
     for d in batch.deliveries:
         if d.data == b"boom":
             raise ValueError("boom")

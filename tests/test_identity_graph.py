@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from services.identity.graph import (
     Edge,
     Effects,
+    Fold,
     IdentityGraph,
-    Merged,
+    Move,
     Node,
-    Reassigned,
     WorkingSet,
 )
 from shared.messages import Identity
@@ -211,7 +211,7 @@ def test_merge_keeps_the_older_profile_and_reports_the_folded_one() -> None:
 
     # the record's anchor (email) is in the newer graph; the cookie's graph is older
     assert w.see("email:a@x.com", "ecid:K1") == older
-    assert w.fx.events == [Merged("p1", ["p2"])]
+    assert w.fx.events == [Fold("p1", ["p2"])]
     assert w.fx.folded_profiles == {"p2": "p1"}
     assert w.fx.new_profiles == {}
     assert w.keys(older) == {"ecid:K1", "email:a@x.com", "phone:+14155550100"}
@@ -226,7 +226,7 @@ def test_merge_of_three_graphs_in_one_record() -> None:
     assert w.see("ecid:K1") == "p2"
     assert w.see("email:a@x.com") == "p3"
     assert w.see("email:a@x.com", "ecid:K1", "ecid:K2") == "p1"
-    assert w.fx.events == [Merged("p2", ["p3"]), Merged("p1", ["p2"])]
+    assert w.fx.events == [Fold("p2", ["p3"]), Fold("p1", ["p2"])]
     assert w.fx.folded_profiles == {"p3": "p1", "p2": "p1"}
     assert w.keys("p1") == {"ecid:K1", "ecid:K2", "email:a@x.com"}
 
@@ -253,7 +253,7 @@ def test_shared_device_goes_to_the_person_who_logged_in_last() -> None:
 
     assert w.see("email:ben@x.com", "idfa:D") == ben  # Ben logs in on the same tablet
     assert w.profile("idfa:D") == ben
-    assert w.fx.events == [Reassigned(anna, ben, ["idfa:D"], "moved")]
+    assert w.fx.events == [Move(anna, ben, ["idfa:D"], "moved")]
     assert w.fx.delete_edges == {("email:anna@x.com", "idfa:D")}
     assert set(w.fx.add_edges) == {("email:ben@x.com", "idfa:D")}
     assert w.fx.refused == []
@@ -262,7 +262,7 @@ def test_shared_device_goes_to_the_person_who_logged_in_last() -> None:
     assert w.keys(ben) == {"crm_id:B", "email:ben@x.com", "idfa:D"}
 
     assert w.see("email:anna@x.com", "idfa:D") == anna  # and back
-    assert w.fx.events == [Reassigned(ben, anna, ["idfa:D"], "moved")]
+    assert w.fx.events == [Move(ben, anna, ["idfa:D"], "moved")]
     assert set(w.ws.profiles) == {anna, ben}
 
 
@@ -311,8 +311,8 @@ def test_moving_a_device_splits_what_hung_on_it() -> None:
 
     assert w.see("crm_id:B", "idfa:D") == ben
     assert w.fx.events == [
-        Reassigned(anna, ben, ["idfa:D"], "moved"),
-        Reassigned(anna, "p3", ["ecid:K"], "split"),
+        Move(anna, ben, ["idfa:D"], "moved"),
+        Move(anna, "p3", ["ecid:K"], "split"),
     ]
     assert w.fx.new_profiles == {"p3": 5.0}
     assert w.keys(anna) == {"crm_id:A", "email:anna@x.com"}
@@ -330,8 +330,8 @@ def test_a_new_person_takes_the_device_and_the_split_off_cookie() -> None:
     assert ben != anna
     assert w.keys(anna) == {"crm_id:A"}
     assert w.keys(ben) == {"crm_id:B", "idfa:D", "ecid:K"}
-    moved = [e for e in w.fx.events if isinstance(e, Reassigned) and e.reason == "moved"]
-    assert moved == [Reassigned(anna, ben, ["idfa:D"], "moved")]
+    moved = [e for e in w.fx.events if isinstance(e, Move) and e.reason == "moved"]
+    assert moved == [Move(anna, ben, ["idfa:D"], "moved")]
     assert ben in w.fx.new_profiles
     assert set(w.ws.profiles) == {anna, ben}
 
@@ -350,9 +350,9 @@ def test_a_refused_person_id_stays_behind_when_the_devices_linking_it_move() -> 
     assert w.keys(c2) == {"crm_id:C2", "idfa:d1", "gaid:d2"}
     assert w.keys(l1) == {"loyalty_id:L1"}
     assert w.fx.events == [
-        Reassigned(c1, c2, ["idfa:d1"], "moved"),
-        Reassigned(c1, l1, ["gaid:d2", "loyalty_id:L1"], "split"),
-        Reassigned(l1, c2, ["gaid:d2"], "moved"),
+        Move(c1, c2, ["idfa:d1"], "moved"),
+        Move(c1, l1, ["gaid:d2", "loyalty_id:L1"], "split"),
+        Move(l1, c2, ["gaid:d2"], "moved"),
     ]
     assert set(w.fx.new_profiles) == {l1, c2}
     assert set(w.ws.edges) == {("crm_id:C2", "idfa:d1"), ("crm_id:C2", "gaid:d2")}
@@ -383,7 +383,7 @@ def test_the_50_identity_limit_removes_the_oldest_cookie_first() -> None:
 
     assert w.see("crm_id:C1", "email:a@x.com") == p
     assert len(w.keys(p)) == 50
-    assert w.fx.events == [Reassigned(p, None, ["ecid:k00"], "limit")]
+    assert w.fx.events == [Move(p, None, ["ecid:k00"], "limit")]
     assert w.fx.delete_nodes == {"ecid:k00"}
     assert w.fx.delete_edges == {("crm_id:C1", "ecid:k00")}
     assert "ecid:k00" not in w.ws.nodes
@@ -391,19 +391,19 @@ def test_the_50_identity_limit_removes_the_oldest_cookie_first() -> None:
 
     # a cookie seen again is not protected by its age alone: first_seen counts
     assert w.see("crm_id:C1", "ecid:k01", "ecid:k02", "email:b@x.com") == p
-    assert w.fx.events == [Reassigned(p, None, ["ecid:k03"], "limit")]
+    assert w.fx.events == [Move(p, None, ["ecid:k03"], "limit")]
 
 
 def test_the_limit_removes_cookies_then_devices_then_person_ids() -> None:
     w = World(max_identities=4)
     p = w.see("crm_id:C1", "email:e@x.com", "idfa:D", "ecid:K")
     assert w.see("crm_id:C1", "phone:+14155550100") == p
-    assert w.fx.events == [Reassigned(p, None, ["ecid:K"], "limit")]
+    assert w.fx.events == [Move(p, None, ["ecid:K"], "limit")]
     assert w.see("crm_id:C1", "email:f@x.com") == p
-    assert w.fx.events == [Reassigned(p, None, ["idfa:D"], "limit")]
+    assert w.fx.events == [Move(p, None, ["idfa:D"], "limit")]
     w.clock = 10
     assert w.see("crm_id:C1", "email:g@x.com") == p
-    assert w.fx.events == [Reassigned(p, None, ["email:e@x.com"], "limit")]
+    assert w.fx.events == [Move(p, None, ["email:e@x.com"], "limit")]
     assert w.keys(p) == {"crm_id:C1", "phone:+14155550100", "email:f@x.com", "email:g@x.com"}
 
 
@@ -411,7 +411,7 @@ def test_the_limit_never_removes_the_records_own_identities() -> None:
     w = World(max_identities=3)
     p = w.see("crm_id:C1", "ecid:K1", "ecid:K2")
     assert w.see("crm_id:C1", "ecid:K1", "email:a@x.com") == p
-    assert w.fx.events == [Reassigned(p, None, ["ecid:K2"], "limit")]
+    assert w.fx.events == [Move(p, None, ["ecid:K2"], "limit")]
     # one record with more identities than the limit keeps them all
     assert w.see("crm_id:C1", "ecid:K1", "email:a@x.com", "email:b@x.com") == p
     assert len(w.keys(p)) == 4
@@ -425,8 +425,8 @@ def test_removing_a_node_for_the_limit_can_split_the_graph() -> None:
 
     assert w.see("email:e@x.com", "phone:+14155550100") == p
     assert w.fx.events == [
-        Reassigned(p, None, ["ecid:K"], "limit"),
-        Reassigned(p, "p2", ["idfa:D"], "split"),
+        Move(p, None, ["ecid:K"], "limit"),
+        Move(p, "p2", ["idfa:D"], "split"),
     ]
     assert w.keys(p) == {"email:e@x.com", "phone:+14155550100"}
     assert w.keys("p2") == {"idfa:D"}

@@ -23,8 +23,8 @@ from services.ingest.service import IngestService
 from services.profile.service import ProfileService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import AdminFailure, ApplyBatch, ApplyBatchResult, ConfigObject
-from shared.messages import ChangeBatch, ProfileMerged
+from shared.admin import AdminFailure, ApplyMany, ApplyManyResult, ConfigObject
+from shared.messages import ChangeEnvelope, ProfileMerged
 from shared.runtime import Service
 from tests.helpers import eventually, running
 
@@ -48,8 +48,8 @@ async def platform(
         await admin.request(
             nc,
             subjects.admin("ingest", "apply"),
-            ApplyBatch([ConfigObject("dataset", legacy)]),
-            ApplyBatchResult,
+            ApplyMany([ConfigObject("dataset", legacy)]),
+            ApplyManyResult,
         )
         yield services
 
@@ -195,8 +195,8 @@ async def test_attribute_conflicts_resolve_as_each_merge_policy_says(
     await admin.request(
         nc,
         subjects.admin("profile", "apply"),
-        ApplyBatch([ConfigObject("merge_policy", policy)]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("merge_policy", policy)]),
+        ApplyManyResult,
     )
     # The legacy system says "Kate", earlier; the CRM says "Katie", later. Only the legacy
     # system knows the birth date. An older CRM record arriving late changes nothing.
@@ -242,8 +242,8 @@ async def test_attribute_conflicts_resolve_as_each_merge_policy_says(
         await admin.request(
             nc,
             subjects.admin("profile", "apply"),
-            ApplyBatch([ConfigObject("merge_policy", {**policy, "datasets": ["nope"]})]),
-            ApplyBatchResult,
+            ApplyMany([ConfigObject("merge_policy", {**policy, "datasets": ["nope"]})]),
+            ApplyManyResult,
         )
     assert bad.value.name == "legacy-first" and "nope" in bad.value.message
 
@@ -267,7 +267,7 @@ async def test_a_merge_announces_the_folded_id_and_old_identities_find_it(
     announced = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         body = (await js.get_msg("CDP_CHANGES", seq)).data or b""
-        for item in msgspec.msgpack.decode(body, type=ChangeBatch).items:
+        for item in msgspec.msgpack.decode(body, type=ChangeEnvelope).items:
             if isinstance(item, ProfileMerged):
                 announced.append((item.profile_id, item.folded))
     assert announced == [(first["profile_id"], [second["profile_id"]])]

@@ -31,13 +31,13 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     ErrorsQuery,
     ErrorsResult,
 )
-from shared.messages import Record, RecordBatch
+from shared.messages import Record, RecordEnvelope
 from tests.helpers import eventually, settings_for
 
 pytestmark = pytest.mark.asyncio
@@ -91,12 +91,12 @@ def objects(config: dict[str, Any]) -> list[ConfigObject]:
 
 async def apply_config(
     nc: Client, config: dict[str, Any], dry_run: bool = False
-) -> ApplyBatchResult:
+) -> ApplyManyResult:
     return await admin.request(
         nc,
         subjects.admin("ingest", "apply"),
-        ApplyBatch(objects(config), dry_run),
-        ApplyBatchResult,
+        ApplyMany(objects(config), dry_run),
+        ApplyManyResult,
     )
 
 
@@ -127,7 +127,7 @@ async def records_downstream(nc: Client) -> list[Record]:
         if info.state.messages == 0:
             break
         msg = await js.get_msg("CDP_RECORDS", seq)
-        out += msgspec.msgpack.decode(msg.data or b"", type=RecordBatch).records
+        out += msgspec.msgpack.decode(msg.data or b"", type=RecordEnvelope).records
     return out
 
 

@@ -13,7 +13,7 @@ from nats.aio.client import Client
 from ops.cli import people
 from ops.natsd import NatsServer
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest, GetResult
+from shared.admin import ApplyMany, ApplyManyResult, ConfigObject, GetRequest, GetResult
 from tests.helpers import eventually, lose_db, running
 from tests.test_merges import CLASSES, crm, iso, landed
 
@@ -44,8 +44,8 @@ async def test_merge_policies_survive_a_rebuild_of_profile_db(
         result = await admin.request(
             nc,
             subjects.admin("profile", "apply"),
-            ApplyBatch([ConfigObject("merge_policy", POLICY)]),
-            ApplyBatchResult,
+            ApplyMany([ConfigObject("merge_policy", POLICY)]),
+            ApplyManyResult,
         )
         assert [r.action for r in result.results] == ["created"]
         await nc.publish(

@@ -30,7 +30,7 @@ from services.ingest.service import IngestService
 from services.profile.service import ProfileService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, ServiceStatus, StatusRequest
+from shared.admin import ApplyMany, ApplyManyResult, ConfigObject, ServiceStatus, StatusRequest
 from shared.messages import MembershipEvent
 from shared.runtime import Service
 from tests.helpers import running
@@ -57,10 +57,10 @@ async def platform(
         await admin.request(
             nc,
             subjects.admin("segmentation", "apply"),
-            ApplyBatch(
+            ApplyMany(
                 [ConfigObject("segment", {"name": n, "expression": e}) for n, e in SEGMENTS.items()]
             ),
-            ApplyBatchResult,
+            ApplyManyResult,
         )
         yield services
 
@@ -136,7 +136,7 @@ def rows(folder: Path, db: str, sql: str, args: tuple[Any, ...] = ()) -> list[tu
 
 async def members(nc: Client, segment: str) -> int:
     listed = await admin.request(
-        nc, subjects.admin("segmentation", "list"), admin.BatchList(), admin.SegmentList
+        nc, subjects.admin("segmentation", "list"), admin.ListRequest(), admin.SegmentList
     )
     return next(s.members for s in listed.segments if s.name == segment)
 

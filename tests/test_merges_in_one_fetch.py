@@ -31,9 +31,9 @@ from services.destination.service import DestinationService
 from services.identity.service import IdentityService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, JobInfo, JobList, JobRun
+from shared.admin import ApplyMany, ApplyManyResult, ConfigObject, JobInfo, JobList, JobRun
 from shared.messages import (
-    ChangeBatch,
+    ChangeEnvelope,
     ChangeItem,
     ExperienceEvent,
     Identity,
@@ -115,8 +115,8 @@ async def apply_segment(nc: Client, name: str, expression: str) -> None:
     result = await admin.request(
         nc,
         subjects.admin("segmentation", "apply"),
-        ApplyBatch([ConfigObject("segment", {"name": name, "expression": expression})]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("segment", {"name": name, "expression": expression})]),
+        ApplyManyResult,
     )
     assert not getattr(result, "errors", None), result
 
@@ -128,7 +128,7 @@ async def run_job(nc: Client) -> None:
 
     async def done() -> bool:
         jobs = await admin.request(
-            nc, subjects.admin("segmentation", "jobs"), admin.BatchList(), JobList
+            nc, subjects.admin("segmentation", "jobs"), admin.ListRequest(), JobList
         )
         return any(j.job_id == job.job_id and j.status == "succeeded" for j in jobs.jobs)
 
@@ -183,7 +183,7 @@ async def test_a_delete_reaches_attributes_left_behind_when_their_person_split_o
     await admin.request(
         nc,
         subjects.admin("ingest", "apply"),
-        ApplyBatch(
+        ApplyMany(
             [
                 ConfigObject("schema", APP_SCHEMA),
                 ConfigObject(
@@ -191,7 +191,7 @@ async def test_a_delete_reaches_attributes_left_behind_when_their_person_split_o
                 ),
             ]
         ),
-        ApplyBatchResult,
+        ApplyManyResult,
     )
     await ingest(
         nc,
@@ -370,7 +370,7 @@ def pick(prefix: str, accept: Callable[[int], bool]) -> str:
 
 async def publish(nc: Client, profile_id: str, *items: ChangeItem) -> int:
     """One message of the profile service on the partition of `profile_id`."""
-    body = msgpack_encoder.encode(ChangeBatch(list(items)))
+    body = msgpack_encoder.encode(ChangeEnvelope(list(items)))
     ack = await nc.jetstream().publish(subjects.changes(part(profile_id)), body)
     return int(ack.seq)
 
@@ -519,7 +519,7 @@ async def test_a_destination_view_is_not_rebuilt_after_the_delete_by_a_lagging_c
     try:
         js = nc.jetstream()
         p = "p-deleted-person"
-        view_of_p = ChangeBatch(
+        view_of_p = ChangeEnvelope(
             [changed(p, ["email:p@example.com"], attributes={"email": "p@example.com"})]
         )
         ack = await js.publish(subjects.changes(part(p)), msgpack_encoder.encode(view_of_p))
@@ -535,7 +535,7 @@ async def test_a_destination_view_is_not_rebuilt_after_the_delete_by_a_lagging_c
         await offset(tmp_path, "destination", ack.seq)
         assert rows(tmp_path, "destination.db", "SELECT profile_id FROM profiles") == []
         # The view consumer catches up: P's last change, then the delete, in the stream.
-        last = ChangeBatch(
+        last = ChangeEnvelope(
             [
                 changed(p, ["email:p@example.com"], attributes={"email": "p@example.com", "x": 1}),
                 gone,

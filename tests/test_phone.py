@@ -22,8 +22,8 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     ErrorsQuery,
     ErrorsResult,
@@ -211,7 +211,7 @@ async def test_lookups_read_a_custom_hashed_namespace_as_identity_links_it(
             ),
         ]
         await admin.request(
-            nc, subjects.admin("ingest", "apply"), ApplyBatch(objects), ApplyBatchResult
+            nc, subjects.admin("ingest", "apply"), ApplyMany(objects), ApplyManyResult
         )
         await send(nc, "partner", {"key": digest.upper()})
 

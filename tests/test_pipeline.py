@@ -19,7 +19,7 @@ from services.profile.service import ProfileService
 from services.scheduler.service import SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject
+from shared.admin import ApplyMany, ApplyManyResult, ConfigObject
 from shared.runtime import Service
 from tests.helpers import eventually, settings_for
 
@@ -65,7 +65,7 @@ async def test_a_record_travels_from_ingest_to_segmentation(
     await admin.request(
         nc,
         subjects.admin("ingest", "apply"),
-        ApplyBatch(
+        ApplyMany(
             [
                 ConfigObject("schema", spec),
                 ConfigObject(
@@ -73,7 +73,7 @@ async def test_a_record_travels_from_ingest_to_segmentation(
                 ),
             ]
         ),
-        ApplyBatchResult,
+        ApplyManyResult,
     )
     js = nc.jetstream()
     event = {"ecid": "c1", "eventType": "web.pageview", "timestamp": "2026-11-29T10:00:00Z"}

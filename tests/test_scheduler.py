@@ -16,7 +16,7 @@ from services.scheduler.schedules import ScheduleError, check, last_due, missed,
 from services.scheduler.service import SEGMENTATION_SCHEDULE, SchedulerService
 from services.segmentation.service import SegmentationService
 from shared import admin, subjects
-from shared.admin import BatchList, JobInfo, JobList
+from shared.admin import JobInfo, JobList, ListRequest
 from tests.helpers import eventually, settings_for
 
 
@@ -70,7 +70,7 @@ async def test_a_daily_run_missed_while_down_runs_once_at_start(
 
             async def ran() -> bool:
                 jobs = await admin.request(
-                    nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList
+                    nc, subjects.admin("segmentation", "jobs"), ListRequest(), JobList
                 )
                 return [j.trigger for j in jobs.jobs] == ["missed"]
 

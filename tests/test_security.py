@@ -41,7 +41,7 @@ from ops.security import (
 )
 from services.scheduler.service import SchedulerService
 from shared import admin, subjects
-from shared.admin import ApplyBatch, ApplyBatchResult, ConfigObject, GetRequest
+from shared.admin import ApplyMany, ApplyManyResult, ConfigObject, GetRequest
 from shared.config import SERVICES
 from shared.streams import ensure_streams
 from shared.subjects import inbox_prefix
@@ -316,7 +316,7 @@ async def test_locked_down_platform_works_end_to_end_refuses_clients_and_logs_no
             await admin.request(
                 adm,
                 subjects.admin("destination", "apply"),
-                ApplyBatch(
+                ApplyMany(
                     [
                         ConfigObject(
                             "destination",
@@ -330,7 +330,7 @@ async def test_locked_down_platform_works_end_to_end_refuses_clients_and_logs_no
                         )
                     ]
                 ),
-                ApplyBatchResult,
+                ApplyManyResult,
             )
 
             # The client account: publish records, receive membership, look up a profile.
@@ -386,10 +386,10 @@ async def test_locked_down_platform_works_end_to_end_refuses_clients_and_logs_no
                 await admin.request(
                     client,
                     subjects.admin("ingest", "apply"),
-                    ApplyBatch(
+                    ApplyMany(
                         [ConfigObject("schema", {"name": "evil", "class": "profile", "fields": {}})]
                     ),
-                    ApplyBatchResult,
+                    ApplyManyResult,
                     timeout=2,
                 )
             await client.publish("cdp.config.schema.evil", b"{}")

@@ -28,15 +28,15 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
-    BatchList,
+    ApplyMany,
+    ApplyManyResult,
     ConfigObject,
     EstimateRequest,
     EstimateResult,
     JobInfo,
     JobList,
     JobRun,
+    ListRequest,
     SegmentList,
 )
 from shared.messages import MembershipEvent
@@ -61,18 +61,18 @@ async def platform(
         yield services
 
 
-async def apply_segments(nc: Client, *segments: dict[str, Any]) -> ApplyBatchResult:
+async def apply_segments(nc: Client, *segments: dict[str, Any]) -> ApplyManyResult:
     return await admin.request(
         nc,
         subjects.admin("segmentation", "apply"),
-        ApplyBatch([ConfigObject("segment", s) for s in segments]),
-        ApplyBatchResult,
+        ApplyMany([ConfigObject("segment", s) for s in segments]),
+        ApplyManyResult,
     )
 
 
 async def segment_list(nc: Client) -> dict[str, Any]:
     result = await admin.request(
-        nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+        nc, subjects.admin("segmentation", "list"), ListRequest(), SegmentList
     )
     return {s.name: s for s in result.segments}
 
@@ -290,12 +290,14 @@ async def test_streaming_and_batch_agree_on_20000_profiles(
     assert job.total == 20_000
 
     async def done() -> bool:
-        jobs = await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
+        jobs = await admin.request(
+            nc, subjects.admin("segmentation", "jobs"), ListRequest(), JobList
+        )
         return jobs.jobs[0].status == "succeeded"
 
     await eventually(done, timeout=120)
     final = (
-        await admin.request(nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList)
+        await admin.request(nc, subjects.admin("segmentation", "jobs"), ListRequest(), JobList)
     ).jobs[0]
     assert final.scanned == 20_000
     assert final.counts["eu-optin"] == {"members": len(expected), "realized": 0, "exited": 0}

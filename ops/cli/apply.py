@@ -16,8 +16,8 @@ from ops.cli.client import ClientError
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ApplyResult,
     ConfigObject,
     object_name,
@@ -153,7 +153,7 @@ async def apply_objects(
     results: list[ApplyResult] = []
     earlier: list[ConfigObject] = []
     for owner in order:
-        batch = ApplyBatch(groups[owner], dry_run, context=list(earlier) if dry_run else [])
+        batch = ApplyMany(groups[owner], dry_run, context=list(earlier) if dry_run else [])
         size = len(_encoder.encode(batch))
         if size > nc.max_payload:
             raise ClientError(
@@ -162,7 +162,7 @@ async def apply_objects(
                 "message may carry: split them into several files applied one after another"
             )
         try:
-            reply = await admin.request(nc, subjects.admin(owner, "apply"), batch, ApplyBatchResult)
+            reply = await admin.request(nc, subjects.admin(owner, "apply"), batch, ApplyManyResult)
         except AdminFailure as exc:
             where = exc.where()
             origin = (sources or {}).get((exc.kind or "", exc.name or ""), file)

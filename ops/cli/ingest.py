@@ -117,7 +117,7 @@ async def batch_state(nc: Client, batch_id: str) -> BatchInfo | None:
     listed = await admin.request(
         nc,
         subjects.admin("ingest", "batch.list"),
-        admin.BatchList(limit=1000),
+        admin.ListRequest(limit=1000),
         admin.BatchListResult,
     )
     return next((b for b in listed.batches if b.batch_id == batch_id), None)

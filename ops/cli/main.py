@@ -39,7 +39,6 @@ from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
     BatchInfo,
-    BatchList,
     BatchListResult,
     DeadLetters,
     DestinationList,
@@ -56,6 +55,7 @@ from shared.admin import (
     JobList,
     JobRun,
     LandedResult,
+    ListRequest,
     ReplayResult,
     SegmentList,
     ServiceStatus,
@@ -472,7 +472,7 @@ def batches(
     async def go() -> BatchListResult:
         async with connect(nats_url) as nc:
             return await admin.request(
-                nc, subjects.admin("ingest", "batch.list"), BatchList(limit), BatchListResult
+                nc, subjects.admin("ingest", "batch.list"), ListRequest(limit), BatchListResult
             )
 
     result = run(go)
@@ -544,7 +544,7 @@ def segments(ctx: typer.Context, nats_url: NatsOption = None) -> None:
     async def go() -> SegmentList:
         async with connect(nats_url) as nc:
             return await admin.request(
-                nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+                nc, subjects.admin("segmentation", "list"), ListRequest(), SegmentList
             )
 
     result = run(go)
@@ -591,11 +591,11 @@ def jobs(ctx: typer.Context, nats_url: NatsOption = None) -> None:
     async def go() -> JobList:
         async with connect(nats_url) as nc:
             segmentation = await admin.request(
-                nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList
+                nc, subjects.admin("segmentation", "jobs"), ListRequest(), JobList
             )
             try:
                 exports = await admin.request(
-                    nc, subjects.admin("destination", "jobs"), BatchList(), JobList
+                    nc, subjects.admin("destination", "jobs"), ListRequest(), JobList
                 )
             except nats.errors.NoRespondersError:
                 exports = JobList([])
@@ -644,7 +644,7 @@ def jobs_run(
                 while wait and job.status in ("queued", "running"):
                     await asyncio.sleep(0.25)
                     listed = await admin.request(
-                        nc, subjects.admin("segmentation", "jobs"), BatchList(), JobList
+                        nc, subjects.admin("segmentation", "jobs"), ListRequest(), JobList
                     )
                     job = next((j for j in listed.jobs if j.job_id == job.job_id), job)
                     progress.update(task, completed=job.scanned)
@@ -673,7 +673,7 @@ def destinations(ctx: typer.Context, nats_url: NatsOption = None) -> None:
     async def go() -> DestinationList:
         async with connect(nats_url) as nc:
             return await admin.request(
-                nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+                nc, subjects.admin("destination", "list"), ListRequest(), DestinationList
             )
 
     result = run(go)

@@ -24,10 +24,9 @@ from services.destination.model import SegmentMeta
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ApplyResult,
-    BatchList,
     DeadLetter,
     DeadLetters,
     DestinationInfo,
@@ -39,6 +38,7 @@ from shared.admin import (
     GetResult,
     JobInfo,
     JobList,
+    ListRequest,
     ReplayResult,
     SegmentList,
     apply_result,
@@ -81,20 +81,20 @@ class DestinationAdmin:
             return subjects.admin("destination", op)
 
         self._subs = [
-            await admin.serve(nc, area("apply"), ApplyBatch, self.apply),
+            await admin.serve(nc, area("apply"), ApplyMany, self.apply),
             await admin.serve(nc, area("get"), GetRequest, self.get),
-            await admin.serve(nc, area("list"), BatchList, self.list),
+            await admin.serve(nc, area("list"), ListRequest, self.list),
             await admin.serve(nc, area("dlq"), DestinationQuery, self.dlq),
             await admin.serve(nc, area("replay"), DestinationQuery, self.replay),
             await admin.serve(nc, area("export.run"), ExportRun, self.export),
-            await admin.serve(nc, area("jobs"), BatchList, self.jobs),
+            await admin.serve(nc, area("jobs"), ListRequest, self.jobs),
         ]
 
     async def stop(self) -> None:
         await admin.unsubscribe_all(self._subs)
 
     # -- configuration ---------------------------------------------------------------------------
-    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+    async def apply(self, request: ApplyMany) -> ApplyManyResult:
         planned: list[tuple[Destination, ApplyResult]] = []
         known = await self._segments() | request.known("segment")  # a dry run's too
         for obj in request.objects:
@@ -104,7 +104,7 @@ class DestinationAdmin:
             current = self.svc.destinations.get(dest.name)
             planned.append((dest, apply_result(KIND, dest.name, current, dest)))
         if request.dry_run:
-            return ApplyBatchResult([r for _, r in planned])
+            return ApplyManyResult([r for _, r in planned])
         now = time.time()
         for dest, result in planned:
             if result.action == "unchanged":
@@ -142,7 +142,7 @@ class DestinationAdmin:
                     segments=new_segments,
                     backfill=queued,
                 )
-        return ApplyBatchResult([r for _, r in planned])
+        return ApplyManyResult([r for _, r in planned])
 
     async def _check_addresses(self, dest: Destination) -> None:
         """The addresses the URL's host resolves to now (checked again at every send)."""
@@ -217,7 +217,7 @@ class DestinationAdmin:
 
     async def _segments(self) -> set[str]:
         listed = await admin.request(
-            self.svc.nc, subjects.admin("segmentation", "list"), BatchList(), SegmentList
+            self.svc.nc, subjects.admin("segmentation", "list"), ListRequest(), SegmentList
         )
         for seg in listed.segments:
             self._meta[seg.name] = SegmentMeta(
@@ -276,7 +276,7 @@ class DestinationAdmin:
         return GetResult(KIND, [to_builtins(dests[n]) for n in sorted(dests)])
 
     # -- status, dead letters ----------------------------------------------------------------------
-    async def list(self, _request: BatchList) -> DestinationList:
+    async def list(self, _request: ListRequest) -> DestinationList:
         db = self.svc.db
         stats = {
             r[0]: r[1:]
@@ -324,7 +324,7 @@ class DestinationAdmin:
             )
         return await run_export(self.svc, dest, request.trigger)
 
-    async def jobs(self, request: BatchList) -> JobList:
+    async def jobs(self, request: ListRequest) -> JobList:
         """Export jobs, newest first, as job records."""
         rows = await self.svc.db.execute_fetchall(
             "SELECT id, result FROM export_jobs ORDER BY id DESC LIMIT ?",

@@ -55,7 +55,7 @@ from shared.messages import (
     msgpack_encoder,
 )
 from shared.resources import Destination
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 from shared.runtime.probes import decode_probe, report_probe
 
 _deleted_decoder = msgspec.json.Decoder(ProfileDeleted)
@@ -149,7 +149,7 @@ class DestinationService(Service):
             self._wake[name].set()
 
     # -- the profile view ---------------------------------------------------------------------
-    async def handle_profiles(self, batch: Batch) -> None:
+    async def handle_profiles(self, batch: Step) -> None:
         upserts: dict[str, tuple[bytes, bytes, float]] = {}
         folded: list[str] = []
         """Profiles folded into others or deleted: their view goes."""
@@ -180,7 +180,7 @@ class DestinationService(Service):
         batch.tx.add_many(UPSERT_PROFILE, [(pid, *view) for pid, view in upserts.items()])
 
     # -- batch jobs ------------------------------------------------------------------------------
-    async def handle_jobs(self, batch: Batch) -> None:
+    async def handle_jobs(self, batch: Step) -> None:
         """After a batch job, audience managers receive the members realised before their
         segment metadata was synced, with status `existing`. Only a message that decodes as
         a finished segmentation job counts, never the subject alone."""
@@ -231,7 +231,7 @@ class DestinationService(Service):
         batch.after_commit(lambda: self.wake(touched))
 
     # -- memberships -> activations -----------------------------------------------------------
-    async def handle_memberships(self, batch: Batch) -> None:
+    async def handle_memberships(self, batch: Step) -> None:
         events: list[MembershipEvent] = []
         for d in batch.deliveries:
             if d.subject == subjects.PRIVACY_MEMBERSHIP:
@@ -249,7 +249,7 @@ class DestinationService(Service):
                 self.log.warning("undecodable membership event", seq=d.seq)
         await self._enqueue(batch, events)
 
-    async def _enqueue(self, batch: Batch, events: list[MembershipEvent]) -> None:
+    async def _enqueue(self, batch: Step, events: list[MembershipEvent]) -> None:
         if not events:
             return
         views = await self._views({e.profile_id for e in events})
@@ -340,7 +340,7 @@ class DestinationService(Service):
         self.wake([dest.name])
         return queued
 
-    async def _delete(self, batch: Batch, data: bytes) -> None:
+    async def _delete(self, batch: Step, data: bytes) -> None:
         """Privacy delete: tell destinations the person left, then forget them here."""
         try:
             item = _deleted_decoder.decode(data)

@@ -89,7 +89,7 @@ class RefusedLink(msgspec.Struct):
     reason: str
 
 
-class Reassigned(msgspec.Struct):
+class Move(msgspec.Struct):
     """Identities that left `from_profile`: "split" (to a new profile), "moved" (a device or
     cookie moved to another person) or "limit" (dropped from the graph, `to_profile` None)."""
 
@@ -99,14 +99,14 @@ class Reassigned(msgspec.Struct):
     reason: ReassignReason
 
 
-class Merged(msgspec.Struct):
+class Fold(msgspec.Struct):
     """The graphs of `folded` profiles joined the graph of `survivor`."""
 
     survivor: str
     folded: list[str]
 
 
-Event = Merged | Reassigned
+GraphEvent = Fold | Move
 
 
 # -- state and effects --------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class Effects:
         """Profile id -> created_at."""
         self.folded_profiles: dict[str, str] = {}
         """Folded profile id -> the survivor it now belongs to (chains are resolved)."""
-        self.events: list[Event] = []
+        self.events: list[GraphEvent] = []
         """Merges and reassignments in the order they happened."""
         self.refused: list[RefusedLink] = []
 
@@ -329,7 +329,7 @@ class _Record:
         self.placeholder: str | None = None
         """PENDING while the record's anchor is new and its graph has no profile id yet: it
         gets the id of the first existing graph it merges with, else a new profile."""
-        self.to_placeholder: list[Reassigned] = []
+        self.to_placeholder: list[Move] = []
         """Events naming the pending profile, to be given the final id."""
         self.first_event = 0
         self.refused: set[str] = set()
@@ -551,10 +551,10 @@ class IdentityGraph:
                 fx.folded_profiles[was] = survivor
         fx.folded_profiles[folded] = survivor
         last = fx.events[-1] if len(fx.events) > rec.first_event else None
-        if isinstance(last, Merged) and last.survivor == survivor:
+        if isinstance(last, Fold) and last.survivor == survivor:
             last.folded.append(folded)
         else:
-            fx.events.append(Merged(survivor, [folded]))
+            fx.events.append(Fold(survivor, [folded]))
 
     @staticmethod
     def _settle(ws: WorkingSet, fx: Effects, rec: _Record, profile_id: str) -> None:
@@ -574,7 +574,7 @@ class IdentityGraph:
             self._disconnect(ws, fx, edge_key(key, near))
         fx.upsert_nodes[key] = ws._relabel(key, new)
         self._connect(ws, fx, rec, anchor, key)
-        event = Reassigned(old, new, [key], "moved")
+        event = Move(old, new, [key], "moved")
         fx.events.append(event)
         if new == rec.placeholder:
             rec.to_placeholder.append(event)
@@ -605,7 +605,7 @@ class IdentityGraph:
             self._new_profile(ws, fx, new, rec.at)
             for key in part:
                 fx.upsert_nodes[key] = ws._relabel(key, new)
-            fx.events.append(Reassigned(profile_id, new, sorted(part), "split"))
+            fx.events.append(Move(profile_id, new, sorted(part), "split"))
             created.append(new)
         return created
 
@@ -649,7 +649,7 @@ class IdentityGraph:
                 ws._drop_node(victim.key)
                 fx.upsert_nodes.pop(victim.key, None)
                 fx.delete_nodes.add(victim.key)
-                fx.events.append(Reassigned(current, None, [victim.key], "limit"))
+                fx.events.append(Move(current, None, [victim.key], "limit"))
                 todo.extend(self._split(ws, fx, rec, current))
 
     # -- primitive changes, each recorded in the effects --

@@ -18,9 +18,7 @@ import nats.js.errors
 from nats.aio.subscription import Subscription
 
 from services.identity.errors import ReplayImpossible
-from services.identity.graph import Edge, Effects, IdentityGraph, Node, WorkingSet
-from services.identity.graph import Merged as GraphMerged
-from services.identity.graph import Reassigned as GraphReassigned
+from services.identity.graph import Edge, Effects, Fold, IdentityGraph, Move, Node, WorkingSet
 from services.identity.store import (
     DELETE_EDGE,
     DELETE_NODE,
@@ -47,7 +45,7 @@ from shared.messages import (
     PrivacyDelete,
     PrivacyReport,
     Probe,
-    ProfileBatch,
+    ProfileEnvelope,
     ProfileItem,
     Reassigned,
     Record,
@@ -57,7 +55,7 @@ from shared.messages import (
 )
 from shared.normalize import Unusable, normalized
 from shared.resources import BUILTIN_NAMESPACES, Namespace
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 from shared.runtime.partitioned import PartitionedOutput
 from shared.runtime.probes import report_probe
 
@@ -130,7 +128,7 @@ def _json_list(values: Iterable[str]) -> bytes:
 
 
 def _encode_items(items: list[ProfileItem]) -> bytes:
-    return msgpack_encoder.encode(ProfileBatch(items))
+    return msgpack_encoder.encode(ProfileEnvelope(items))
 
 
 class IdentityService(Service):
@@ -229,7 +227,7 @@ class IdentityService(Service):
         return int(number)
 
     # -- configuration ------------------------------------------------------------------
-    async def handle_namespaces(self, batch: Batch) -> None:
+    async def handle_namespaces(self, batch: Step) -> None:
         updates: dict[str, Namespace] = {}
         for d in batch.deliveries:
             try:
@@ -247,7 +245,7 @@ class IdentityService(Service):
         batch.after_commit(install)
 
     # -- records ---------------------------------------------------------------------------
-    async def handle_records(self, batch: Batch) -> None:
+    async def handle_records(self, batch: Step) -> None:
         """Link every record in order; tell the profile service, partition by partition and
         in causal order, which profile each record belongs to and what merged or moved."""
         messages = [(d.seq, record_batch_decoder.decode(d.data)) for d in batch.deliveries]
@@ -311,7 +309,7 @@ class IdentityService(Service):
         for subject, payload in out.messages():
             batch.emit(subject, payload)
 
-    def _pass_probe(self, probe: Probe, out: PartitionedOutput[ProfileItem], batch: Batch) -> None:
+    def _pass_probe(self, probe: Probe, out: PartitionedOutput[ProfileItem], batch: Step) -> None:
         n = self.settings.partitions
         out.add_everywhere(lambda p: Probe(probe.probe_id, p, n))
         report_probe(batch, probe, self.name, partitions=n)
@@ -338,7 +336,7 @@ class IdentityService(Service):
         partition of the profile they leave, behind every earlier item of both profiles."""
         for event in fx.events[reported:]:
             match event:
-                case GraphMerged(survivor=survivor, folded=folded):
+                case Fold(survivor=survivor, folded=folded):
                     parts = [self._part(f) for f in folded]
                     out.add_across(
                         parts[0],
@@ -346,7 +344,7 @@ class IdentityService(Service):
                         Merged(survivor, list(folded), at),
                     )
                     self.log.info("profiles merged", profile_id=survivor, folded=folded)
-                case GraphReassigned(from_profile=source, to_profile=target, keys=keys):
+                case Move(from_profile=source, to_profile=target, keys=keys):
                     identities = [Identity(*k.split(":", 1)) for k in keys]
                     item = Reassigned(source, target, identities, event.reason, at)
                     if target is None:
@@ -368,7 +366,7 @@ class IdentityService(Service):
         fx: Effects,
         req: PrivacyDelete,
         out: PartitionedOutput[ProfileItem],
-        batch: Batch,
+        batch: Step,
         *,
         report: bool = True,
     ) -> None:
@@ -481,7 +479,7 @@ class IdentityService(Service):
             ws.profiles[str(r[0])] = float(r[1])
         return ws
 
-    def _persist(self, fx: Effects, batch: Batch) -> None:
+    def _persist(self, fx: Effects, batch: Step) -> None:
         tx = batch.tx
         tx.add_many(DELETE_EDGE, list(fx.delete_edges))
         tx.add_many(DELETE_NODE, [(k,) for k in fx.delete_nodes])

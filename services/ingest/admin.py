@@ -20,16 +20,16 @@ from services.ingest.store import BATCH_COLUMNS, UPSERT_CONFIG
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ApplyResult,
     BatchInfo,
-    BatchList,
     BatchListResult,
     ErrorsQuery,
     ErrorsResult,
     GetRequest,
     GetResult,
+    ListRequest,
     RejectedRecord,
 )
 from shared.db import Tx, apply
@@ -120,7 +120,7 @@ class IngestAdmin:
     async def start(self) -> None:
         nc = self.svc.nc
         self._subs = [
-            await admin.serve(nc, subjects.admin("ingest", "apply"), ApplyBatch, self.apply),
+            await admin.serve(nc, subjects.admin("ingest", "apply"), ApplyMany, self.apply),
             await admin.serve(nc, subjects.admin("ingest", "get"), GetRequest, self.get),
             await admin.serve(
                 nc,
@@ -128,7 +128,9 @@ class IngestAdmin:
                 admin.BatchStart,
                 self.svc.batches.start_batch,
             ),
-            await admin.serve(nc, subjects.admin("ingest", "batch.list"), BatchList, self.batches),
+            await admin.serve(
+                nc, subjects.admin("ingest", "batch.list"), ListRequest, self.batches
+            ),
             await admin.serve(nc, subjects.admin("ingest", "errors"), ErrorsQuery, self.errors),
             await admin.serve(
                 nc, subjects.admin("ingest", "landed"), admin.LandedRequest, self.landed
@@ -142,7 +144,7 @@ class IngestAdmin:
         await admin.unsubscribe_all(self._subs)
 
     # -- configuration ---------------------------------------------------------------
-    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+    async def apply(self, request: ApplyMany) -> ApplyManyResult:
         """Plan every object on a scratch copy of the registry; commit all or none."""
         scratch = copy.deepcopy(self.svc.registry)
         planned: list[tuple[Namespace | Schema | Dataset, ApplyResult]] = []
@@ -161,7 +163,7 @@ class IngestAdmin:
                 await self._commit(changed)
                 self.svc.registry = scratch
                 self.svc.config_changed()
-        return ApplyBatchResult([r for _, r in planned])
+        return ApplyManyResult([r for _, r in planned])
 
     async def _commit(
         self, changed: list[tuple[Namespace | Schema | Dataset, ApplyResult]]
@@ -198,7 +200,7 @@ class IngestAdmin:
         return GetResult(kind, [to_builtins(s) for s in self.svc.registry.items(kind)])
 
     # -- batches and errors ------------------------------------------------------------
-    async def batches(self, request: BatchList) -> BatchListResult:
+    async def batches(self, request: ListRequest) -> BatchListResult:
         rows = await self.svc.db.execute_fetchall(
             f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY created_at DESC LIMIT ?",
             (max(1, min(request.limit, 1000)),),

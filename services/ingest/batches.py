@@ -33,7 +33,7 @@ from services.ingest.validation import Accepted, CompiledSchema, Problem
 from shared import subjects
 from shared.admin import AdminFailure, BatchInfo, BatchStart
 from shared.db import Tx, apply
-from shared.messages import Record, RecordBatch
+from shared.messages import Record, RecordEnvelope
 
 if TYPE_CHECKING:
     from services.ingest.service import IngestService
@@ -43,7 +43,7 @@ PROGRESS_EVERY_S = 0.2
 PUBLISH_WINDOW = 16
 _LEN = struct.Struct(">I")
 _info_encoder = msgspec.json.Encoder()
-_batch_decoder = msgspec.msgpack.Decoder(RecordBatch)
+_batch_decoder = msgspec.msgpack.Decoder(RecordEnvelope)
 
 
 class BatchFailed(IngestError):

@@ -14,7 +14,7 @@ from services.ingest.store import INSERT_REJECTED, ROW_OVERHEAD
 from services.ingest.validation import Accepted, Problem
 from shared.config import ConfigError, _phone_region
 from shared.db import Tx
-from shared.messages import Record, RecordBatch, encode_fitting, msgpack_encoder
+from shared.messages import Record, RecordEnvelope, encode_fitting, msgpack_encoder
 from shared.normalize import normalize_phone
 
 MAX_RECORDS_PER_MESSAGE = 500
@@ -177,6 +177,6 @@ def encoded(records: list[Record]) -> list[bytes]:
     `MAX_RECORDS_PER_MESSAGE` records and `MAX_MESSAGE_BYTES` bytes each, in order."""
     return encode_fitting(
         records,
-        lambda part: msgpack_encoder.encode(RecordBatch(part)),
+        lambda part: msgpack_encoder.encode(RecordEnvelope(part)),
         max_items=MAX_RECORDS_PER_MESSAGE,
     )

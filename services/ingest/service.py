@@ -47,13 +47,13 @@ from shared.messages import (
     PrivacyDelete,
     PrivacyReport,
     Record,
-    RecordBatch,
+    RecordEnvelope,
     json_encoder,
     msgpack_encoder,
     probe_decoder,
 )
 from shared.resources import Dataset
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 
 _delete_decoder = msgspec.json.Decoder(PrivacyDelete)
 RETENTION_INTERVAL = 60.0
@@ -224,7 +224,7 @@ class IngestService(Service):
         )
 
     # -- the streaming door ------------------------------------------------------------
-    async def handle_records(self, batch: Batch) -> None:
+    async def handle_records(self, batch: Step) -> None:
         now = time.time()
         accepted: list[Record] = []
         counts: Counter[tuple[str, bool]] = Counter()
@@ -293,16 +293,16 @@ class IngestService(Service):
         task = asyncio.create_task(self.refresh_error_stats(), name="error-store-stats")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _pass_probe(self, batch: Batch, data: bytes) -> None:
+    def _pass_probe(self, batch: Step, data: bytes) -> None:
         try:
             probe = probe_decoder.decode(data)
         except msgspec.DecodeError as exc:
             self.log.warning("malformed probe ignored", error=str(exc))
             return
-        batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], probes=[probe])))
+        batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordEnvelope([], probes=[probe])))
 
     async def _privacy_delete(
-        self, batch: Batch, data: bytes, now: float, pending: dict[str, set[str]]
+        self, batch: Step, data: bytes, now: float, pending: dict[str, set[str]]
     ) -> None:
         try:
             request = _delete_decoder.decode(data)
@@ -320,7 +320,7 @@ class IngestService(Service):
             del pending[record_id]
         removed = len(ids)
         batch.tx.add(DELETE_BY_KEYS, (keys,))
-        batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordBatch([], deletes=[request])))
+        batch.emit(subjects.RECORDS, msgpack_encoder.encode(RecordEnvelope([], deletes=[request])))
         report = PrivacyReport(
             request_id=request.request_id,
             service=self.name,

@@ -16,7 +16,7 @@ from services.profile.store import UPSERT_NAMESPACE
 from shared import subjects
 from shared.normalize import Unusable, normalized
 from shared.resources import BUILTIN_NAMESPACES, Namespace
-from shared.runtime import Batch, ConsumerSpec
+from shared.runtime import ConsumerSpec, Step
 
 if TYPE_CHECKING:
     from services.profile.service import ProfileService
@@ -45,7 +45,7 @@ class ProfileNamespaces:
             ns = _namespace_decoder.decode(spec)
             self.namespaces[ns.symbol] = ns
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: Step) -> None:
         updates: dict[str, Namespace] = {}
         for d in batch.deliveries:
             try:

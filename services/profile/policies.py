@@ -19,8 +19,8 @@ from services.profile.store import UPSERT_POLICY
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     ApplyResult,
     GetRequest,
     GetResult,
@@ -29,7 +29,7 @@ from shared.admin import (
 )
 from shared.db import Tx, apply
 from shared.resources import PLURALS, MergePolicy, to_builtins
-from shared.runtime import Batch, ConsumerSpec
+from shared.runtime import ConsumerSpec, Step
 from shared.runtime.actor import Outgoing, publish_outbox
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class MergePolicies:
             description="merge policies, as this service published them on the config stream",
         )
 
-    async def handle_policies(self, batch: Batch) -> None:
+    async def handle_policies(self, batch: Step) -> None:
         updates: dict[str, MergePolicy] = {}
         now = time.time()
         for d in batch.deliveries:
@@ -91,14 +91,14 @@ class MergePolicies:
         await publish_outbox(self.svc.js, self.svc.db, out, self.svc.log, lambda: False)
         nc = self.svc.nc
         self._subs = [
-            await admin.serve(nc, subjects.admin("profile", "apply"), ApplyBatch, self.apply),
+            await admin.serve(nc, subjects.admin("profile", "apply"), ApplyMany, self.apply),
             await admin.serve(nc, subjects.admin("profile", "get"), GetRequest, self.get_request),
         ]
 
     async def stop(self) -> None:
         await admin.unsubscribe_all(self._subs)
 
-    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+    async def apply(self, request: ApplyMany) -> ApplyManyResult:
         scratch = dict(self._policies)
         results: list[ApplyResult] = []
         for obj in request.objects:
@@ -136,7 +136,7 @@ class MergePolicies:
             await apply(self.svc.db, tx)
             self._policies = scratch
             await publish_outbox(self.svc.js, self.svc.db, out, self.svc.log, lambda: False)
-        return ApplyBatchResult(results)
+        return ApplyManyResult(results)
 
     @staticmethod
     def _outgoing(policy: MergePolicy, payload: bytes, at: float) -> Outgoing:

@@ -42,7 +42,7 @@ from shared.messages import (
     profile_batch_decoder,
 )
 from shared.resources import Dataset
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 from shared.runtime.probes import decode_probe, report_probe
 
 EXPIRY_EVERY_S = 600.0
@@ -134,7 +134,7 @@ class ProfileService(Service):
             await asyncio.sleep(EXPIRY_EVERY_S)
 
     # -- configuration ---------------------------------------------------------------------
-    async def handle_datasets(self, batch: Batch) -> None:
+    async def handle_datasets(self, batch: Step) -> None:
         updates: dict[str, Dataset] = {}
         for d in batch.deliveries:
             try:
@@ -146,7 +146,7 @@ class ProfileService(Service):
             batch.tx.add(UPSERT_DATASET, (ds.name, d.data))
         batch.after_commit(lambda: self.datasets.update(updates))
 
-    async def handle_memberships(self, batch: Batch) -> None:
+    async def handle_memberships(self, batch: Step) -> None:
         """Write membership changes back onto the profile, for live profiles only: a change
         of a profile folded or deleted since is no one's any more."""
         events: list[MembershipEvent] = []
@@ -166,7 +166,7 @@ class ProfileService(Service):
         )
 
     # -- the unified profile -----------------------------------------------------------------
-    async def handle_items(self, batch: Batch) -> None:
+    async def handle_items(self, batch: Step) -> None:
         """Load what the items touch (a query per table), apply them in order in memory
         (`ProfileStep`), and commit the writes and the changes for segmentation."""
         items = [i for d in batch.deliveries for i in profile_batch_decoder.decode(d.data).items]

@@ -67,7 +67,7 @@ from services.profile.store import (
 from shared import subjects
 from shared.db import Tx
 from shared.messages import (
-    ChangeBatch,
+    ChangeEnvelope,
     ChangeItem,
     Deleted,
     ExperienceEvent,
@@ -110,7 +110,7 @@ def follow(redirect: dict[str, str], profile_id: str) -> str:
 
 
 def _encode_changes(items: list[ChangeItem]) -> bytes:
-    return msgpack_encoder.encode(ChangeBatch(items))
+    return msgpack_encoder.encode(ChangeEnvelope(items))
 
 
 @dataclass

@@ -27,9 +27,8 @@ from services.scheduler.store import INSERT_JOB_EVENT, INSERT_RUN, MIGRATIONS
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
-    BatchList,
+    ApplyMany,
+    ApplyManyResult,
     DestinationList,
     ExportResult,
     ExportRun,
@@ -37,12 +36,13 @@ from shared.admin import (
     GetResult,
     JobInfo,
     JobRun,
+    ListRequest,
     apply_result,
     decode_object,
 )
 from shared.db import Tx, apply
 from shared.resources import NAME_RE, PLURALS, Schedule, to_builtins
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 
 SEGMENTATION_SCHEDULE = "segmentation-daily"
 KIND = "schedule"
@@ -95,7 +95,7 @@ class SchedulerService(Service):
         self._subs = await admin.serve_all(
             self.nc,
             [
-                (subjects.admin("scheduler", "apply"), ApplyBatch, self.apply),
+                (subjects.admin("scheduler", "apply"), ApplyMany, self.apply),
                 (subjects.admin("scheduler", "get"), GetRequest, self.get),
             ],
         )
@@ -182,7 +182,7 @@ class SchedulerService(Service):
         await apply(self.db, tx)
 
     # -- configuration -----------------------------------------------------------------------
-    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+    async def apply(self, request: ApplyMany) -> ApplyManyResult:
         planned = []
         for obj in request.objects:
             schedule = decode_object(obj, KIND, "scheduler", Schedule)
@@ -194,7 +194,7 @@ class SchedulerService(Service):
                 )
             )
         if request.dry_run:
-            return ApplyBatchResult([r for _, r in planned])
+            return ApplyManyResult([r for _, r in planned])
         for schedule, result in planned:
             if result.action == "unchanged":
                 continue
@@ -211,7 +211,7 @@ class SchedulerService(Service):
                 await self._stop_task(gone)
             await self._stop_task(schedule.name)
             await self._begin(schedule)
-        return ApplyBatchResult([r for _, r in planned])
+        return ApplyManyResult([r for _, r in planned])
 
     def _check(self, schedule: Schedule) -> None:
         def fail(field: str, message: str) -> AdminFailure:
@@ -242,7 +242,7 @@ class SchedulerService(Service):
         return GetResult(KIND, [to_builtins(active[n]) for n in sorted(active)])
 
     # -- after segmentation -------------------------------------------------------------------
-    async def handle_job_events(self, batch: Batch) -> None:
+    async def handle_job_events(self, batch: Step) -> None:
         batch.tx.add_many(INSERT_JOB_EVENT, ((d.seq, d.subject, d.data) for d in batch.deliveries))
         done = [
             d
@@ -264,7 +264,7 @@ class SchedulerService(Service):
         """Every file destination exporting "after segmentation" runs its export now."""
         try:
             listed = await admin.request(
-                self.nc, subjects.admin("destination", "list"), BatchList(), DestinationList
+                self.nc, subjects.admin("destination", "list"), ListRequest(), DestinationList
             )
         except (AdminFailure, nats.errors.Error, TimeoutError) as exc:
             self.log.warning("cannot list destinations for exports", error=repr(exc))

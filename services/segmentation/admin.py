@@ -19,8 +19,8 @@ from services.segmentation.store import UPSERT_SEGMENT
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
-    ApplyBatch,
-    ApplyBatchResult,
+    ApplyMany,
+    ApplyManyResult,
     EstimateRequest,
     EstimateResult,
     GetRequest,
@@ -33,9 +33,9 @@ from shared.admin import (
     decode_object,
 )
 from shared.db import Tx, apply
-from shared.messages import ChangeBatch, ExperienceEvent, Recheck, msgpack_encoder
+from shared.messages import ChangeEnvelope, ExperienceEvent, Recheck, msgpack_encoder
 from shared.resources import PLURALS, Segment, to_builtins
-from shared.runtime import Batch
+from shared.runtime import Step
 
 if TYPE_CHECKING:
     from services.segmentation.service import SegmentationService
@@ -95,7 +95,7 @@ class SegmentJobs:
             for pid in pids:
                 by_part[self.svc._part(pid)].append(pid)
             for part, group in by_part.items():
-                body = msgpack_encoder.encode(ChangeBatch([Recheck(group, now, job_id)]))
+                body = msgpack_encoder.encode(ChangeEnvelope([Recheck(group, now, job_id)]))
                 await self.svc.js.publish(subjects.changes(part), body)
         self.svc.log.info("segmentation job started", job_id=job_id, profiles=total)
         return JobInfo(
@@ -109,7 +109,7 @@ class SegmentJobs:
 
     async def record_progress(
         self,
-        batch: Batch,
+        batch: Step,
         scanned: dict[str, int],
         counts: dict[str, dict[str, dict[str, int]]],
         now: float,
@@ -192,12 +192,12 @@ class SegmentationAdmin:
             return subjects.admin("segmentation", op)
 
         self._subs = [
-            await admin.serve(nc, area("apply"), ApplyBatch, self.apply),
+            await admin.serve(nc, area("apply"), ApplyMany, self.apply),
             await admin.serve(nc, area("get"), GetRequest, self.get),
-            await admin.serve(nc, area("list"), admin.BatchList, self.list_segments),
+            await admin.serve(nc, area("list"), admin.ListRequest, self.list_segments),
             await admin.serve(nc, area("estimate"), EstimateRequest, self.estimate),
             await admin.serve(nc, area("job.run"), JobRun, self.jobs.run),
-            await admin.serve(nc, area("jobs"), admin.BatchList, self.list_jobs),
+            await admin.serve(nc, area("jobs"), admin.ListRequest, self.list_jobs),
         ]
         # A job interrupted while it was handing out profiles cannot finish: say so.
         tx = Tx()
@@ -211,7 +211,7 @@ class SegmentationAdmin:
     async def stop(self) -> None:
         await admin.unsubscribe_all(self._subs)
 
-    async def apply(self, request: ApplyBatch) -> ApplyBatchResult:
+    async def apply(self, request: ApplyMany) -> ApplyManyResult:
         scratch = Catalog()
         scratch.segments = dict(self.svc.catalog.segments)
         planned = []
@@ -243,7 +243,7 @@ class SegmentationAdmin:
             if tx:
                 await apply(self.svc.db, tx)
                 self.svc.catalog = scratch
-        return ApplyBatchResult([r for _, r in planned])
+        return ApplyManyResult([r for _, r in planned])
 
     async def _check_policy(self, segment: str, policy: str) -> None:
         """The merge policy must exist: ask the profile service, which owns them."""
@@ -302,7 +302,7 @@ class SegmentationAdmin:
             )
         return SegmentList(out)
 
-    async def list_jobs(self, request: admin.BatchList) -> JobList:
+    async def list_jobs(self, request: admin.ListRequest) -> JobList:
         return JobList(await self.jobs.list(max(1, min(request.limit, 200))))
 
     async def estimate(self, request: EstimateRequest) -> EstimateResult:

@@ -41,7 +41,7 @@ from services.segmentation.store import (
 from shared import subjects
 from shared.db import Tx, apply
 from shared.messages import (
-    ChangeBatch,
+    ChangeEnvelope,
     ChangeItem,
     ExperienceEvent,
     Identity,
@@ -56,7 +56,7 @@ from shared.messages import (
     json_encoder,
     msgpack_encoder,
 )
-from shared.runtime import Batch, ConsumerSpec, Service
+from shared.runtime import ConsumerSpec, Service, Step
 from shared.runtime.probes import report_probe
 
 MAX_EVENTS_PER_PROFILE = 5000
@@ -108,7 +108,7 @@ class _Profile:
     """segment -> when the profile is due to be evaluated again"""
     job_id: str | None = None
     moved_in: set[str] = field(default_factory=set)
-    """Batch segments a merge moved onto this profile in this batch (not announced yet)."""
+    """Step segments a merge moved onto this profile in this batch (not announced yet)."""
     capped: bool = False
     """Events arrived: the 5,000-event cap is applied."""
     known: bool = False
@@ -181,7 +181,7 @@ class SegmentationService(Service):
         return subjects.partition_of(profile_id, self.settings.partitions)
 
     # -- the actor -------------------------------------------------------------------------
-    async def handle_changes(self, batch: Batch) -> None:
+    async def handle_changes(self, batch: Step) -> None:
         """Load every profile the items name (a query per table), apply the items in order
         in memory (changes, merges, deletes, rechecks) with the writes to events in the same
         order, evaluate what they may affect, and write the rest once per table."""
@@ -316,7 +316,7 @@ class SegmentationService(Service):
 
     def _evaluate(
         self,
-        batch: Batch,
+        batch: Step,
         w: _Writes,
         *,
         pid: str,
@@ -385,7 +385,7 @@ class SegmentationService(Service):
 
     def _evaluate_columns(
         self,
-        batch: Batch,
+        batch: Step,
         w: _Writes,
         *,
         job_id: str,
@@ -481,7 +481,7 @@ class SegmentationService(Service):
 
     def _set(
         self,
-        batch: Batch,
+        batch: Step,
         w: _Writes,
         *,
         pid: str,
@@ -579,7 +579,7 @@ class SegmentationService(Service):
     # -- merges and deletes ---------------------------------------------------------------
     def _fold(
         self,
-        batch: Batch,
+        batch: Step,
         *,
         profiles: dict[str, _Profile],
         folded: str,
@@ -619,13 +619,13 @@ class SegmentationService(Service):
 
     def _announce_moves(
         self,
-        batch: Batch,
+        batch: Step,
         w: _Writes,
         profiles: dict[str, _Profile],
         gone: set[str],
         now: float,
     ) -> None:
-        """Batch memberships moved by merges, on the profiles that hold them at the end of
+        """Step memberships moved by merges, on the profiles that hold them at the end of
         the batch, with the identities those profiles have then."""
         for pid, p in profiles.items():
             if pid in gone or not p.moved_in:
@@ -639,7 +639,7 @@ class SegmentationService(Service):
 
     def _persist(
         self,
-        batch: Batch,
+        batch: Step,
         w: _Writes,
         *,
         profiles: dict[str, _Profile],
@@ -678,7 +678,7 @@ class SegmentationService(Service):
         for sql, rows in w.rows.items():
             tx.add_many(sql, [r for r in rows if r[0] not in gone])
 
-    async def _delete(self, batch: Batch, item: ProfileDeleted) -> None:
+    async def _delete(self, batch: Step, item: ProfileDeleted) -> None:
         plist = _json_list(item.profile_ids)
         removed: dict[str, int] = {}
         for table in ("facts", "events", "memberships", "timers"):
@@ -719,7 +719,7 @@ class SegmentationService(Service):
                 for pid in due:
                     by_part[self._part(pid)].append(pid)
                 for part, pids in by_part.items():
-                    body = msgpack_encoder.encode(ChangeBatch([Recheck(pids, now)]))
+                    body = msgpack_encoder.encode(ChangeEnvelope([Recheck(pids, now)]))
                     await self.js.publish(subjects.changes(part), body)
                 tx = Tx()  # not again until the actor has had time to act on them
                 tx.add(

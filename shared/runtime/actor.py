@@ -1,4 +1,4 @@
-"""What a handler sees (`Batch`, `Delivery`), what a service declares (`ConsumerSpec`),
+"""What a handler sees (`Step`, `Delivery`), what a service declares (`ConsumerSpec`),
 and the loop that feeds one durable consumer to its handler (`ConsumerRunner`).
 
 The effect of each message is applied exactly once:
@@ -93,7 +93,7 @@ class Outgoing(msgspec.Struct, frozen=True):
     payload: bytes
 
 
-class Batch:
+class Step:
     """The messages of one fetch, the writes they cause and the messages they emit.
 
     A handler reads what it needs from `db` (one query per batch, not per record), adds
@@ -124,7 +124,7 @@ class Batch:
         self._notes.append((subject, payload))
 
 
-Handler = Callable[[Batch], Awaitable[None]]
+Handler = Callable[[Step], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -178,11 +178,14 @@ class ConsumerRunner:
         """Why the consumer cannot apply what it fetched now (a full disk), else None."""
         self._log = structlog.get_logger(service=service, consumer=spec.name)
         self._labels = (service, spec.name)
-        self._step = Step(spec.name, spec.handler, db, self._log)
+        self._step = Committer(spec.name, spec.handler, db, self._log, self._committed)
 
     @property
     def offset(self) -> int:
         return self._offset
+
+    def _committed(self, seq: int) -> None:
+        self._offset = seq
 
     async def prepare(self) -> None:
         """Load the committed offset and (re)create the durable consumer right after it."""
@@ -355,7 +358,7 @@ class Applied(msgspec.Struct):
     failed: int = 0
 
 
-class Step:
+class Committer:
     """Applies deliveries to a handler and commits the result: the handler's writes, its
     outbox, the failed messages and the offset, in one SQLite transaction; then runs its
     after-commit updates. No NATS here: the runner publishes what `handle` returns, and
@@ -367,8 +370,10 @@ class Step:
         handler: Handler,
         db: aiosqlite.Connection,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        committed: Callable[[int], None] | None = None,
     ) -> None:
         self.consumer = consumer
+        self._committed = committed
         self.handler = handler
         self.db = db
         self.log = log or structlog.get_logger(consumer=consumer)
@@ -378,7 +383,7 @@ class Step:
         order, each committed before the next so that each sees what came before it; a
         message that fails alone is kept in `rt_failed` with its error."""
         applied = Applied([])
-        batch = Batch(self.consumer, deliveries, self.db)
+        batch = Step(self.consumer, deliveries, self.db)
         try:
             with structlog.contextvars.bound_contextvars(
                 consumer=self.consumer, first_seq=deliveries[0].seq, last_seq=deliveries[-1].seq
@@ -387,7 +392,7 @@ class Step:
         except Exception:
             self.log.warning("batch failed, retrying message by message", size=len(deliveries))
             for d in deliveries:
-                single = Batch(self.consumer, [d], self.db)
+                single = Step(self.consumer, [d], self.db)
                 with structlog.contextvars.bound_contextvars(
                     consumer=self.consumer, subject=d.subject, seq=d.seq, msg_id=d.msg_id
                 ):
@@ -406,7 +411,7 @@ class Step:
     async def _apply(
         self,
         applied: Applied,
-        batch: Batch | None,
+        batch: Step | None,
         failed: list[tuple[Delivery, str]],
         last_seq: int,
     ) -> None:
@@ -426,6 +431,8 @@ class Step:
         )
         tx.add(_SET_OFFSET, (self.consumer, last_seq))
         await apply(self.db, tx)
+        if self._committed is not None:
+            self._committed(last_seq)
         if batch is not None:
             applied.handled += len(batch.deliveries)
             for fn in batch._after:

@@ -2,7 +2,7 @@
 
 A test opens a `StepHarness` with the service's migrations (a real SQLite, in memory
 unless a path is given), hands a handler a list of deliveries, and reads what the step
-committed and what it would publish. The commit is the runtime's own (`Step`): the
+committed and what it would publish. The commit is the runtime's own (`Committer`): the
 handler's writes, its outbox and its offset in one transaction, a failing batch retried
 message by message, a message that fails alone kept with its error. Only the transport is
 left out: what the runner would publish is returned instead, in order.
@@ -22,7 +22,7 @@ import aiosqlite
 import msgspec
 
 from shared.db import Migration, open_db, write_lock
-from shared.runtime.actor import RUNTIME_MIGRATIONS, Delivery, Handler, Outgoing, Step
+from shared.runtime.actor import RUNTIME_MIGRATIONS, Committer, Delivery, Handler, Outgoing
 
 
 class StepOutput(msgspec.Struct):
@@ -68,7 +68,7 @@ class StepHarness:
         """Apply `deliveries` to `handler` as the runner does, and commit."""
         if not deliveries:
             return StepOutput([], [], 0, 0)
-        applied = await Step(consumer, handler, self.db).handle(deliveries)
+        applied = await Committer(consumer, handler, self.db).handle(deliveries)
         messages = [m for out, _ in applied.rounds for m in out]
         if messages:  # as if published: the outbox is emptied
             async with write_lock(self.db):

@@ -10,12 +10,12 @@ import structlog
 
 from shared import subjects
 from shared.messages import Probe, ProbeReport, json_encoder, probe_decoder
-from shared.runtime.actor import Batch
+from shared.runtime.actor import Step
 
 _log = structlog.get_logger()
 
 
-def report_probe(batch: Batch, probe: Probe, stage: str, partitions: int | None = None) -> None:
+def report_probe(batch: Step, probe: Probe, stage: str, partitions: int | None = None) -> None:
     """Send `stage`'s report of `probe` once the batch is committed and published."""
     report = ProbeReport(
         probe_id=probe.probe_id,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import msgspec
 
 from shared.db import Migration
-from shared.runtime import Batch, ConsumerSpec, Service, run_service
+from shared.runtime import ConsumerSpec, Service, Step, run_service
 from shared.subjects import StreamSpec
 
 IN_STREAM = StreamSpec("TEST_COUNT", ("test.count.*",), "test input")
@@ -45,7 +45,7 @@ class CounterActor(Service):
     def consumers(self) -> Sequence[ConsumerSpec]:
         return (ConsumerSpec("counter", IN_STREAM, self.handle),)
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: Step) -> None:
         for d in batch.deliveries:
             item = _decode.decode(d.data)
             if item.key == "poison":
