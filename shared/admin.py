@@ -444,6 +444,22 @@ class SegmentList(msgspec.Struct):
     segments: list[SegmentInfo]
 
 
+class PublishedSegment(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A segment as its owner (segmentation) publishes it on `cdp.config.segment.<name>`
+    (JSON, through its outbox), so that other services (destination) learn segment names,
+    methods and merge policies from the stream instead of asking. The latest message per
+    subject is the segment's state; `deleted` marks a removed segment."""
+
+    name: str
+    expression: str = ""
+    description: str = ""
+    merge_policy: str | None = None
+    method: str = ""
+    """streaming or batch"""
+    reason: str = ""
+    deleted: bool = False
+
+
 class EstimateRequest(msgspec.Struct):
     expression: str
     sample: int = 2000

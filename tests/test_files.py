@@ -15,10 +15,10 @@ from services.ingest.files import (
     ERROR_KEY,
     FileFormatError,
     FileReader,
-    Format,
     Row,
     detect_format,
 )
+from services.ingest.formats import Format
 
 
 def read_all(path: Path, fmt: Format, chunk_rows: int = 5000) -> tuple[list[Row], FileReader]:

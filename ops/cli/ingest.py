@@ -16,17 +16,9 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from ops.cli.client import ClientError
+from services.ingest.formats import EXTENSIONS, FORMATS
 from shared import admin, subjects
 from shared.admin import AdminFailure, BatchInfo, BatchStart
-
-FORMATS = {
-    ".csv": "csv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
 
 _info_decoder = msgspec.json.Decoder(BatchInfo)
 
@@ -38,10 +30,10 @@ def new_batch_id() -> str:
 
 def file_format(path: Path, explicit: str | None) -> str:
     if explicit:
-        if explicit not in ("csv", "jsonl", "parquet"):
-            raise ClientError(f"unknown format {explicit!r}: csv, jsonl or parquet")
+        if explicit not in FORMATS:
+            raise ClientError(f"unknown format {explicit!r}: {', '.join(FORMATS)}")
         return explicit
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise ClientError(
             f"{path}: cannot tell the format from {path.suffix!r}; use --format csv|jsonl|parquet"

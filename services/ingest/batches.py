@@ -26,7 +26,8 @@ from nats.js.object_store import ObjectStore
 
 from services.ingest.admin import batch_from_row
 from services.ingest.errors import IngestError
-from services.ingest.files import FileReader, Format, Row
+from services.ingest.files import FileReader, Row
+from services.ingest.formats import Format
 from services.ingest.records import encoded, reject_row, to_record
 from services.ingest.store import BATCH_COLUMNS, BUMP_COUNTS, INSERT_BATCH, UPDATE_BATCH
 from services.ingest.validation import Accepted, CompiledSchema, Problem

@@ -30,19 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from services.ingest.errors import IngestError
+from services.ingest.formats import EXTENSIONS, Format
 
-Format = Literal["csv", "jsonl", "parquet"]
 RowKind = Literal["flat", "raw", "object"]
 
-EXTENSIONS: dict[str, Format] = {
-    ".csv": "csv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-"""File extension (lower case) -> format."""
 
 ERROR_KEY = "__error__"
 """Key of a CSV row's value that holds why the row is malformed (absent when it is not)."""
