@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -54,9 +53,8 @@ from bench import Progress, Result, rate
 from bench import segments as bench_segments
 from ops.cli.apply import apply_objects, load_file
 from ops.cli.ingest import run_batch
-from ops.cli.supervisor import ProcessSpec, Supervisor
-from ops.cli.up import health_urls, wait_ready
-from ops.natsd import NatsServer, free_port
+from ops.natsd import free_port
+from ops.platform import NotReady, Platform
 from shared import admin, subjects
 from shared.admin import (
     BatchInfo,
@@ -69,8 +67,6 @@ from shared.admin import (
     ListRequest,
     SegmentList,
 )
-from shared.config import SERVICES, port_variable
-from shared.streams import ensure_streams
 
 ROOT = Path(__file__).resolve().parent.parent
 RETAIL_CONFIG = ROOT / "examples" / "retail" / "config.yaml"
@@ -153,67 +149,35 @@ async def until(check: Callable[[], bool], interval: float = 0.05) -> None:
 
 # -- the platform ------------------------------------------------------------------------
 @dataclass
-class Platform:
-    folder: Path
-    server: NatsServer
-    supervisor: Supervisor
-    env: dict[str, str]
+class Live:
+    """The platform under measure, and the benchmark's connection to it."""
+
+    platform: Platform
     nc: Client
     js: JetStreamContext
 
 
 @asynccontextmanager
-async def platform_up(folder: Path, extra_env: dict[str, str]) -> AsyncIterator[Platform]:
+async def platform_up(folder: Path, extra_env: dict[str, str]) -> AsyncIterator[Live]:
     """nats-server, the streams and the six services as processes, as `cdp up` does."""
-    data_dir = folder / "var"
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    server = NatsServer(data_dir / "nats", port=free_port(), log_file=logs / "nats.log")
-    await server.start()
-    env = {
-        "CDP_DATA_DIR": str(data_dir),
-        "CDP_NATS_URL": server.url,
-        "CDP_LOG_FORMAT": "json",
-        **{port_variable(name): str(free_port()) for name in SERVICES},
-        **extra_env,
-    }
-    specs = [
-        ProcessSpec(
-            name,
-            [sys.executable, "-m", f"services.{name}"],
-            env=env,
-            log_file=logs / f"{name}.log",
-        )
-        for name in SERVICES
-    ]
-    supervisor = Supervisor(specs)
+    platform = Platform(folder / "var", env=extra_env, ready_timeout=90)
+    try:
+        await platform.start()
+    except NotReady as exc:
+        raise PlatformError(f"services not ready within 90s: {exc.states}") from None
     nc: Client | None = None
     try:
-        setup = await nats.connect(server.url, connect_timeout=5)
-        try:
-            await ensure_streams(setup.jetstream())
-        finally:
-            await setup.close()
-        await supervisor.start()
-        urls = health_urls({**os.environ, **env})
-        states = await wait_ready(urls, timeout=90)
-        not_ready = {n: why for n, (ok, why) in states.items() if not ok}
-        if not_ready:
-            raise PlatformError(f"services not ready within 90s: {not_ready}")
-        nc = await nats.connect(server.url, name="cdp-bench", connect_timeout=5)
-        yield Platform(folder, server, supervisor, env, nc, nc.jetstream())
+        nc = await platform.connect("cdp-bench")
+        yield Live(platform, nc, nc.jetstream())
     finally:
-        codes: dict[str, int | None] = {}
         try:
             if nc is not None:
                 await nc.close()
-            codes = await supervisor.stop()
-            await server.stop()
         finally:
-            server.kill()  # interrupted while stopping: leave no nats-server behind
+            codes = await platform.stop()
     bad = {n: c for n, c in codes.items() if c not in (0, None)}
     if bad:
-        raise PlatformError(f"services exited with errors: {bad} (logs in {logs})")
+        raise PlatformError(f"services exited with errors: {bad} (logs in {platform.logs})")
 
 
 async def drained(js: JetStreamContext, quiet_s: float = 0.5) -> None:
@@ -453,7 +417,7 @@ def latency_results(name: str, seconds: list[float], detail: str) -> list[Result
 
 
 # -- the measures ----------------------------------------------------------------------------
-async def configure(p: Platform, webhook_url: str) -> None:
+async def configure(p: Live, webhook_url: str) -> None:
     objects = load_file(RETAIL_CONFIG)
     objects += [ConfigObject("segment", s) for s in bench_segments.objects()]
     objects.append(
@@ -484,7 +448,7 @@ async def profiles_in_segmentation(nc: Client) -> int:
     return found.profiles
 
 
-async def batch_ingestion(p: Platform, scale: Scale, crm: Path) -> list[Result]:
+async def batch_ingestion(p: Live, scale: Scale, crm: Path) -> list[Result]:
     rows = scale.profiles
     started = time.perf_counter()
     async with bounded("batch ingestion", limit_for(rows, 2_000, 120)):
@@ -522,7 +486,7 @@ async def batch_ingestion(p: Platform, scale: Scale, crm: Path) -> list[Result]:
     ]
 
 
-async def run_job(p: Platform, total: int, label: str) -> tuple[Result, JobInfo]:
+async def run_job(p: Live, total: int, label: str) -> tuple[Result, JobInfo]:
     t0 = time.perf_counter()
     job = await admin.request(
         p.nc,
@@ -571,7 +535,7 @@ async def run_job(p: Platform, total: int, label: str) -> tuple[Result, JobInfo]
     )
 
 
-async def batch_segmentation(p: Platform, scale: Scale) -> list[Result]:
+async def batch_segmentation(p: Live, scale: Scale) -> list[Result]:
     first, _ = await run_job(p, scale.profiles, "first run")
     limit = limit_for(scale.profiles, 1_000)
     async with bounded("batch segmentation: memberships delivered", limit):
@@ -582,7 +546,7 @@ async def batch_segmentation(p: Platform, scale: Scale) -> list[Result]:
     return [first, second]
 
 
-async def lookups(p: Platform, emails: list[str]) -> list[Result]:
+async def lookups(p: Live, emails: list[str]) -> list[Result]:
     took: list[float] = []
     async with bounded("profile lookups", limit_for(len(emails), 50)):
         for email in emails:
@@ -606,7 +570,7 @@ async def lookups(p: Platform, emails: list[str]) -> list[Result]:
 
 
 async def paced_latency(
-    p: Platform, rate: int, emails: list[str], seen: Memberships, hook: Webhook
+    p: Live, rate: int, emails: list[str], seen: Memberships, hook: Webhook
 ) -> list[Result]:
     n = len(emails)
     if n == 0:
@@ -663,9 +627,7 @@ async def paced_latency(
     ]
 
 
-async def throughput(
-    p: Platform, events: list[bytes], logins: int, seen: Memberships
-) -> list[Result]:
+async def throughput(p: Live, events: list[bytes], logins: int, seen: Memberships) -> list[Result]:
     before = await segment_members(p.nc, bench_segments.LOGGED_IN)
     membership_seq = await stream_last_seq(p.js, subjects.STREAM_MEMBERSHIP.name)
     count_before, ids_before = seen.count, len(seen.ids)
@@ -751,7 +713,7 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
             platform_up(folder, {WEBHOOK_SECRET_VAR: "bench-secret"}) as p,
         ):
             seen = Memberships()
-            watcher = await nats.connect(p.server.url, name="cdp-bench-memberships")
+            watcher = await p.platform.connect("cdp-bench-memberships")
             try:
                 await watcher.subscribe(
                     subjects.MEMBERSHIP_ALL,

@@ -13,6 +13,7 @@ import msgspec
 from nats.aio.client import Client
 
 from ops.cli.apply import apply_objects, load_file
+from ops.platform import Platform
 from shared.config import Settings
 from shared.runtime import Service
 
@@ -45,18 +46,20 @@ async def running(
     nc: Client,
     **overrides: object,
 ) -> AsyncIterator[dict[str, Service]]:
-    """Start these services in-process against one nats-server, apply the retail example's
-    configuration, and stop them (in reverse order) afterwards. `overrides` are settings
-    every service gets (e.g. `phone_region="FR"`)."""
-    services = {c.name: c(settings_for(c.name, nats_url, data_dir, **overrides)) for c in classes}
-    try:
-        for svc in services.values():
-            await svc.start()
+    """Start these services in-process against one nats-server (the platform's in-process
+    bring-up), apply the retail example's configuration, and stop them (in reverse order)
+    afterwards. `overrides` are settings every service gets (e.g. `phone_region="FR"`).
+    The dict it yields is the platform's: a service put in its place is the one stopped."""
+    platform = Platform(
+        data_dir,
+        nats_url=nats_url,
+        in_process=True,
+        services=[c.name for c in classes],
+        settings=overrides,
+    )
+    async with platform:
         await apply_objects(nc, load_file(RETAIL_CONFIG), dry_run=False, file=str(RETAIL_CONFIG))
-        yield services
-    finally:
-        for svc in reversed(list(services.values())):
-            await svc.stop()
+        yield platform.services
 
 
 async def all_ready(session: aiohttp.ClientSession, ports: dict[str, int]) -> bool:

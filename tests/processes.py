@@ -1,5 +1,5 @@
-"""The six services as separate OS processes under the supervisor, as `cdp up` runs them,
-against a test's nats-server: free ports, one data folder, one log file per service."""
+"""The platform as tests bring it up (ops.platform), with reads of the services' SQLite
+files; and `cdp up` itself in a subprocess, its output collected."""
 
 from __future__ import annotations
 
@@ -9,104 +9,42 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
-import nats
 
-from ops.cli.supervisor import ProcessSpec, Supervisor
-from ops.cli.up import readiness, wait_ready
-from ops.natsd import free_port
+from ops import platform
 from shared.config import SERVICES, port_variable
-from shared.streams import ensure_streams
 from tests.helpers import all_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Platform:
-    """`async with Platform(nats_url, data_dir, env) as p:` starts the six services, waits
-    until every /readyz answers 200, and stops them afterwards (`p.codes`: exit statuses)."""
+class Platform(platform.Platform):
+    """The six services as OS processes under the supervisor, as `cdp up` runs them,
+    against a test's nats-server (free ports, one data folder, a log file each, quiet
+    logs, quick restarts):
+
+        async with Platform(data_dir, nats_url=url, env={...}) as p: ...
+
+    `p.codes` holds the exit statuses afterwards."""
 
     def __init__(
         self,
-        nats_url: str,
         data_dir: Path,
-        env: dict[str, str] | None = None,
-        services: tuple[str, ...] = SERVICES,
+        *,
+        nats_url: str,
+        env: Mapping[str, str] | None = None,
+        services: Sequence[str] = SERVICES,
     ) -> None:
-        self.nats_url = nats_url
-        self.data_dir = data_dir
-        self.ports = {name: free_port() for name in services}
-        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
-        common = {
-            "CDP_NATS_URL": nats_url,
-            "CDP_DATA_DIR": str(data_dir),
-            "CDP_LOG_FORMAT": "json",
-            "CDP_LOG_LEVEL": "warning",
-            "PYTHONPATH": str(ROOT),
-            **{port_variable(n): str(p) for n, p in self.ports.items()},
-            **(env or {}),
-        }
-        self.specs = [
-            ProcessSpec(
-                name,
-                [sys.executable, "-m", f"services.{name}"],
-                env=common,
-                log_file=data_dir / "logs" / f"{name}.log",
-            )
-            for name in services
-        ]
-        self.supervisor = Supervisor(self.specs, backoff_initial=0.2)
-        self.codes: dict[str, int | None] = {}
-
-    def db(self, service: str) -> Path:
-        return self.data_dir / f"{service}.db"
-
-    def log_tail(self, service: str, chars: int = 3000) -> str:
-        path = self.data_dir / "logs" / f"{service}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-    async def start(self, timeout: float = 60.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        nc = await nats.connect(self.nats_url, connect_timeout=5)
-        try:
-            await ensure_streams(nc.jetstream())
-        finally:
-            await nc.close()
-        await self.supervisor.start()
-        states = await wait_ready(self.urls, timeout)
-        not_ready = {n: why for n, (ok, why) in states.items() if not ok}
-        if not_ready:
-            await self.stop()
-            raise AssertionError(f"services not ready: {not_ready}")
-
-    async def stop(self) -> dict[str, int | None]:
-        self.codes = await self.supervisor.stop()
-        return self.codes
-
-    async def __aenter__(self) -> Platform:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def ready(self, service: str) -> bool:
-        """Whether `service` answers 200 on /readyz now."""
-        async with aiohttp.ClientSession() as session:
-            ok, _why = await readiness(session, self.urls[service])
-        return ok
-
-    async def all_ready(self) -> dict[str, str]:
-        """The services that do not answer 200 on /readyz, with why (empty: all ready)."""
-        async with aiohttp.ClientSession() as session:
-            out = {}
-            for name, url in self.urls.items():
-                ok, why = await readiness(session, url)
-                if not ok:
-                    out[name] = why
-            return out
+        super().__init__(
+            data_dir,
+            nats_url=nats_url,
+            services=services,
+            env={"CDP_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **(env or {})},
+            backoff_initial=0.2,
+        )
 
     def query(
         self, service: str, sql: str, args: tuple[object, ...] = ()

@@ -370,7 +370,7 @@ async def test_sigkill_each_service_midstream_every_record_reflected_once(
     chunks = [records[k * step : (k + 1) * step if k < 6 else TOTAL] for k in range(7)]
     async with (
         WebhookServer(signing_secret=SECRET) as hook,
-        Platform(nats_server.url, tmp_path / "data", platform_env()) as platform,
+        Platform(tmp_path / "data", nats_url=nats_server.url, env=platform_env()) as platform,
     ):
         await configure(nc, hook)
         sup = platform.supervisor
@@ -429,7 +429,7 @@ async def test_nats_server_restart_midstream_loses_nothing(
     records = stream(time.time())
     async with (
         WebhookServer(signing_secret=SECRET) as hook,
-        Platform(nats_server.url, tmp_path / "data", platform_env()) as platform,
+        Platform(tmp_path / "data", nats_url=nats_server.url, env=platform_env()) as platform,
     ):
         await configure(nc, hook)
         sent = [0]
@@ -508,7 +508,9 @@ async def test_a_consumer_that_dies_makes_its_service_exit_and_be_restarted(
     consumer's transaction fails, the process exits non-zero (it does not linger with its
     port open), the supervisor restarts it, and once the lock is gone every record is
     ingested, once."""
-    async with Platform(nats_server.url, tmp_path / "data", services=("ingest",)) as platform:
+    async with Platform(
+        tmp_path / "data", nats_url=nats_server.url, services=("ingest",)
+    ) as platform:
         await apply_objects(nc, ingest_objects(), dry_run=False, file=str(RETAIL_CONFIG))
         sup = platform.supervisor
         lock = sqlite3.connect(platform.db("ingest"), timeout=10, isolation_level=None)

@@ -525,7 +525,7 @@ async def test_malformed_traffic_is_rejected_with_a_reason_and_valid_traffic_arr
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     traffic = draw_traffic()
-    async with Platform(nats_server.url, tmp_path / "data") as platform:
+    async with Platform(tmp_path / "data", nats_url=nats_server.url) as platform:
         await apply_objects(nc, load_file(RETAIL_CONFIG), dry_run=False, file=str(RETAIL_CONFIG))
         stop = asyncio.Event()
         not_ready: list[dict[str, str]] = []

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from ops.cli.supervisor import ProcessSpec, Supervisor
 from ops.natsd import NatsServer, free_port
+from ops.supervisor import ProcessSpec, Supervisor
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]

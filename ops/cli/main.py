@@ -26,8 +26,9 @@ from ops.cli.check import CheckReport, wait_landed
 from ops.cli.check import check as run_check
 from ops.cli.client import ClientError, connect
 from ops.cli.ingest import file_format, run_batch
-from ops.cli.up import health_urls, readiness, run_up
+from ops.cli.up import run_up
 from ops.natsd import server_config
+from ops.platform import health_urls, readiness
 from ops.security import (
     activation_subjects,
     app_names,
