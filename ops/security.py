@@ -236,6 +236,16 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
     }
 
 
+def granted_consumers(
+    activation: Iterable[str] = DEFAULT_ACTIVATION_SUBJECTS,
+) -> dict[str, set[tuple[str, str]]]:
+    """Each service's durable consumers, as the table grants them: (stream, durable)."""
+    return {
+        service: {(spec.name, durable) for spec, durable in uses.consumes}
+        for service, uses in _uses(activation).items()
+    }
+
+
 def _jetstream(uses: _Uses) -> list[str]:
     api = "$JS.API"
     out = [f"{api}.INFO"]
