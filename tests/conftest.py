@@ -10,9 +10,9 @@ import pytest_asyncio
 from hypothesis import HealthCheck, settings
 from nats.aio.client import Client
 
-from ops.natsd import NatsServer, free_port
+from ops.natsd import NatsServer
+from ops.platform import Platform
 from shared.log import configure_logging
-from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS
 from tests.actors.counter import IN_STREAM, OUT_STREAM
 
@@ -31,18 +31,16 @@ COUNTER_STREAMS = (IN_STREAM, OUT_STREAM)
 
 @pytest_asyncio.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(tmp_path / "jetstream", port=free_port(), log_file=tmp_path / "nats.log")
-    await server.start()
-    # Services only check that their streams exist; creating them is the admin's job.
-    setup = await nats.connect(server.url)
+    """The platform without its services: nats-server (JetStream in `tmp_path/nats`) and
+    the streams. Services only check that their streams exist; creating them is the
+    admin's job."""
+    platform = Platform(tmp_path, services=(), streams=(*ALL_STREAMS, *COUNTER_STREAMS))
+    await platform.start()
     try:
-        await ensure_streams(setup.jetstream(), (*ALL_STREAMS, *COUNTER_STREAMS))
+        assert platform.server is not None
+        yield platform.server
     finally:
-        await setup.close()
-    try:
-        yield server
-    finally:
-        await server.stop()
+        await platform.stop()
 
 
 @pytest_asyncio.fixture
