@@ -149,10 +149,10 @@ async def test_apply_is_idempotent_and_dry_run_changes_nothing(
     crm = next(r for r in dry.results if r.name == "crm-profile")
     assert crm.action == "updated"
     assert [c.path for c in crm.changes] == ["fields.nickname"]
-    assert "nickname" not in ingest.registry.schemas["crm-profile"].fields
+    assert "nickname" not in ingest.state.registry.schemas["crm-profile"].fields
     real = await apply_config(nc, changed)
     assert next(r for r in real.results if r.name == "crm-profile").action == "updated"
-    assert "nickname" in ingest.registry.schemas["crm-profile"].fields
+    assert "nickname" in ingest.state.registry.schemas["crm-profile"].fields
 
 
 async def test_config_is_published_for_other_services(ingest: IngestService, nc: Client) -> None:
