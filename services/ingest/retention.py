@@ -50,6 +50,8 @@ class Retention:
         self.size = 0
         """The error store's size, as of the last refresh plus what was added since (an
         upper bound: deletes are not subtracted)."""
+        self.added = 0
+        """Bytes added ever (to tell what a refresh may not have seen)."""
         self.dropped = 0
         self._last = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -59,6 +61,7 @@ class Retention:
         """Count `added` bytes; add retention to `tx` when it is due. Returns whether it
         did (then `refresh` once `tx` committed)."""
         self.size += added
+        self.added += added
         if not due(self.size, self.max_bytes, now, self._last):
             return False
         self.store.drop_old(
@@ -74,16 +77,20 @@ class Retention:
         await self.store.apply(tx)
         await self.refresh()
 
-    async def refresh(self) -> None:
+    async def refresh(self, since: int | None = None) -> None:
+        """Read the store's size and dropped count. What was added after `since` (a value
+        of `added`, taken once the writes before it committed; by default now) is counted
+        on top, perhaps twice, so that the size stays an upper bound."""
+        before = self.added if since is None else since
         stats = await self.store.error_stats()
-        self.size = stats.size
+        self.size = stats.size + self.added - before
         if stats.dropped > self.dropped:
             self.on_dropped(stats.dropped - self.dropped)
         self.dropped = stats.dropped
 
     def refresh_soon(self) -> None:
-        """Refresh in the background (after a step that ran retention committed)."""
-        task = asyncio.create_task(self.refresh(), name="error-store-stats")
+        """Refresh in the background, right after a step that ran retention committed."""
+        task = asyncio.create_task(self.refresh(self.added), name="error-store-stats")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def start(self) -> None:
