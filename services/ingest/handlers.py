@@ -1,9 +1,10 @@
 """The ingest actor's step: one consumer over every `cdp.ingest.<dataset>` subject.
 
-Load nothing, decide with `rules.route` (validation against each dataset's compiled
-schema), persist its effects: rejected records into the error store, accepted ones to
-identity (`cdp.x.records`) through the outbox, a privacy delete carried out over the
-error store and passed on, a probe passed on behind the records before it.
+Decide the whole batch with `rules.route` (validation against each dataset's compiled
+schema), then persist its effects in order: rejected records into the error store,
+accepted ones to identity (`cdp.x.records`) through the outbox, a privacy delete carried
+out over the error store (its one read: the stored records the person's keys find) and
+passed on, a probe passed on behind the records before it.
 """
 
 from __future__ import annotations

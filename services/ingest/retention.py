@@ -64,16 +64,19 @@ class Retention:
         self.added += added
         if not due(self.size, self.max_bytes, now, self._last):
             return False
+        self._drop(tx, now)
+        return True
+
+    def _drop(self, tx: Tx, now: float) -> None:
         self.store.drop_old(
             tx, now - self.max_age_s, self.max_bytes * KEEP_FRACTION, self.max_bytes
         )
         self._last = now
-        return True
 
     async def run(self) -> None:
         """Apply retention in a transaction of its own, then refresh the counts."""
         tx = Tx()
-        self.add(tx, time.time(), self.max_bytes + 1)
+        self._drop(tx, time.time())
         await self.store.apply(tx)
         await self.refresh()
 
