@@ -15,11 +15,12 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.ingest.files import Row
 from services.ingest.handlers import Records
 from services.ingest.records import identity_keys, payload_keys
 from services.ingest.registry import Registry
 from services.ingest.retention import Retention
-from services.ingest.rules import Forget, Forward, Incoming, Reject, route
+from services.ingest.rules import Forget, Forward, Incoming, Reject, route, sort_rows, validate_rows
 from services.ingest.state import IngestState
 from services.ingest.store import MIGRATIONS, Store
 from services.ingest.validation import Limits
@@ -266,6 +267,24 @@ def test_the_rule_orders_effects_as_the_messages_came() -> None:
     forget = effects.steps[2]
     assert isinstance(forget, Forget) and forget.pending == ["r2"] and forget.keys == ["b"]
     assert effects.counts == {"crm": (1, 1)}
+
+
+def test_a_batch_files_bad_rows_are_kept_with_their_row_numbers_and_good_ones_go_on() -> None:
+    found = configured(CONFIG).compiled("crm")
+    assert found is not None
+    rows = [
+        Row(1, "flat", {"crm_id": "A", "age": "41"}, b'{"crm_id":"A","age":"41"}'),
+        Row(2, "flat", {"crm_id": "B", "__error__": "row has 1 cell"}, b'{"crm_id":"B"}'),
+        Row(3, "flat", {"crm_id": "C", "age": "old"}, b'{"crm_id":"C","age":"old"}'),
+    ]
+    records, rejected = sort_rows(
+        validate_rows(rows, found[1]), batch_id="b1", dataset="crm", record_class="profile", now=1.0
+    )
+    assert [(r.record_id, r.batch_id, r.payload["age"]) for r in records] == [("bb1-1", "b1", 41)]
+    assert [(r.record_id, r.row_number, r.source, r.reason) for r in rejected] == [
+        ("bb1-2", 2, "batch", "malformed row"),
+        ("bb1-3", 3, "batch", "wrong type"),
+    ]
 
 
 # -- the key index against its reference ----------------------------------------------------
