@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -11,10 +12,13 @@ from pathlib import Path
 import aiohttp
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from ops.cli.apply import apply_objects, load_file
 from ops.platform import Platform
+from shared import subjects
 from shared.config import Settings
+from shared.messages import Probe, RecordEnvelope, json_encoder
 from shared.runtime import Service
 
 
@@ -85,3 +89,26 @@ async def lose_db(services: dict[str, Service], name: str) -> Service:
     fresh = type(old)(old.settings)
     services[name] = fresh
     return fresh
+
+
+async def ingest_drained(nc: Client, timeout: float = 20.0) -> None:
+    """Wait until the ingest service has applied everything published to the ingest stream
+    before this call: a probe published behind it comes out on the records stream (no
+    other service needs to run)."""
+    probe_id = f"drain-{secrets.token_hex(6)}"
+    passed = asyncio.Event()
+
+    async def on_records(msg: Msg) -> None:
+        try:
+            envelope = msgspec.msgpack.decode(msg.data, type=RecordEnvelope)
+        except msgspec.DecodeError:
+            return
+        if any(p.probe_id == probe_id for p in envelope.probes):
+            passed.set()
+
+    sub = await nc.subscribe(subjects.RECORDS, cb=on_records)
+    try:
+        await nc.jetstream().publish(subjects.PROBE, json_encoder.encode(Probe(probe_id)))
+        await asyncio.wait_for(passed.wait(), timeout)
+    finally:
+        await sub.unsubscribe()

@@ -17,8 +17,8 @@ import msgspec
 import pytest
 import yaml
 
-from services.ingest.batches import validate_rows
 from services.ingest.files import FileReader, detect_format
+from services.ingest.rules import validate_rows
 from services.ingest.validation import CompiledSchema
 from shared.resources import Schema
 

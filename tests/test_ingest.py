@@ -38,7 +38,7 @@ from shared.admin import (
     ErrorsResult,
 )
 from shared.messages import Record, RecordEnvelope
-from tests.helpers import eventually, settings_for
+from tests.helpers import eventually, ingest_drained, settings_for
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,10 +149,10 @@ async def test_apply_is_idempotent_and_dry_run_changes_nothing(
     crm = next(r for r in dry.results if r.name == "crm-profile")
     assert crm.action == "updated"
     assert [c.path for c in crm.changes] == ["fields.nickname"]
-    assert "nickname" not in ingest.registry.schemas["crm-profile"].fields
+    assert "nickname" not in ingest.state.registry.schemas["crm-profile"].fields
     real = await apply_config(nc, changed)
     assert next(r for r in real.results if r.name == "crm-profile").action == "updated"
-    assert "nickname" in ingest.registry.schemas["crm-profile"].fields
+    assert "nickname" in ingest.state.registry.schemas["crm-profile"].fields
 
 
 async def test_config_is_published_for_other_services(ingest: IngestService, nc: Client) -> None:
@@ -376,7 +376,7 @@ async def test_the_same_nats_msg_id_is_ingested_once(ingest: IngestService, nc: 
     assert second.duplicate and not first.duplicate
     await js.publish("cdp.ingest.crm", json.dumps({"crm_id": "D2"}).encode())
     await eventually(lambda: _count_downstream(nc, 2))
-    await asyncio.sleep(0.2)
+    await ingest_drained(nc)
     ids = [r.payload["crm_id"] for r in await records_downstream(nc)]
     assert sorted(ids) == ["D1", "D2"]
 
@@ -481,7 +481,8 @@ async def test_batch_with_10_percent_bad_rows_fails_and_ingests_nothing(
     errors = await errors_for(nc, info.batch_id)
     assert errors.total == 1000
     assert {r.row_number for r in errors.records} == bad
-    await asyncio.sleep(0.3)
+    # A batch publishes its records before it reports its end; the stream's are drained.
+    await ingest_drained(nc)
     assert await records_downstream(nc) == []
 
 

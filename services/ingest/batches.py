@@ -18,60 +18,38 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from services.ingest.admin import batch_from_row
 from services.ingest.errors import IngestError
 from services.ingest.files import FileReader, Row
-from services.ingest.formats import Format
-from services.ingest.records import encoded, reject_row, to_record
-from services.ingest.store import BATCH_COLUMNS, BUMP_COUNTS, INSERT_BATCH, UPDATE_BATCH
-from services.ingest.validation import Accepted, CompiledSchema, Problem
+from services.ingest.formats import FORMATS, Format
+from services.ingest.records import encoded
+from services.ingest.retention import Retention
+from services.ingest.rules import Validated, sort_rows, validate_rows
+from services.ingest.state import IngestState
+from services.ingest.store import Store
+from services.ingest.validation import CompiledSchema
 from shared import subjects
-from shared.admin import AdminFailure, BatchInfo, BatchStart
-from shared.db import Tx, apply
-from shared.messages import Record, RecordEnvelope
-
-if TYPE_CHECKING:
-    from services.ingest.service import IngestService
+from shared.admin import BatchInfo, BatchStart, Conflict, Invalid, NotFound
+from shared.db import Tx
+from shared.messages import Record
 
 CHUNK_ROWS = 5000
 PROGRESS_EVERY_S = 0.2
 PUBLISH_WINDOW = 16
 _LEN = struct.Struct(">I")
 _info_encoder = msgspec.json.Encoder()
-_batch_decoder = msgspec.msgpack.Decoder(RecordEnvelope)
 
 
 class BatchFailed(IngestError):
     code = "batch_failed"
-
-
-def validate_rows(
-    rows: list[Row],
-    compiled: CompiledSchema,
-) -> list[tuple[Row, Accepted | list[Problem]]]:
-    """Validate a chunk of rows (runs in a worker thread)."""
-    out: list[tuple[Row, Accepted | list[Problem]]] = []
-    for row in rows:
-        result: Accepted | list[Problem]
-        if row.kind == "flat":
-            value = row.value
-            error = value.get("__error__") if isinstance(value, dict) else None
-            if error:
-                result = [Problem("malformed row", "", "as many cells as the header", str(error))]
-            else:
-                result = compiled.validate_row(value)
-        elif row.kind == "raw":
-            result = compiled.validate_json(row.value)
-        else:
-            result = compiled.validate_object(row.value)
-        out.append((row, result))
-    return out
 
 
 def _spool_write(spool: IO[bytes], records: list[Record]) -> None:
@@ -88,30 +66,39 @@ def _spool_read(path: Path) -> Iterator[bytes]:
 
 
 class BatchJobs:
-    def __init__(self, service: IngestService) -> None:
-        self.svc = service
-        self.live: dict[str, BatchInfo] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._store: ObjectStore | None = None
+    """The batch file jobs: started by the admin API, resumed at start, run as tasks."""
 
-    @property
-    def work_dir(self) -> Path:
-        return self.svc.settings.data_dir / "batches"
+    def __init__(
+        self,
+        *,
+        store: Store,
+        state: IngestState,
+        retention: Retention,
+        nc: Client,
+        js: JetStreamContext,
+        work_dir: Path,
+    ) -> None:
+        self.store = store
+        self.state = state
+        self.retention = retention
+        self.nc = nc
+        self.js = js
+        self.work_dir = work_dir
+        self.live: dict[str, BatchInfo] = {}
+        """The batches running now, as they are."""
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._objects: ObjectStore | None = None
+        self.log = structlog.get_logger(service="ingest")
 
     async def start(self) -> None:
-        js = self.svc.js
+        js = self.js
         try:
-            self._store = await js.object_store(subjects.BATCH_BUCKET)
+            self._objects = await js.object_store(subjects.BATCH_BUCKET)
         except NotFoundError:
-            self._store = await js.create_object_store(subjects.BATCH_BUCKET)
+            self._objects = await js.create_object_store(subjects.BATCH_BUCKET)
         # Batches a previous run did not finish run again from the start.
-        rows = await self.svc.db.execute_fetchall(
-            f"SELECT {BATCH_COLUMNS} FROM batches WHERE status IN ('queued', 'validating', "
-            "'ingesting') ORDER BY created_at"
-        )
-        for row in rows:
-            info = batch_from_row(row)
-            self.svc.log.info("resuming batch", batch_id=info.batch_id)
+        for info in await self.store.unfinished_batches():
+            self.log.info("resuming batch", batch_id=info.batch_id)
             self._launch(info)
 
     async def stop(self) -> None:
@@ -125,41 +112,18 @@ class BatchJobs:
 
     async def start_batch(self, request: BatchStart) -> BatchInfo:
         """Admin: register a batch for an uploaded object and start it."""
-        ds = self.svc.registry.datasets.get(request.dataset)
+        ds = self.state.registry.datasets.get(request.dataset)
         if ds is None:
-            raise AdminFailure(
-                "not_found",
-                f"no dataset named {request.dataset!r}",
-                kind="dataset",
-                name=request.dataset,
+            raise NotFound(
+                f"no dataset named {request.dataset!r}", kind="dataset", name=request.dataset
             )
-        if request.format not in ("csv", "jsonl", "parquet"):
-            raise AdminFailure(
-                "invalid",
+        if request.format not in FORMATS:
+            raise Invalid(
                 f"unknown file format {request.format!r} (csv, jsonl or parquet)",
                 field="format",
             )
         if not request.batch_id.replace("-", "").isalnum() or len(request.batch_id) > 64:
-            raise AdminFailure(
-                "invalid", "a batch id holds letters, digits and '-'", field="batch_id"
-            )
-        now = time.time()
-        tx = Tx()
-        tx.add(
-            INSERT_BATCH,
-            (
-                request.batch_id,
-                request.dataset,
-                request.file_name,
-                request.format,
-                ds.error_threshold,
-                now,
-            ),
-        )
-        try:
-            await apply(self.svc.db, tx)
-        except Exception as exc:
-            raise AdminFailure("conflict", f"batch {request.batch_id} exists already") from exc
+            raise Invalid("a batch id holds letters, digits and '-'", field="batch_id")
         info = BatchInfo(
             batch_id=request.batch_id,
             dataset=request.dataset,
@@ -167,8 +131,12 @@ class BatchJobs:
             format=request.format,
             status="queued",
             threshold=ds.error_threshold,
-            created_at=now,
+            created_at=time.time(),
         )
+        try:
+            await self.store.add_batch(info)
+        except Exception as exc:
+            raise Conflict(f"batch {request.batch_id} exists already") from exc
         self._launch(info)
         return info
 
@@ -180,7 +148,7 @@ class BatchJobs:
 
     # -- one batch -------------------------------------------------------------------------
     async def _run(self, info: BatchInfo) -> None:
-        log = self.svc.log.bind(batch_id=info.batch_id, dataset=info.dataset)
+        log = self.log.bind(batch_id=info.batch_id, dataset=info.dataset)
         work = self.work_dir
         source = work / f"{info.batch_id}.{info.format}"
         spool = work / f"{info.batch_id}.spool"
@@ -217,9 +185,9 @@ class BatchJobs:
         await self._save(info, counts=True)
         await self._progress(info)
         self.live.pop(info.batch_id, None)
-        if self._store is not None:
+        if self._objects is not None:
             with contextlib.suppress(Exception):
-                await self._store.delete(info.batch_id)
+                await self._objects.delete(info.batch_id)
         log.info(
             "batch finished",
             status=info.status,
@@ -229,15 +197,15 @@ class BatchJobs:
         )
 
     async def _download(self, info: BatchInfo, target: Path) -> None:
-        assert self._store is not None
+        assert self._objects is not None
         with open(target, "wb") as f:  # noqa: ASYNC230 - the object store writes via a thread
             try:
-                await self._store.get(info.batch_id, writeinto=f)
+                await self._objects.get(info.batch_id, writeinto=f)
             except NotFoundError:
                 raise BatchFailed(f"no uploaded file for batch {info.batch_id}") from None
 
     async def _validate(self, info: BatchInfo, source: Path, spool_path: Path) -> None:
-        found = self.svc.compiled(info.dataset)
+        found = self.state.compiled(info.dataset)
         if found is None:
             raise BatchFailed(f"dataset {info.dataset!r} no longer exists")
         ds, compiled = found
@@ -250,45 +218,27 @@ class BatchJobs:
         last_progress = 0.0
         with open(spool_path, "wb") as spool:  # noqa: ASYNC230 - written from a worker thread
             while True:
-                step = await asyncio.to_thread(_next_validated, chunks, compiled)
-                if step is None:
+                chunk = await asyncio.to_thread(_next_validated, chunks, compiled)
+                if chunk is None:
                     break
+                records, rejected = sort_rows(
+                    chunk,
+                    batch_id=info.batch_id,
+                    dataset=info.dataset,
+                    record_class=compiled.record_class,
+                    now=now,
+                )
                 tx = Tx()
-                records: list[Record] = []
-                added = 0
-                for row, result in step:
-                    record_id = f"b{info.batch_id}-{row.number}"
-                    if isinstance(result, Accepted):
-                        records.append(
-                            to_record(
-                                result,
-                                record_id=record_id,
-                                dataset=info.dataset,
-                                record_class=compiled.record_class,
-                                now=now,
-                                batch_id=info.batch_id,
-                            )
-                        )
-                    else:
-                        added += reject_row(
-                            tx,
-                            record_id=record_id,
-                            dataset=info.dataset,
-                            problems=result,
-                            payload=row.original,
-                            source="batch",
-                            now=now,
-                            batch_id=info.batch_id,
-                            row_number=row.number,
-                        ).size
-                info.input_rows += len(step)
+                self.store.add_rejected(tx, rejected)
+                added = sum(r.size for r in rejected)
+                info.input_rows += len(chunk)
                 info.accepted += len(records)
-                info.failed += len(step) - len(records)
-                retained = bool(added) and self.svc.add_retention(tx, now, added)
+                info.failed += len(rejected)
+                retained = bool(added) and self.retention.add(tx, now, added)
                 if tx:
-                    await apply(self.svc.db, tx)
+                    await self.store.apply(tx)
                 if retained:
-                    await self.svc.refresh_error_stats()
+                    await self.retention.refresh()
                 if ds.profile_enabled and records:
                     await asyncio.to_thread(_spool_write, spool, records)
                 info.progress = reader.progress
@@ -300,7 +250,7 @@ class BatchJobs:
         info.status, info.progress = "ingesting", 0.0
         await self._save(info)
         await self._progress(info)
-        js = self.svc.js
+        js = self.js
         pending: list[asyncio.Future[object]] = []
         sent = 0
         last_progress = time.monotonic()
@@ -325,25 +275,13 @@ class BatchJobs:
     async def _save(self, info: BatchInfo, counts: bool = False) -> None:
         tx = Tx()
         if counts:
-            tx.add(BUMP_COUNTS, (info.dataset, info.accepted, info.failed))
-        tx.add(
-            UPDATE_BATCH,
-            (
-                info.status,
-                info.input_rows,
-                info.accepted,
-                info.failed,
-                info.error,
-                info.started_at,
-                info.finished_at,
-                info.batch_id,
-            ),
-        )
-        await apply(self.svc.db, tx)
+            self.store.count(tx, info.dataset, info.accepted, info.failed)
+        self.store.save_batch(tx, info)
+        await self.store.apply(tx)
 
     async def _progress(self, info: BatchInfo) -> None:
         with contextlib.suppress(Exception):
-            await self.svc.nc.publish(
+            await self.nc.publish(
                 subjects.batch_progress(info.batch_id), _info_encoder.encode(info)
             )
 
@@ -355,8 +293,6 @@ def as_format(name: str) -> Format:
     raise BatchFailed(f"unknown format {name!r}")
 
 
-def _next_validated(
-    chunks: Iterator[list[Row]], compiled: CompiledSchema
-) -> list[tuple[Row, Accepted | list[Problem]]] | None:
+def _next_validated(chunks: Iterator[list[Row]], compiled: CompiledSchema) -> Validated | None:
     rows = next(chunks, None)
     return None if rows is None else validate_rows(rows, compiled)

@@ -21,21 +21,25 @@ import hashlib
 import hmac
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import nats.errors
+import structlog
 from aiohttp import web
+from nats.js import JetStreamContext
 
-from services.ingest.records import reject_row
+from services.ingest.records import rejected
+from services.ingest.state import IngestState
+from services.ingest.store import Store
 from services.ingest.validation import Accepted, Problem
 from shared import subjects
-from shared.db import Tx, apply
+from shared.db import Tx
 from shared.subjects import MAX_PAYLOAD
 
-if TYPE_CHECKING:
-    from services.ingest.service import IngestService
-
+ROUTE = "/v1/datasets/{dataset}/records"
 MAX_BODY_BYTES = MAX_PAYLOAD - 64 * 1024
 MAX_RECORDS_PER_REQUEST = 10_000
 MAX_KEY_CHARS = 200
@@ -91,14 +95,41 @@ def split_body(body: bytes) -> list[bytes]:
     return [body]
 
 
-class IngestHttp:
-    def __init__(self, service: IngestService) -> None:
-        self.svc = service
-        service.health.app._client_max_size = MAX_BODY_BYTES
-        service.health.app.router.add_post("/v1/datasets/{dataset}/records", self.post_records)
+@dataclass(frozen=True)
+class Health:
+    """What the door asks of, and tells, the process it runs in."""
+
+    ready: Callable[[], bool]
+    """Whether the service is started (and not stopping)."""
+    connected: Callable[[], bool]
+    """Whether the NATS connection is up now."""
+    publish_failed: Callable[[str], None]
+    publish_succeeded: Callable[[], None]
+
+
+def not_ready() -> web.Response:
+    return _error(503, "not_ready", "the ingest service is starting or stopping")
+
+
+class HttpDoor:
+    def __init__(
+        self,
+        *,
+        state: IngestState,
+        store: Store,
+        js: JetStreamContext,
+        health: Health,
+        token: str | None,
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.js = js
+        self.health = health
+        self.token = token
+        self.log = structlog.get_logger(service="ingest", door="http")
 
     def _authorized(self, request: web.Request) -> bool:
-        token = self.svc.settings.ingest_token
+        token = self.token
         if token is None:
             return True
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -107,15 +138,14 @@ class IngestHttp:
         )
 
     async def post_records(self, request: web.Request) -> web.Response:
-        svc = self.svc
         if not self._authorized(request):
             response = _error(
                 401, "unauthorized", "this door needs `Authorization: Bearer <CDP_INGEST_TOKEN>`"
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="cdp-ingest"'
             return response
-        if not svc.ready:
-            return _error(503, "not_ready", "the ingest service is starting or stopping")
+        if not self.health.ready():
+            return not_ready()
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _valid_key(key):
             return _error(
@@ -123,11 +153,11 @@ class IngestHttp:
                 "bad_idempotency_key",
                 f"Idempotency-Key: 1 to {MAX_KEY_CHARS} printable ASCII characters",
             )
-        if not svc.nats_connected:
+        if not self.health.connected():
             # Fail fast: holding the request for a publish timeout helps nobody.
             return _unavailable("NATS is unreachable; nothing was stored, retry later")
         dataset = request.match_info["dataset"]
-        found = svc.compiled(dataset)
+        found = self.state.compiled(dataset)
         if found is None:
             return _error(404, "unknown_dataset", f"no dataset named {dataset!r}")
         _, compiled = found
@@ -147,7 +177,7 @@ class IngestHttp:
         subject = subjects.ingest(dataset)
         acks = await asyncio.gather(
             *(
-                svc.js.publish(
+                self.js.publish(
                     subject, item, timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
                 )
                 for item, msg_id in zip(items, ids, strict=True)
@@ -173,7 +203,7 @@ class IngestHttp:
                 unpublished.append((i, item, problems))
                 rejected.append({"index": i, "record_id": None, "errors": _errors(problems)})
                 continue
-            record_id = svc.record_id(ack.seq)
+            record_id = self.state.record_id(ack.seq)
             if isinstance(result, Accepted):
                 accepted.append({"index": i, "record_id": record_id})
             else:
@@ -181,11 +211,11 @@ class IngestHttp:
         if unpublished:
             await self._keep_unpublished(dataset, request_id, unpublished)
         if unknown:
-            svc.publish_failed(
+            self.health.publish_failed(
                 "nats: JetStream storage full or unavailable "
                 f"(a publish was not acknowledged: {type(failure).__name__})"
             )
-            svc.log.warning(
+            self.log.warning(
                 "records not acknowledged", dataset=dataset, count=len(unknown), error=repr(failure)
             )
             return _unavailable(
@@ -198,7 +228,7 @@ class IngestHttp:
                 accepted=accepted,
                 rejected=rejected,
             )
-        svc.publish_succeeded()
+        self.health.publish_succeeded()
         body_out = {"dataset": dataset, "accepted": accepted, "rejected": rejected}
         return web.json_response(body_out, status=400 if rejected else 202)
 
@@ -208,17 +238,21 @@ class IngestHttp:
         """A record NATS could not take is still kept, in the error store, with its reason."""
         tx = Tx()
         now = time.time()
-        for i, item, problems in rows:
-            reject_row(
-                tx,
-                record_id=f"http-{request_id}-{i}",
-                dataset=dataset,
-                problems=problems,
-                payload=item,
-                source="http",
-                now=now,
-            )
-        await apply(self.svc.db, tx)
+        self.store.add_rejected(
+            tx,
+            (
+                rejected(
+                    record_id=f"http-{request_id}-{i}",
+                    dataset=dataset,
+                    problems=problems,
+                    payload=item,
+                    source="http",
+                    now=now,
+                )
+                for i, item, problems in rows
+            ),
+        )
+        await self.store.apply(tx)
 
 
 def _errors(problems: list[Problem]) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""Turning validation results into records for identity, or rows of the error store."""
+"""Turning validation results into records for identity, or rows of the error store
+(pure: no NATS, no SQLite)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from typing import Any
 
 import msgspec
 
-from services.ingest.store import INSERT_REJECTED, ROW_OVERHEAD
 from services.ingest.validation import Accepted, Problem
 from shared.config import ConfigError, _phone_region
-from shared.db import Tx
 from shared.messages import Record, RecordEnvelope, encode_fitting, msgpack_encoder
 from shared.normalize import normalize_phone
 
@@ -22,6 +21,9 @@ MAX_RECORDS_PER_MESSAGE = 500
 
 _problems_encoder = msgspec.json.Encoder()
 
+ROW_OVERHEAD = 256
+"""Bytes a rejected record counts for beyond its payload and problems (its other columns,
+its keys, the indexes), in the error store's size limit."""
 MAX_STORED_PAYLOAD = 1_048_576
 """Bytes of a rejected record's payload the error store keeps: the default record limit,
 so a record that failed only its schema is kept whole and can be fixed and sent again.
@@ -99,15 +101,29 @@ def unknown_dataset(name: str) -> list[Problem]:
     return [Problem("unknown dataset", "", "a configured dataset", repr(name)[:200])]
 
 
-class Stored(msgspec.Struct, frozen=True):
-    """What a rejected record counts for in the error store, and what it is found by."""
+class Rejected(msgspec.Struct, frozen=True, kw_only=True):
+    """A rejected record as the error store keeps it."""
 
+    record_id: str
+    dataset: str
+    source: str
+    reason: str
+    path: str
+    expected: str
+    got: str
+    problems: bytes
+    """The problems, JSON."""
+    payload: bytes
+    rejected_at: float
     size: int
+    """What it counts for in the store's size limit."""
     keys: list[str]
+    """The identity keys it is found by, for a privacy delete."""
+    batch_id: str | None = None
+    row_number: int | None = None
 
 
-def reject_row(
-    tx: Tx,
+def rejected(
     *,
     record_id: str,
     dataset: str,
@@ -117,34 +133,30 @@ def reject_row(
     now: float,
     batch_id: str | None = None,
     row_number: int | None = None,
-) -> Stored:
-    """Add a rejected record to the error store; returns its size and identity keys."""
+) -> Rejected:
+    """A rejected record as the error store keeps it: its first problem as the reason, its
+    payload (cut if huge), its size and the identity keys it is found by."""
     first = problems[0]
     payload = truncated(payload)
     encoded_problems = _problems_encoder.encode(problems)
     found_by = payload_keys(payload)
-    keys = _problems_encoder.encode(found_by)
-    size = len(payload) + len(encoded_problems) + len(keys) + ROW_OVERHEAD
-    tx.add(
-        INSERT_REJECTED,
-        (
-            record_id,
-            dataset,
-            batch_id,
-            row_number,
-            source,
-            first.reason,
-            first.path,
-            first.expected,
-            first.got,
-            encoded_problems,
-            payload,
-            now,
-            size,
-            keys,
-        ),
+    size = len(payload) + len(encoded_problems) + len(_problems_encoder.encode(found_by))
+    return Rejected(
+        record_id=record_id,
+        dataset=dataset,
+        batch_id=batch_id,
+        row_number=row_number,
+        source=source,
+        reason=first.reason,
+        path=first.path,
+        expected=first.expected,
+        got=first.got,
+        problems=encoded_problems,
+        payload=payload,
+        rejected_at=now,
+        size=size + ROW_OVERHEAD,
+        keys=found_by,
     )
-    return Stored(size, found_by)
 
 
 def to_record(

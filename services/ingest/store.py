@@ -1,8 +1,22 @@
-"""The ingest service's SQLite state: configuration, batches, and the error store."""
+"""The ingest service's SQLite state: configuration objects, batches and the error store.
+
+`Store` names every read and write: reads return structs decoded from the rows by column
+name; writes are added to a `Tx` (a handler's step, or one the caller applies) so that
+they commit with whatever else the caller commits.
+"""
 
 from __future__ import annotations
 
-from shared.db import Migration
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from services.ingest.records import Rejected
+from shared.admin import BatchInfo, RejectedRecord
+from shared.db import Migration, Tx, apply
+from shared.runtime.actor import Outgoing
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -79,16 +93,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
-UPSERT_CONFIG = (
-    "INSERT INTO config_objects (kind, name, spec, version, updated_at) VALUES (?, ?, ?, 1, ?) "
-    "ON CONFLICT (kind, name) DO UPDATE SET spec = excluded.spec, "
-    "version = version + 1, updated_at = excluded.updated_at"
-)
-INSERT_REJECTED = (
-    "INSERT OR IGNORE INTO rejected_records (record_id, dataset, batch_id, row_number, source, "
-    "reason, path, expected, got, problems, payload, rejected_at, keyed, size, keys) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
-)
 KEY_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS rejected_keys_added AFTER INSERT ON rejected_records BEGIN
     INSERT OR IGNORE INTO rejected_keys (key, record_id)
@@ -101,14 +105,22 @@ END;
 """A rejected record's identity keys (its `keys`, a JSON list) fill `rejected_keys` as it is
 stored and leave with it, whatever deletes it (a privacy delete, retention): one statement
 per stored record. Created at start (a migration's statements are split on semicolons)."""
-DELETE_BY_KEYS = (
-    "DELETE FROM rejected_records WHERE record_id IN (SELECT record_id FROM rejected_keys "
-    "WHERE key IN (SELECT value FROM json_each(?)))"
+
+_UPSERT_CONFIG = (
+    "INSERT INTO config_objects (kind, name, spec, version, updated_at) VALUES (?, ?, ?, 1, ?) "
+    "ON CONFLICT (kind, name) DO UPDATE SET spec = excluded.spec, "
+    "version = version + 1, updated_at = excluded.updated_at"
 )
-INSERT_REJECTED_KEY = "INSERT OR IGNORE INTO rejected_keys (key, record_id) VALUES (?, ?)"
-ROW_OVERHEAD = 256
-"""Bytes a rejected record counts for beyond its payload and problems (its other columns,
-its keys, the indexes), in the error store's size limit."""
+_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
+_INSERT_REJECTED = (
+    "INSERT OR IGNORE INTO rejected_records (record_id, dataset, batch_id, row_number, source, "
+    "reason, path, expected, got, problems, payload, rejected_at, keyed, size, keys) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
+)
+_KEYS = "SELECT value FROM json_each(?)"
+_SELECT_BY_KEYS = f"SELECT DISTINCT record_id FROM rejected_keys WHERE key IN ({_KEYS})"
+_DELETE_BY_KEYS = f"DELETE FROM rejected_records WHERE record_id IN ({_SELECT_BY_KEYS})"
+_INSERT_REJECTED_KEY = "INSERT OR IGNORE INTO rejected_keys (key, record_id) VALUES (?, ?)"
 _DOOMED = (
     "WITH doomed(id) AS ("
     "SELECT rowid FROM rejected_records WHERE rejected_at < ?1 "
@@ -119,27 +131,245 @@ _DOOMED = (
 """The rejected records retention drops: older than the cutoff, and, when the store is
 past its size limit, the oldest beyond the newest `keep` bytes. Parameters: ?1 the
 cutoff time, ?2 the bytes to keep, ?3 the size limit."""
-COUNT_DROPPED = (
+_COUNT_DROPPED = (
     _DOOMED + "UPDATE error_store SET dropped = dropped + (SELECT count(*) FROM doomed) "
     "WHERE id = 1"
 )
-DROP_REJECTED = _DOOMED + "DELETE FROM rejected_records WHERE rowid IN doomed"
-RETENTION = (COUNT_DROPPED, DROP_REJECTED)
-"""Retention, set-based, in this order, each with the same parameters."""
-BUMP_COUNTS = (
+_DROP_REJECTED = _DOOMED + "DELETE FROM rejected_records WHERE rowid IN doomed"
+_BUMP_COUNTS = (
     "INSERT INTO dataset_counts (dataset, accepted, rejected) VALUES (?, ?, ?) "
     "ON CONFLICT (dataset) DO UPDATE SET accepted = accepted + excluded.accepted, "
     "rejected = rejected + excluded.rejected"
 )
-INSERT_BATCH = (
+_INSERT_BATCH = (
     "INSERT INTO batches (batch_id, dataset, file_name, format, status, threshold, created_at) "
     "VALUES (?, ?, ?, ?, 'queued', ?, ?)"
 )
-UPDATE_BATCH = (
+_UPDATE_BATCH = (
     "UPDATE batches SET status = ?, input_rows = ?, accepted = ?, failed = ?, error = ?, "
     "started_at = coalesce(started_at, ?), finished_at = ? WHERE batch_id = ?"
 )
-BATCH_COLUMNS = (
+_BATCH_COLUMNS = (
     "batch_id, dataset, file_name, format, status, input_rows, accepted, failed, threshold, "
     "error, created_at, started_at, finished_at"
 )
+_REJECTED_COLUMNS = (
+    "record_id, dataset, batch_id, row_number, source, reason, path, expected, got, "
+    "problems, payload, rejected_at"
+)
+_FINISHED = ("success", "partial", "failed")
+MAX_SHOWN_PAYLOAD = 4096
+"""Characters of a rejected record's payload an error listing shows."""
+
+_keys_encoder = msgspec.json.Encoder()
+_problems_decoder = msgspec.json.Decoder(list[dict[str, str]])
+
+
+class ConfigObject(msgspec.Struct, frozen=True):
+    """A configuration object as stored: its kind, name, JSON spec and version."""
+
+    kind: str
+    name: str
+    spec: bytes
+    version: int
+
+
+class ErrorStats(msgspec.Struct, frozen=True):
+    size: int
+    """Bytes the rejected records count for."""
+    dropped: int
+    """Rejected records retention dropped, ever."""
+
+
+class Unkeyed(msgspec.Struct, frozen=True):
+    record_id: str
+    payload: bytes
+
+
+class Store:
+    """The ingest service's named reads and writes over its SQLite connection."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """The rows of a query, each a dict by column name."""
+        async with self.db.execute(sql, params) as cursor:
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any]:
+        rows = await self._rows(sql, params)
+        return rows[0]
+
+    async def apply(self, tx: Tx) -> None:
+        await apply(self.db, tx)
+
+    async def prepare(self) -> None:
+        """What a migration cannot create (triggers), and keys for rows stored before."""
+        await self.db.executescript(KEY_TRIGGERS)
+
+    # -- configuration -----------------------------------------------------------------
+    async def config_objects(self) -> list[ConfigObject]:
+        rows = await self._rows("SELECT kind, name, spec, version FROM config_objects")
+        return [msgspec.convert(r, ConfigObject) for r in rows]
+
+    def put_config(self, tx: Tx, kind: str, name: str, spec: bytes, now: float) -> None:
+        tx.add(_UPSERT_CONFIG, (kind, name, spec, now))
+
+    def add_outbox(self, tx: Tx, out: Iterable[Outgoing], now: float) -> None:
+        """Messages to publish once `tx` commits (the runtime's outbox)."""
+        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
+
+    # -- the error store -------------------------------------------------------------------
+    def add_rejected(self, tx: Tx, rows: Iterable[Rejected]) -> None:
+        """Keep rejected records (a record id kept already stays as it is)."""
+        tx.add_many(
+            _INSERT_REJECTED,
+            (
+                (
+                    r.record_id,
+                    r.dataset,
+                    r.batch_id,
+                    r.row_number,
+                    r.source,
+                    r.reason,
+                    r.path,
+                    r.expected,
+                    r.got,
+                    r.problems,
+                    r.payload,
+                    r.rejected_at,
+                    r.size,
+                    _keys_encoder.encode(r.keys),
+                )
+                for r in rows
+            ),
+        )
+
+    def count(self, tx: Tx, dataset: str, accepted: int, rejected: int) -> None:
+        """Add to a dataset's counts of accepted and rejected records."""
+        tx.add(_BUMP_COUNTS, (dataset, accepted, rejected))
+
+    async def rejected_ids_by_keys(self, keys: list[str]) -> set[str]:
+        """The rejected records found by any of `keys` (exactly, never by a substring)."""
+        rows = await self._rows(_SELECT_BY_KEYS, (_keys_encoder.encode(keys),))
+        return {str(r["record_id"]) for r in rows}
+
+    def delete_by_keys(self, tx: Tx, keys: list[str]) -> None:
+        """Delete every rejected record found by any of `keys` when `tx` runs (those added
+        to `tx` before included)."""
+        tx.add(_DELETE_BY_KEYS, (_keys_encoder.encode(keys),))
+
+    def drop_old(self, tx: Tx, cutoff: float, keep: float, limit: int) -> None:
+        """Retention: drop the records older than `cutoff` and, past `limit` bytes, the
+        oldest beyond the newest `keep` bytes; count them as dropped."""
+        for sql in (_COUNT_DROPPED, _DROP_REJECTED):
+            tx.add(sql, (cutoff, keep, limit))
+
+    async def error_stats(self) -> ErrorStats:
+        row = await self._one(
+            "SELECT (SELECT coalesce(sum(size), 0) FROM rejected_records) AS size, "
+            "(SELECT dropped FROM error_store WHERE id = 1) AS dropped"
+        )
+        return msgspec.convert(row, ErrorStats)
+
+    async def unkeyed(self, limit: int) -> list[Unkeyed]:
+        """Rejected records stored before they were keyed."""
+        rows = await self._rows(
+            "SELECT record_id, payload FROM rejected_records WHERE keyed = 0 LIMIT ?", (limit,)
+        )
+        return [msgspec.convert(r, Unkeyed) for r in rows]
+
+    def add_keys(self, tx: Tx, keys: dict[str, list[str]]) -> None:
+        """Give rejected records (by record id) their identity keys."""
+        tx.add_many(_INSERT_REJECTED_KEY, ((k, rid) for rid, ks in keys.items() for k in ks))
+        tx.add_many(
+            "UPDATE rejected_records SET keyed = 1 WHERE record_id = ?", ((r,) for r in keys)
+        )
+
+    async def errors(self, column: str, target: str, limit: int) -> list[RejectedRecord]:
+        """The rejected records of a dataset or a batch (`column`), oldest first."""
+        where = _target_column(column)
+        rows = await self._rows(
+            f"SELECT {_REJECTED_COLUMNS} FROM rejected_records WHERE {where} = ? "
+            "ORDER BY rejected_at, row_number, record_id LIMIT ?",
+            (target, limit),
+        )
+        for r in rows:
+            r["problems"] = _problems_decoder.decode(r["problems"])
+            r["payload"] = bytes(r["payload"]).decode("utf-8", "replace")[:MAX_SHOWN_PAYLOAD]
+        return [msgspec.convert(r, RejectedRecord) for r in rows]
+
+    async def count_errors(self, column: str, target: str) -> int:
+        where = _target_column(column)
+        row = await self._one(
+            f"SELECT count(*) AS n FROM rejected_records WHERE {where} = ?", (target,)
+        )
+        return int(row["n"])
+
+    async def dropped(self) -> int:
+        rows = await self._rows("SELECT dropped FROM error_store WHERE id = 1")
+        return int(rows[0]["dropped"]) if rows else 0
+
+    # -- batches ---------------------------------------------------------------------------
+    async def is_batch(self, batch_id: str) -> bool:
+        return bool(await self._rows("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)))
+
+    async def batches(self, limit: int) -> list[BatchInfo]:
+        """The latest batches, newest first."""
+        rows = await self._rows(
+            f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY created_at DESC LIMIT ?", (limit,)
+        )
+        return [_batch(r) for r in rows]
+
+    async def unfinished_batches(self) -> list[BatchInfo]:
+        """Batches a previous run did not finish, oldest first."""
+        rows = await self._rows(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE status IN ('queued', 'validating', "
+            "'ingesting') ORDER BY created_at"
+        )
+        return [_batch(r) for r in rows]
+
+    async def add_batch(self, info: BatchInfo) -> None:
+        """Register a queued batch; raises if its id is taken."""
+        tx = Tx()
+        tx.add(
+            _INSERT_BATCH,
+            (
+                info.batch_id,
+                info.dataset,
+                info.file_name,
+                info.format,
+                info.threshold,
+                info.created_at,
+            ),
+        )
+        await apply(self.db, tx)
+
+    def save_batch(self, tx: Tx, info: BatchInfo) -> None:
+        tx.add(
+            _UPDATE_BATCH,
+            (
+                info.status,
+                info.input_rows,
+                info.accepted,
+                info.failed,
+                info.error,
+                info.started_at,
+                info.finished_at,
+                info.batch_id,
+            ),
+        )
+
+
+def _target_column(column: str) -> str:
+    if column not in ("dataset", "batch_id"):
+        raise ValueError(f"rejected records are listed by dataset or batch_id, not {column!r}")
+    return column
+
+
+def _batch(row: dict[str, Any]) -> BatchInfo:
+    info = msgspec.convert(row, BatchInfo)
+    info.progress = 1.0 if info.status in _FINISHED else 0.0
+    return info

@@ -1,0 +1,83 @@
+"""The ingest actor's step: one consumer over every `cdp.ingest.<dataset>` subject.
+
+Decide the whole batch with `rules.route` (validation against each dataset's compiled
+schema), then persist its effects in order: rejected records into the error store,
+accepted ones to identity (`cdp.x.records`) through the outbox, a privacy delete carried
+out over the error store (its one read: the stored records the person's keys find) and
+passed on, a probe passed on behind the records before it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from services.ingest.records import encoded
+from services.ingest.retention import Retention
+from services.ingest.rules import Forget, Forward, Ignored, Incoming, Pass, Reject, route
+from services.ingest.state import IngestState
+from services.ingest.store import Store
+from shared import subjects
+from shared.messages import RecordEnvelope, msgpack_encoder
+from shared.runtime import Step
+from shared.runtime.privacy import report
+
+SERVICE = "ingest"
+ERROR_STORE = "rejected_records"
+"""What a privacy report counts the removed rejected records as."""
+
+
+class Records:
+    """The step over the ingest stream (records, privacy deletes and probes)."""
+
+    def __init__(self, state: IngestState, retention: Retention) -> None:
+        self.state = state
+        self.retention = retention
+        self.log = structlog.get_logger(service=SERVICE)
+
+    async def __call__(self, step: Step) -> None:
+        now = time.time()
+        state = self.state
+        store = Store(step.db)
+        messages = [
+            Incoming(d.subject, d.data, state.record_id(d.seq), d.msg_id) for d in step.deliveries
+        ]
+        effects = route(messages, state.compiled, now, state.phone_region)
+        for effect in effects.steps:
+            match effect:
+                case Forward(records):
+                    for data in encoded(records):
+                        step.emit(subjects.RECORDS, data)
+                case Reject(row):
+                    store.add_rejected(step.tx, [row])
+                    self.log.info(
+                        "record rejected",
+                        dataset=row.dataset,
+                        record_id=row.record_id,
+                        reason=row.reason,
+                        path=row.path,
+                    )
+                case Forget():
+                    await self._forget(step, store, effect, now)
+                case Pass(probe):
+                    envelope = RecordEnvelope([], probes=[probe])
+                    step.emit(subjects.RECORDS, msgpack_encoder.encode(envelope))
+                case Ignored(subject, error):
+                    self.log.warning("malformed message ignored", subject=subject, error=error)
+        for dataset, (accepted, rejected) in effects.counts.items():
+            store.count(step.tx, dataset, accepted, rejected)
+        added = effects.rejected_bytes
+        if added and self.retention.add(step.tx, now, added):
+            step.after_commit(self.retention.refresh_soon)
+
+    async def _forget(self, step: Step, store: Store, forget: Forget, now: float) -> None:
+        """Remove the person's rejected records (stored, and rejected earlier in this step,
+        which are in its transaction before the delete), pass the request on, report."""
+        ids = await store.rejected_ids_by_keys(forget.keys)
+        ids.update(forget.pending)
+        store.delete_by_keys(step.tx, forget.keys)
+        envelope = RecordEnvelope([], deletes=[forget.request])
+        step.emit(subjects.RECORDS, msgpack_encoder.encode(envelope))
+        report(step, SERVICE, forget.request, {ERROR_STORE: len(ids)}, at=now)
+        self.log.info("privacy delete passed on", request_id=forget.request.request_id)
