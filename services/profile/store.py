@@ -134,11 +134,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX profiles_folded ON profiles (folded_into) WHERE folded_into IS NOT NULL
         """,
     ),
+    Migration("profile", 5, "DROP TABLE IF EXISTS schemas"),
 )
 """Version 2: an event's anchor (the identity it follows), and `carried`: the records that
 carry a person identity they are not anchored on (a privacy delete of that person reaches
 them). Events stored before version 2 have no anchor and stay where they are. Version 3:
-the identity namespaces the profile service follows (lookups normalise as identity does)."""
+the identity namespaces the profile service follows (lookups normalise as identity does).
+Version 5: the `schemas` table goes (nothing ever wrote it)."""
 
 
 _LIST = "SELECT value FROM json_each(?)"
