@@ -159,8 +159,9 @@ class Effects:
 
     now: float
     ordered: list[Write] = field(default_factory=list)
-    folds: list[tuple[str, str]] = field(default_factory=list)
-    """(folded profile, survivor)"""
+    folds: list[tuple[str, str, float]] = field(default_factory=list)
+    """(folded profile, survivor, creation time if the row is new): its attributes and
+    memberships go (segmentation evaluates the survivor again)."""
     profiles: list[tuple[str, float]] = field(default_factory=list)
     """(live profile touched, its creation time); its update time is `now`."""
     dropped_rows: list[tuple[str, str, str]] = field(default_factory=list)
@@ -551,7 +552,8 @@ class _Apply:
                 self._touch(start)
         # The new state, once per table.
         fx = self.effects
-        fx.folds = [(f, self.resolve(f)) for f in self.folded]  # segmentation re-evaluates
+        # A profile folded in the fetch that made it keeps a row too: its id still answers.
+        fx.folds = [(f, self.resolve(f), self.created.get(f, now)) for f in self.folded]
         live_touched = [pid for pid in self.touched if pid in self.live]
         fx.profiles = [(pid, self.created.get(pid, now)) for pid in live_touched]
         fx.dropped_rows = sorted(d for d in self.dropped_rows if d[0] in self.live)

@@ -166,7 +166,11 @@ UPSERT_PROFILE = (
     "INSERT INTO profiles (profile_id, created_at, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (profile_id) DO UPDATE SET updated_at = excluded.updated_at"
 )
-FOLD_PROFILE = "UPDATE profiles SET folded_into = ? WHERE profile_id = ?"
+FOLD_PROFILE = (
+    "INSERT INTO profiles (profile_id, created_at, updated_at, folded_into) "
+    "VALUES (?1, ?2, ?2, ?3) ON CONFLICT (profile_id) DO UPDATE SET folded_into = ?3"
+)
+"""A profile folded into a survivor; its row is made if the same fetch created it."""
 FOLLOW_FOLDS = (
     "WITH RECURSIVE chain(id, survivor) AS (SELECT profile_id, folded_into FROM profiles "
     f"WHERE profile_id {_IN} UNION "
@@ -499,9 +503,9 @@ class ProfileStore:
                     tx.add_many(DELETE_CARRIED, [(k,) for k in w.persons])
                     tx.add(DELETE_PROFILES_CARRIED, (plist,))
                     tx.add(DELETE_PROFILES, (plist,))
-        tx.add_many(DELETE_ATTRIBUTES, [(f,) for f, _ in fx.folds])
-        tx.add_many(DELETE_MEMBERSHIPS, [(f,) for f, _ in fx.folds])
-        tx.add_many(FOLD_PROFILE, [(survivor, f) for f, survivor in fx.folds])
+        tx.add_many(DELETE_ATTRIBUTES, [(f,) for f, _, _ in fx.folds])
+        tx.add_many(DELETE_MEMBERSHIPS, [(f,) for f, _, _ in fx.folds])
+        tx.add_many(FOLD_PROFILE, [(f, created, survivor) for f, survivor, created in fx.folds])
         tx.add_many(UPSERT_PROFILE, [(pid, created, fx.now) for pid, created in fx.profiles])
         tx.add_many(DELETE_ATTRIBUTE, fx.dropped_rows)
         tx.add_many(
