@@ -353,6 +353,8 @@ class ProfileStore:
             names = [c[0] for c in cursor.description]
             found = await cursor.fetchall()
         fields: tuple[str, ...] = row._fields  # type: ignore[attr-defined]
+        if tuple(names) == fields:  # the columns are the fields, in order
+            return [row(*r) for r in found]
         at = [names.index(f) for f in fields]
         return [row(*(r[i] for i in at)) for r in found]
 
