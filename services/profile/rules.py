@@ -22,6 +22,10 @@ deletes) are `Effects.ordered`, in item order; the new state (attribute rows, id
 profiles, new events) is written once, after them. What segmentation needs comes out in
 causal order on the profile's partition (`PartitionedOutput`): a merge behind every
 earlier change of both profiles, then one change per profile touched, then the probes.
+
+Invariant: a fetch applied at once stores what its items applied one fetch each store
+(fold chains and the carried index compared as followed to their survivors); the batch is
+only the fast path (tests/test_profile_handlers.py holds it with a property test).
 """
 
 from __future__ import annotations
