@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -15,22 +14,19 @@ from services.profile.merge import (
     MAX_POLICIES,
     AttributeValue,
     PolicyError,
-    StoredEvent,
     changed_paths,
     check_policies,
     default_policy,
     flatten,
     fold_rows,
     fragment_updates,
-    map_paths,
     merge,
     merge_flat,
     record_time,
-    retention,
     unflatten,
 )
 from shared.messages import Record
-from shared.resources import Field, MergePolicy
+from shared.resources import MergePolicy
 
 DAY = 86400.0
 NOW = 1_700_000_000.0
@@ -51,9 +47,8 @@ class Store:
         payload: dict[str, Any],
         ts: float,
         record_id: str,
-        skip: Iterable[str] = (),
     ) -> list[AttributeValue]:
-        updates = fragment_updates(self.rows, dataset, payload, ts, record_id, tuple(skip))
+        updates = fragment_updates(self.rows, dataset, payload, ts, record_id)
         for v in updates:
             self.rows[v.dataset, v.path] = v
         return updates
@@ -83,26 +78,11 @@ def test_flatten_nested_paths_and_arrays() -> None:
     assert unflatten(flat) == {k: v for k, v in payload.items() if k != "empty"}
 
 
-def test_map_fields_are_whole_values() -> None:
-    fields = {
-        "prefs": Field(type="map", values=Field(type="string")),
-        "person": Field(
-            type="object",
-            fields={
-                "name": Field(type="string"),
-                "scores": Field(type="map", values=Field(type="number")),
-            },
-        ),
-    }
-    leaves = map_paths(fields)
-    assert leaves == {"prefs", "person.scores"}
-    payload = {"prefs": {"lang": "fr"}, "person": {"name": "Ada", "scores": {}}}
-    assert flatten(payload, leaves=leaves) == {
-        "prefs": {"lang": "fr"},
-        "person.name": "Ada",
-        "person.scores": {},
-    }
-    assert flatten(payload) == {"prefs.lang": "fr", "person.name": "Ada"}
+def test_the_keys_of_a_map_field_are_attributes_merged_one_by_one() -> None:
+    s = Store()
+    s.ingest("crm", {"prefs": {"lang": "fr", "tz": "CET"}}, NOW, "r1")
+    s.ingest("crm", {"prefs": {"lang": "en"}}, NOW + 1, "r2")
+    assert s.profile() == {"prefs": {"lang": "en", "tz": "CET"}}
 
 
 def test_unflatten_prefix_conflict_deeper_path_wins() -> None:
@@ -162,21 +142,6 @@ def test_equal_timestamp_last_write_wins() -> None:
     s.ingest("crm", {"email": "first@example.com"}, NOW, "r1")
     s.ingest("crm", {"email": "second@example.com"}, NOW, "r2")
     assert s.profile() == {"email": "second@example.com"}
-
-
-def test_skipped_paths_are_not_attributes() -> None:
-    s = Store()
-    s.ingest(
-        "web",
-        {"ecid": "123", "meta": {"id": "x", "v": 2}, "city": "Lyon"},
-        NOW,
-        "r1",
-        {
-            "ecid",
-            "meta",
-        },
-    )
-    assert s.profile() == {"city": "Lyon"}
 
 
 def test_null_clears_a_value() -> None:
@@ -410,44 +375,3 @@ def test_policy_errors(policies: list[MergePolicy], path: str, message: str) -> 
     assert info.value.path == path
     assert str(info.value).startswith(f"{path}: ")
     assert isinstance(info.value, ValueError)
-
-
-# -- events ----------------------------------------------------------------------------------
-
-
-def event(record_id: str, ts: float, dataset: str = "web") -> StoredEvent:
-    return StoredEvent(record_id, dataset, "page.view", ts, {"page": "/"})
-
-
-def test_retention_by_expiration_boundary() -> None:
-    events = [
-        event("at-boundary", NOW - 30 * DAY),
-        event("just-outside", NOW - 30 * DAY - 0.001),
-        event("recent", NOW - 1),
-        event("old-orders", NOW - 400 * DAY, dataset="orders"),
-        event("old-unconfigured", NOW - 400 * DAY, dataset="other"),
-    ]
-    kept, dropped = retention(events, NOW, {"web": 30, "orders": None})
-    assert [e.record_id for e in kept] == [
-        "old-orders",
-        "old-unconfigured",
-        "at-boundary",
-        "recent",
-    ]
-    assert [e.record_id for e in dropped] == ["just-outside"]
-
-
-def test_retention_caps_at_5000_dropping_the_oldest() -> None:
-    events = [event(f"e{i:05d}", NOW - i) for i in range(5003)]
-    kept, dropped = retention(events, NOW, {})
-    assert len(kept) == 5000
-    assert [e.record_id for e in dropped] == ["e05002", "e05001", "e05000"]
-    assert kept[0].record_id == "e04999"
-    assert kept == sorted(kept, key=lambda e: (e.ts, e.record_id))
-
-
-def test_retention_expires_before_capping_and_orders_ties_by_record_id() -> None:
-    events = [event("b", NOW), event("a", NOW), event("c", NOW - 1), event("x", NOW - 40 * DAY)]
-    kept, dropped = retention(events, NOW, {"web": 30}, max_events=2)
-    assert [e.record_id for e in kept] == ["a", "b"]
-    assert [e.record_id for e in dropped] == ["x", "c"]

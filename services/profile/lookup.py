@@ -1,28 +1,27 @@
 """Profile lookups by any identity: NATS request/reply on `cdp.profile.lookup` (JSON) and
-HTTP GET /v1/profiles?identity=<namespace>:<value> on the profile service."""
+HTTP GET /v1/profiles?identity=<namespace>:<value> on the profile service. The wiring
+subscribes `on_request` and routes `http_get`."""
 
 from __future__ import annotations
 
 import hmac
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
+import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from services.profile.merge import AttributeValue, default_policy, merge
-from shared import subjects
+from services.profile.config import ProfileConfig
+from services.profile.merge import merge
+from services.profile.store import ProfileStore
 from shared.admin import AdminError, AdminFailure, AdminReply, answerable
 from shared.db import write_lock
 from shared.messages import ExperienceEvent, Identity
 from shared.normalize import Unusable
 
-if TYPE_CHECKING:
-    from services.profile.service import ProfileService
-
-_value_decoder = msgspec.msgpack.Decoder()
+MAX_EVENTS = 5000
+"""Most events a lookup returns (a profile keeps no more)."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -56,26 +55,23 @@ _lookup_decoder = msgspec.json.Decoder(ProfileLookup)
 
 
 class ProfileLookups:
-    def __init__(self, service: ProfileService) -> None:
-        self.svc = service
-        self._sub: Subscription | None = None
-        service.health.app.router.add_get("/v1/profiles", self.http_get)
+    """Answers lookups from the store, under the configuration the service follows."""
 
-    async def start(self) -> None:
-        self._sub = await self.svc.nc.subscribe(
-            subjects.PROFILE_LOOKUP, queue="profile-lookup", cb=self._on_request
-        )
+    def __init__(
+        self,
+        store: ProfileStore,
+        config: ProfileConfig,
+        token: str | None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.token = token
+        """`CDP_PROFILE_TOKEN`: HTTP lookups need it; None: no one is served over HTTP."""
+        self.log = log or structlog.get_logger(service="profile")
 
-    async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                self.svc.log.debug("unsubscribe failed", error=repr(exc))
-
-    async def _on_request(self, msg: Msg) -> None:
-        if not answerable(msg, self.svc.log):
+    async def on_request(self, msg: Msg) -> None:
+        if not answerable(msg, self.log):
             return
         try:
             view = await self.lookup(_lookup_decoder.decode(msg.data))
@@ -89,7 +85,7 @@ class ProfileLookups:
     def _refusal(self, request: web.Request) -> web.Response | None:
         """Personal data needs `Authorization: Bearer <CDP_PROFILE_TOKEN>` (compared in
         constant time); with no token configured nobody is served."""
-        token = self.svc.settings.profile_token
+        token = self.token
         if token is None:
             message = "profile lookups over HTTP are disabled: set CDP_PROFILE_TOKEN"
         else:
@@ -132,39 +128,22 @@ class ProfileLookups:
     async def lookup(self, request: ProfileLookup) -> ProfileView:
         """One consistent view: the reads hold the write lock, so no batch commits between
         them (attributes, identities and events always belong to the same moment)."""
-        async with write_lock(self.svc.db):
-            return await self._lookup(request)
-
-    async def _by_profile_id(self, profile_id: str) -> str:
-        """The live profile a profile id names now: itself, or the one it was folded into."""
-        db = self.svc.db
-        pid = profile_id
-        for _ in range(64):
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT folded_into FROM profiles WHERE profile_id = ?", (pid,)
+        async with write_lock(self.store.db):
+            if request.profile_id is not None:
+                pid = await self.store.survivor(request.profile_id)
+                if pid is None:
+                    raise AdminFailure(
+                        "not_found", f"no profile {request.profile_id!r}", field="profile_id"
+                    )
+            elif not request.identity:
+                raise AdminFailure(
+                    "invalid",
+                    "a lookup names an identity (<namespace>:<value>) or a profile_id",
+                    field="identity",
                 )
-            )
-            if not rows:
-                raise AdminFailure("not_found", f"no profile {profile_id!r}", field="profile_id")
-            into = rows[0][0]
-            if into is None:
-                return pid
-            pid = str(into)
-        raise AdminFailure("not_found", f"no live profile for {profile_id!r}", field="profile_id")
-
-    async def _lookup(self, request: ProfileLookup) -> ProfileView:
-        if request.profile_id is not None:
-            pid = await self._by_profile_id(request.profile_id)
-        elif not request.identity:
-            raise AdminFailure(
-                "invalid",
-                "a lookup names an identity (<namespace>:<value>) or a profile_id",
-                field="identity",
-            )
-        else:
-            pid = await self._by_identity(request.identity)
-        return await self._view(pid, request)
+            else:
+                pid = await self._by_identity(request.identity)
+            return await self._view(pid, request)
 
     async def _by_identity(self, identity: str) -> str:
         namespace, sep, raw = identity.partition(":")
@@ -174,27 +153,20 @@ class ProfileLookups:
                 f"expected <namespace>:<value>, got {identity!r}",
                 field="identity",
             )
-        value = self.svc.namespaces.normalized(namespace, raw)
+        value = self.config.normalized(namespace, raw)
         if isinstance(value, Unusable):
             raise AdminFailure(
                 "not_found",
                 f"{identity} is not a usable identity value ({value.reason})",
             )
-        db = self.svc.db
-        rows = await db.execute_fetchall(
-            "SELECT profile_id FROM identities WHERE namespace = ? AND value = ?",
-            (namespace, value),
-        )
-        found = [str(r[0]) for r in rows]
-        if not found:
+        pid = await self.store.holder(namespace, value)
+        if pid is None:
             raise AdminFailure("not_found", f"no profile holds {namespace}:{raw}")
-        return found[0]
+        return pid
 
     async def _view(self, pid: str, request: ProfileLookup) -> ProfileView:
-        db = self.svc.db
-        policies = self.svc.policies
         if request.merge_policy is not None:
-            policy = policies.get(request.merge_policy)
+            policy = self.config.policies.get(request.merge_policy)
             if policy is None:
                 raise AdminFailure(
                     "not_found",
@@ -203,47 +175,18 @@ class ProfileLookups:
                     name=request.merge_policy,
                 )
         else:
-            policy = default_policy(policies.items())
-        attrs = [
-            AttributeValue(ds, path, _value_decoder.decode(v), ts, rid)
-            for ds, path, v, ts, rid in await db.execute_fetchall(
-                "SELECT dataset, path, value, ts, record_id FROM attributes WHERE profile_id = ?",
-                (pid,),
-            )
-        ]
-        identities = [
-            Identity(str(ns), str(v))
-            for ns, v in await db.execute_fetchall(
-                "SELECT namespace, value FROM identities WHERE profile_id = ? "
-                "ORDER BY namespace, value",
-                (pid,),
-            )
-        ]
-        limit = max(0, min(request.events, 5000))
+            policy = self.config.default_policy()
+        store = self.store
+        attributes = merge(await store.attributes(pid), policy)
+        limit = max(0, min(request.events, MAX_EVENTS))
         events = [
-            ExperienceEvent(
-                record_id=rid,
-                dataset=ds,
-                event_type=et,
-                timestamp=ts,
-                payload=_value_decoder.decode(payload),
-            )
-            for rid, ds, et, ts, payload in await db.execute_fetchall(
-                "SELECT record_id, dataset, event_type, ts, payload FROM events WHERE "
-                "profile_id = ? ORDER BY ts DESC, record_id DESC LIMIT ?",
-                (pid, limit),
-            )
-            if not self._expired(ds, ts)
+            e
+            for e in await store.recent_events(pid, limit)
+            if not self.config.expired(e.dataset, e.timestamp)
         ]
         memberships = [
-            Membership(str(seg), str(status), float(at))
-            for seg, status, at in await db.execute_fetchall(
-                "SELECT segment, status, at FROM memberships WHERE profile_id = ? ORDER BY segment",
-                (pid,),
-            )
+            Membership(m.segment, m.status, float(m.at)) for m in await store.memberships(pid)
         ]
-        return ProfileView(pid, policy.name, merge(attrs, policy), identities, events, memberships)
-
-    def _expired(self, dataset: str, ts: float) -> bool:
-        ds = self.svc.datasets.get(dataset)
-        return bool(ds and ds.expiration_days and ts < time.time() - ds.expiration_days * 86400.0)
+        return ProfileView(
+            pid, policy.name, attributes, await store.identities(pid), events, memberships
+        )

@@ -1,4 +1,4 @@
-"""Profile merging, pure: attribute rows per dataset, merge policies, event retention.
+"""Profile merging, pure: attribute rows per dataset and merge policies.
 
 The profile service keeps, per profile, one row per (dataset, attribute path): the latest
 value that dataset gave for that path, with its time. A profile record is a partial update:
@@ -11,12 +11,11 @@ dataset whose value wins:
   even when older; datasets not listed come after the listed ones, newest first.
 
 Paths are dotted leaf paths through nested objects ("person.name.first"). Arrays are leaves
-(their whole value is one attribute), and so are the paths named in ``leaves`` (the map
-fields of a schema, see `map_paths`). A JSON ``null`` is a value like any other: a dataset
-that sends ``null`` for a path has cleared it, and that ``null`` takes part in merging.
+(their whole value is one attribute); the keys of an object are paths, a map field's too.
+A JSON ``null`` is a value like any other: a dataset that sends ``null`` for a path has
+cleared it, and that ``null`` takes part in merging.
 
-Nothing here does I/O; the service stores `AttributeValue` and `StoredEvent` rows and calls
-these functions.
+Nothing here does I/O; the service stores `AttributeValue` rows and calls these functions.
 """
 
 from __future__ import annotations
@@ -29,18 +28,13 @@ import msgspec
 
 from services.profile.errors import ProfileError
 from shared.messages import Record
-from shared.resources import NAME_RE, Field, MergePolicy
+from shared.resources import NAME_RE, MergePolicy
 
 SEP = "."
 """Separator of the parts of an attribute path."""
 
-DAY = 86400.0
-
 MAX_POLICIES = 5
 """At most this many merge policies (the leading CDPs' limit)."""
-
-MAX_EVENTS = 5000
-"""Experience events kept per profile; the oldest are dropped first."""
 
 
 # -- attribute rows ----------------------------------------------------------------------------
@@ -63,25 +57,23 @@ def record_time(record: Record) -> float:
     return record.timestamp if record.timestamp is not None else record.ingested_at
 
 
-def flatten(payload: Mapping[str, Any], *, leaves: Collection[str] = ()) -> dict[str, Any]:
+def flatten(payload: Mapping[str, Any]) -> dict[str, Any]:
     """A nested object as {dotted leaf path: value}.
 
-    Nested objects are walked; an empty object produces nothing. Lists, scalars, ``None``
-    and the objects at a path listed in ``leaves`` (map fields) are leaf values, kept whole.
-    Keys are joined with "." unescaped: field names containing "." are ambiguous.
+    Nested objects are walked; an empty object produces nothing. Lists, scalars and
+    ``None`` are leaf values, kept whole. Keys are joined with "." unescaped: field names
+    containing "." are ambiguous.
     """
     out: dict[str, Any] = {}
-    _flatten_into(out, payload, "", leaves)
+    _flatten_into(out, payload, "")
     return out
 
 
-def _flatten_into(
-    out: dict[str, Any], node: Mapping[str, Any], prefix: str, leaves: Collection[str]
-) -> None:
+def _flatten_into(out: dict[str, Any], node: Mapping[str, Any], prefix: str) -> None:
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and path not in leaves:
-            _flatten_into(out, value, path + SEP, leaves)
+        if isinstance(value, Mapping):
+            _flatten_into(out, value, path + SEP)
         else:
             out[path] = value
 
@@ -122,28 +114,22 @@ def _covered(path: str, prefixes: Collection[str]) -> bool:
     return False
 
 
-def fragment_updates(  # noqa: PLR0917 - skip stays positional, as callers expect
+def fragment_updates(
     current: Mapping[tuple[str, str], AttributeValue],
     dataset: str,
     payload: Mapping[str, Any],
     ts: float,
     record_id: str,
-    skip: Collection[str] = (),
-    *,
-    leaves: Collection[str] = (),
 ) -> list[AttributeValue]:
     """The attribute rows a new profile record of `dataset` writes, sorted by path.
 
     `current` holds the stored rows by (dataset, path). Each leaf path of `payload` gives a
     new row, unless the stored row for (dataset, path) is newer (a greater ts): a record that
     arrives out of order never overwrites newer data. At equal ts the new record wins (last
-    write wins). Paths in `skip`, and the paths under them, are not attributes (e.g.
-    identity-only bookkeeping). `leaves` are map paths, kept whole (see `flatten`).
+    write wins).
     """
     out: list[AttributeValue] = []
-    for path, value in sorted(flatten(payload, leaves=leaves).items()):
-        if skip and _covered(path, skip):
-            continue
+    for path, value in sorted(flatten(payload).items()):
         stored = current.get((dataset, path))
         if stored is not None and stored.ts > ts:
             continue
@@ -160,19 +146,6 @@ def fold_rows(rows: Iterable[AttributeValue]) -> dict[tuple[str, str], Attribute
         if held is None or (v.ts, v.record_id) > (held.ts, held.record_id):
             out[v.dataset, v.path] = v
     return out
-
-
-def map_paths(fields: Mapping[str, Field], prefix: str = "") -> frozenset[str]:
-    """The dotted paths of a schema's map fields (through objects): the `leaves` to pass to
-    `flatten` and `fragment_updates`, so that a map's keys are not taken as attributes."""
-    out: set[str] = set()
-    for name, f in fields.items():
-        path = f"{prefix}{name}"
-        if f.type == "map":
-            out.add(path)
-        elif f.type == "object" and f.fields:
-            out |= map_paths(f.fields, path + SEP)
-    return frozenset(out)
 
 
 # -- merge policies ------------------------------------------------------------------------------
@@ -346,49 +319,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return bool(a == b)
-
-
-# -- experience events ----------------------------------------------------------------------------
-class StoredEvent(msgspec.Struct, frozen=True):
-    """One experience event of a profile."""
-
-    record_id: str
-    dataset: str
-    event_type: str | None
-    ts: float
-    """When it happened (the record's timestamp)."""
-    payload: dict[str, Any]
-
-
-def event_order(e: StoredEvent) -> tuple[float, str]:
-    """The order of a profile's events: by time, then record id."""
-    return (e.ts, e.record_id)
-
-
-def retention(
-    events: Sequence[StoredEvent],
-    now: float,
-    expiration_days: Mapping[str, int | None],
-    max_events: int = MAX_EVENTS,
-) -> tuple[list[StoredEvent], list[StoredEvent]]:
-    """(kept, dropped), both sorted by (ts, record_id).
-
-    An event expires when it is older than its dataset's expiration: ts < now - days * 86400
-    (an event exactly at the boundary is kept). Datasets missing from `expiration_days`, or
-    mapped to None, never expire. Of the rest, at most `max_events` are kept, the oldest
-    dropped first.
-    """
-    if max_events < 0:
-        raise ValueError(f"max_events must be >= 0, got {max_events}")
-    kept: list[StoredEvent] = []
-    dropped: list[StoredEvent] = []
-    for e in events:
-        days = expiration_days.get(e.dataset)
-        (dropped if days is not None and e.ts < now - days * DAY else kept).append(e)
-    kept.sort(key=event_order)
-    excess = len(kept) - max_events
-    if excess > 0:
-        dropped.extend(kept[:excess])
-        del kept[:excess]
-    dropped.sort(key=event_order)
-    return kept, dropped

@@ -1,9 +1,9 @@
-"""The profile actor's step, without I/O: a fetch's items applied in order, in memory.
+"""The profile actor's rules, without I/O: a fetch's items applied in order, in memory.
 
-The service loads what the items touch (`Loaded`: the attribute rows and identities of
+The handler loads what the items touch (`Loaded`: the attribute rows and identities of
 every profile they name, the survivors of folded ids, the stored events anchored on
-identities that move, the records a privacy delete reaches), `ProfileStep.apply` decides,
-and the service commits `tx` and publishes `out`.
+identities that move, the records a privacy delete reaches), `apply_items` decides and
+returns `Effects`, and the handler persists them (the store) and publishes the messages.
 
 Rules kept here:
 
@@ -18,10 +18,14 @@ Rules kept here:
   person's identities, wherever it sits.
 
 Writes to stored data that depend on order (moving events by profile or by anchor,
-deletes) are added to `tx` in item order; the new state (attribute rows, identities,
-profiles, new events) is written once at the end. What segmentation needs comes out in
+deletes) are `Effects.ordered`, in item order; the new state (attribute rows, identities,
+profiles, new events) is written once, after them. What segmentation needs comes out in
 causal order on the profile's partition (`PartitionedOutput`): a merge behind every
 earlier change of both profiles, then one change per profile touched, then the probes.
+
+Invariant: a fetch applied at once stores what its items applied one fetch each store
+(fold chains and the carried index compared as followed to their survivors); the batch is
+only the fast path (tests/test_profile_handlers.py holds it with a property test).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -43,29 +47,7 @@ from services.profile.merge import (
     record_time,
     unflatten,
 )
-from services.profile.store import (
-    CAP_EVENTS,
-    CARRY_PINNED,
-    DELETE_ATTRIBUTE,
-    DELETE_ATTRIBUTES,
-    DELETE_CARRIED,
-    DELETE_EVENT,
-    DELETE_IDENTITY,
-    DELETE_MEMBERSHIPS,
-    DELETE_PROFILES,
-    DELETE_PROFILES_CARRIED,
-    FOLD_PROFILE,
-    INSERT_CARRIED,
-    INSERT_EVENT,
-    MOVE_EVENTS,
-    MOVE_EVENTS_BY_ANCHOR,
-    PIN_EVENTS,
-    UPSERT_ATTRIBUTE,
-    UPSERT_IDENTITY,
-    UPSERT_PROFILE,
-)
 from shared import subjects
-from shared.db import Tx
 from shared.messages import (
     ChangeEnvelope,
     ChangeItem,
@@ -74,7 +56,7 @@ from shared.messages import (
     Fragment,
     Identity,
     Merged,
-    PrivacyReport,
+    PrivacyDelete,
     Probe,
     ProfileChanged,
     ProfileDeleted,
@@ -96,10 +78,6 @@ def key_text(ident: IdentityKey) -> str:
     return f"{ident[0]}:{ident[1]}"
 
 
-def _json_list(values: Iterable[str]) -> bytes:
-    return _keys_encoder.encode(list(values))
-
-
 def follow(redirect: dict[str, str], profile_id: str) -> str:
     """The profile `profile_id` was folded into, chains followed: the survivor."""
     seen = 0
@@ -111,6 +89,115 @@ def follow(redirect: dict[str, str], profile_id: str) -> str:
 
 def _encode_changes(items: list[ChangeItem]) -> bytes:
     return msgpack_encoder.encode(ChangeEnvelope(items))
+
+
+@dataclass(frozen=True)
+class MoveEvents:
+    """Every stored event of `folded` goes to `survivor` (a merge)."""
+
+    survivor: str
+    folded: str
+
+
+@dataclass(frozen=True)
+class MoveAnchored:
+    """Every stored event anchored on `anchor` goes to `target` (the identity moved)."""
+
+    target: str
+    anchor: str
+
+
+@dataclass(frozen=True)
+class PinAnchored:
+    """The events anchored on `anchor` stay where they are (the size limit dropped it),
+    indexed by it so that a delete of that identity still reaches them."""
+
+    anchor: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    """A privacy delete: these profiles (and every profile folded into them), the stored
+    events `events`, and the index rows of `persons`."""
+
+    profile_ids: list[str]
+    events: list[str]
+    persons: list[str]
+
+
+Write = MoveEvents | MoveAnchored | PinAnchored | Forget
+"""A write to stored data whose place among the others matters."""
+
+
+class EventRow(NamedTuple):
+    """A new event, as stored."""
+
+    record_id: str
+    profile_id: str
+    dataset: str
+    event_type: str | None
+    ts: float
+    identity_keys: bytes
+    """JSON list of the record's identities, `<namespace>:<value>`."""
+    payload: bytes
+    """msgpack"""
+    anchor: str | None
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What a privacy delete removed here, for its report."""
+
+    request: PrivacyDelete
+    profile_ids: list[str]
+    removed: dict[str, int]
+
+
+@dataclass
+class Effects:
+    """What a fetch's items do: the writes, in the order they are made, and the messages.
+
+    `ordered` comes first, in item order; then the new state: folds (`folds`, whose
+    attributes and memberships go), profile rows, attribute rows dropped and written,
+    identities dropped and written, new events, the carried index, the event caps."""
+
+    now: float
+    ordered: list[Write] = field(default_factory=list)
+    folds: list[tuple[str, str, float]] = field(default_factory=list)
+    """(folded profile, survivor, creation time if the row is new): its attributes and
+    memberships go (segmentation evaluates the survivor again)."""
+    profiles: list[tuple[str, float]] = field(default_factory=list)
+    """(live profile touched, its creation time); its update time is `now`."""
+    dropped_rows: list[tuple[str, str, str]] = field(default_factory=list)
+    """(profile, dataset, path)"""
+    rows: list[tuple[str, AttributeValue]] = field(default_factory=list)
+    dropped_identities: list[IdentityKey] = field(default_factory=list)
+    identities: list[tuple[str, str, str]] = field(default_factory=list)
+    """(namespace, value, profile)"""
+    events: list[EventRow] = field(default_factory=list)
+    carried: list[tuple[str, str, str, str]] = field(default_factory=list)
+    """(person key, record id, profile, "event" or "profile")"""
+    capped: list[str] = field(default_factory=list)
+    """Profiles that received events: at most `MAX_EVENTS_PER_PROFILE` are kept."""
+    messages: list[tuple[str, bytes]] = field(default_factory=list)
+    """(subject, payload) for segmentation, in causal order per partition, probes last."""
+    forgotten: list[Forgotten] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
+
+
+def apply_items(
+    loaded: Loaded,
+    items: Iterable[ProfileItem],
+    *,
+    policy: MergePolicy,
+    others: Sequence[MergePolicy] = (),
+    partitions: int,
+    now: float | None = None,
+) -> Effects:
+    """Apply a fetch's `items` in order to the state they touch (`loaded`, which this
+    takes over): the writes and messages that make it so. `policy` is the default merge
+    policy, `others` the other policies whose views segmentation receives."""
+    return _Apply(loaded, policy=policy, others=others, partitions=partitions, now=now).run(items)
 
 
 @dataclass
@@ -170,8 +257,8 @@ class _Event:
         self.gone = False
 
 
-class ProfileStep:
-    """Apply one fetch's items. `tx`, `out`, `reports` and `probes` are the outcome."""
+class _Apply:
+    """One fetch's items applied in order; `run` returns the `Effects`."""
 
     def __init__(
         self,
@@ -187,12 +274,12 @@ class ProfileStep:
         self.others = list(others)
         self.partitions = partitions
         self.now = time.time() if now is None else now
-        self.tx = Tx()
+        self.effects = Effects(self.now)
+        self.ordered = self.effects.ordered
         self.out: PartitionedOutput[ChangeItem] = PartitionedOutput(
             subjects.changes, _encode_changes, partitions
         )
-        self.reports: list[PrivacyReport] = []
-        self.probes: list[Probe] = []
+        self.probes = self.effects.probes
         self.redirect = dict(loaded.redirect)
         self.live = set(loaded.known)
         self.created: dict[str, float] = {}
@@ -240,7 +327,7 @@ class ProfileStep:
             self.created.setdefault(pid, at)
 
     # -- the step ------------------------------------------------------------------------
-    def apply(self, items: Iterable[ProfileItem]) -> None:
+    def run(self, items: Iterable[ProfileItem]) -> Effects:
         for item in items:
             match item:
                 case Fragment():
@@ -254,6 +341,8 @@ class ProfileStep:
                 case Probe():
                     self.probes.append(item)
         self._finish()
+        self.effects.messages = self.out.messages()
+        return self.effects
 
     def _fragment(self, item: Fragment) -> None:
         r = item.record
@@ -325,7 +414,7 @@ class ProfileStep:
             # survivor: its records and events are the survivor's now.
             self._touch(survivor).extend(self.touched.pop(folded, []))
             self.absorbed[survivor] += [folded, *self.absorbed.pop(folded, [])]
-            self.tx.add(MOVE_EVENTS, (survivor, folded))
+            self.ordered.append(MoveEvents(survivor, folded))
         if folded_now:
             parts = [self._part(f) for f in folded_now]
             self.out.add_across(
@@ -347,8 +436,7 @@ class ProfileStep:
                     ev.anchor = None
                     if ev.new:  # a delete of the dropped identity still reaches it
                         self.carried.append((key, ev.event.record_id, ev.loc, "event"))
-                self.tx.add(CARRY_PINNED, (key, key))
-                self.tx.add(PIN_EVENTS, (key,))
+                self.ordered.append(PinAnchored(key))
             return
         target = self.resolve(item.to_profile)
         self._ensure(target, item.at)
@@ -359,7 +447,7 @@ class ProfileStep:
             key = key_text(pair)
             for ev in self.by_anchor.get(key, ()):
                 ev.loc = target
-            self.tx.add(MOVE_EVENTS_BY_ANCHOR, (target, key))
+            self.ordered.append(MoveAnchored(target, key))
 
     def _delete(self, item: Deleted) -> None:
         pids = sorted({self.resolve(p) for p in item.profile_ids})
@@ -420,38 +508,19 @@ class ProfileStep:
         for f in folded_now:
             del self.folded[f]
         # Stored data, in order.
-        plist = _json_list([*pids, *folded_now])
-        for table in ("attributes", "events", "identities", "memberships"):
-            self.tx.add(
-                f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
-                (plist,),
-            )
-        self.tx.add_many(DELETE_EVENT, [(rid,) for rid in sorted(swept)])
-        self.tx.add_many(DELETE_CARRIED, [(k,) for k in sorted(persons)])
-        self.tx.add(DELETE_PROFILES_CARRIED, (plist,))
-        self.tx.add(DELETE_PROFILES, (plist,))
+        self.ordered.append(Forget([*pids, *folded_now], sorted(swept), sorted(persons)))
         part = self._part(pids[0]) if pids else 0
         self.out.add_across(part, range(self.partitions), ProfileDeleted(pids, item.request))
-        self.reports.append(
-            PrivacyReport(
-                request_id=item.request.request_id,
-                service="profile",
-                identity=item.request.identity,
-                profile_ids=pids,
-                removed=dict(counts),
-                at=self.now,
-            )
-        )
+        self.effects.forgotten.append(Forgotten(item.request, pids, dict(counts)))
 
     # -- the end of the fetch ----------------------------------------------------------
     def _finish(self) -> None:
-        tx = self.tx
         now = self.now
         # Where each event ends: new ones are inserted there; stored ones that moved or
         # went reach segmentation as removed from where it has them, added where they are.
         added: dict[str, list[ExperienceEvent]] = defaultdict(list)
         removed: dict[str, list[str]] = defaultdict(list)
-        new_rows = []
+        new_rows: list[EventRow] = []
         for ev in self.events.values():
             start, end = self.resolve(ev.start), self.resolve(ev.loc)
             if ev.new:
@@ -459,7 +528,7 @@ class ProfileStep:
                     continue
                 e = ev.event
                 new_rows.append(
-                    (
+                    EventRow(
                         e.record_id,
                         end,
                         e.dataset,
@@ -486,53 +555,30 @@ class ProfileStep:
                 removed[start].append(ev.event.record_id)
                 self._touch(start)
         # The new state, once per table.
-        tx.add_many(DELETE_ATTRIBUTES, [(f,) for f in self.folded])
-        tx.add_many(DELETE_MEMBERSHIPS, [(f,) for f in self.folded])  # segmentation re-evaluates
-        tx.add_many(FOLD_PROFILE, [(self.resolve(f), f) for f in self.folded])
+        fx = self.effects
+        # A profile folded in the fetch that made it keeps a row too: its id still answers.
+        fx.folds = [(f, self.resolve(f), self.created.get(f, now)) for f in self.folded]
         live_touched = [pid for pid in self.touched if pid in self.live]
-        tx.add_many(
-            UPSERT_PROFILE, [(pid, self.created.get(pid, now), now) for pid in live_touched]
-        )
-        tx.add_many(DELETE_ATTRIBUTE, sorted(d for d in self.dropped_rows if d[0] in self.live))
-        tx.add_many(
-            UPSERT_ATTRIBUTE,
-            [
-                (
-                    pid,
-                    row.dataset,
-                    row.path,
-                    msgpack_encoder.encode(row.value),
-                    row.ts,
-                    row.record_id,
-                )
-                for pid in live_touched
-                for row in self.rows.get(pid, {}).values()
-            ],
-        )
-        drops: list[IdentityKey] = []
-        upserts: list[tuple[str, str, str]] = []
+        fx.profiles = [(pid, self.created.get(pid, now)) for pid in live_touched]
+        fx.dropped_rows = sorted(d for d in self.dropped_rows if d[0] in self.live)
+        fx.rows = [(pid, row) for pid in live_touched for row in self.rows.get(pid, {}).values()]
         for pair, pid in self.holder.items():
             final = self.resolve(pid) if pid is not None else None
             if final is None or final in self.deleted:
-                drops.append(pair)
+                fx.dropped_identities.append(pair)
             else:
-                upserts.append((pair[0], pair[1], final))
-        tx.add_many(DELETE_IDENTITY, drops)
-        tx.add_many(UPSERT_IDENTITY, upserts)
-        tx.add_many(INSERT_EVENT, new_rows)
-        tx.add_many(
-            INSERT_CARRIED,
-            [
-                (key, rid, self.resolve(pid), kind)
-                for key, rid, pid, kind in self.carried
-                if self.resolve(pid) not in self.deleted
-            ],
-        )
-        tx.add_many(CAP_EVENTS, [(pid, MAX_EVENTS_PER_PROFILE) for pid in added])
+                fx.identities.append((pair[0], pair[1], final))
+        fx.events = new_rows
+        fx.carried = [
+            (key, rid, self.resolve(pid), kind)
+            for key, rid, pid, kind in self.carried
+            if self.resolve(pid) not in self.deleted
+        ]
+        fx.capped = list(added)
         # What segmentation needs: one change per live profile touched (more if the events
         # it carries are many: a device that moves takes all its events along), then the
         # probes.
-        sizes = {row[0]: len(row[6]) for row in new_rows}
+        sizes = {row.record_id: len(row.payload) for row in new_rows}
         for pid in live_touched:
             rows = self.rows.get(pid, {})
             after = _flat_values(merge_flat(rows.values(), self.policy))

@@ -1,20 +1,16 @@
-"""The profile actor's step, pure (in memory): what it decides and the messages it
-publishes."""
+"""The profile actor's rules, pure (in memory): what they decide and the messages the
+service publishes."""
 
 from __future__ import annotations
 
 import time
 
 from services.profile.merge import default_policy
-from services.profile.step import Loaded, ProfileStep, StoredEvent
+from services.profile.rules import Loaded, StoredEvent, apply_items
 from shared.messages import ExperienceEvent, Identity, Reassigned
 from shared.subjects import MAX_PAYLOAD
 
 PARTITIONS = 8
-
-
-def step(loaded: Loaded) -> ProfileStep:
-    return ProfileStep(loaded, policy=default_policy([]), others=[], partitions=PARTITIONS)
 
 
 def test_a_device_that_moves_with_many_events_fits_in_messages_nats_accepts() -> None:
@@ -37,8 +33,12 @@ def test_a_device_that_moves_with_many_events_fits_in_messages_nats_accepts() ->
             payload={"ecid": "tab", "page": {"url": f"/p/{i}", "name": "x" * 4500}},
         )
         loaded.anchored["ecid:tab"].append(StoredEvent("p-one", "ecid:tab", event))
-    s = step(loaded)
-    s.apply([Reassigned("p-one", "p-two", [Identity("ecid", "tab")], "moved", now)])
-    sizes = [len(payload) for _, payload in s.out.messages()]
+    fx = apply_items(
+        loaded,
+        [Reassigned("p-one", "p-two", [Identity("ecid", "tab")], "moved", now)],
+        policy=default_policy([]),
+        partitions=PARTITIONS,
+    )
+    sizes = [len(payload) for _, payload in fx.messages]
     assert sum(sizes) > MAX_PAYLOAD, "the moved views are all published"
     assert max(sizes) <= MAX_PAYLOAD, sizes
