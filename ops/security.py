@@ -204,17 +204,9 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             requests=(s.admin("profile", "get"),),
         ),
         "scheduler": _Uses(
-            consumes=(
-                (s.STREAM_JOBS, "scheduler"),
-                (s.STREAM_CONFIG, "scheduler-destinations"),
-            ),
-            publishes=(s.JOBS_ALL, s.config("schedule", "*")),
+            consumes=((s.STREAM_JOBS, "scheduler"),),  # the done events of jobs
+            publishes=(s.JOBS_ALL, s.config("schedule", "*")),  # job requests, its schedules
             serves=(s.admin("scheduler", ">"),),
-            requests=(
-                s.admin("segmentation", "job.run"),
-                s.admin("destination", "export.run"),
-                s.admin("destination", "list"),
-            ),
         ),
         "destination": _Uses(
             consumes=(

@@ -15,6 +15,7 @@ from services.identity.graph import (
     Edge,
     Effects,
     Fold,
+    Forgotten,
     IdentityGraph,
     Move,
     Node,
@@ -596,3 +597,85 @@ def test_random_records_keep_the_graph_consistent(
 def test_max_identities_must_be_positive(bad: int) -> None:
     with pytest.raises(ValueError, match="max_identities"):
         IdentityGraph(NAMESPACES, bad, default_region="US")
+
+
+# -- privacy -------------------------------------------------------------------------------------
+
+
+def test_forget_removes_the_whole_graph_and_names_its_person_identities() -> None:
+    w = World()
+    p = w.see("crm_id:C1", "email:e@x.com", "ecid:K")
+    w.fx = Effects()
+    gone = w.graph.forget(w.ws, w.fx, Identity("email", " E@x.com "))
+    assert gone == Forgotten(
+        [p], ["crm_id:C1", "email:e@x.com"], ["crm_id:C1", "ecid:K", "email:e@x.com"], []
+    )
+    assert w.ws.nodes == {}
+    assert w.ws.edges == {}
+    assert w.ws.profiles == {}
+    assert w.fx.delete_nodes == {"crm_id:C1", "ecid:K", "email:e@x.com"}
+
+
+def test_forgetting_an_identity_no_graph_holds_changes_nothing() -> None:
+    w = World()
+    w.see("crm_id:C1")
+    w.fx = Effects()
+    assert w.graph.forget(w.ws, w.fx, Identity("crm_id", "C2")) == Forgotten(
+        [], ["crm_id:C2"], [], []
+    )
+    assert w.graph.forget(w.ws, w.fx, Identity("phone", "12")) == Forgotten([], [], [], [])
+    assert not w.fx
+    assert set(w.ws.nodes) == {"crm_id:C1"}
+
+
+steps = st.one_of(records, st.sampled_from(NAMES).map(lambda key: f"forget {key}"))
+forget_batches = st.lists(st.lists(steps, min_size=1, max_size=5), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=forget_batches)
+def test_random_records_and_forgets_keep_the_graph_consistent(
+    batches: list[list[list[str] | str]],
+) -> None:
+    """Privacy deletes among the records of a fetch: the person's graph is gone from the
+    working set at once, and the effects (with what `forget` returns for the stored
+    profiles) still reproduce the working set."""
+    graph = make_graph(6)
+    store = Store()
+    clock = 0.0
+    for batch in batches:
+        keys: list[str] = []
+        for step in batch:
+            if isinstance(step, str):
+                keys += graph.keys_of(ids(step.removeprefix("forget ")))
+            else:
+                keys += graph.keys_of(ids(*step))
+        ws = store.working_set(keys)
+        fx = Effects()
+        forgotten: list[str] = []
+        removed: set[str] = set()
+        for step in batch:
+            clock += 1
+            if isinstance(step, str):
+                key = step.removeprefix("forget ")
+                pid = ws.nodes[key].profile_id if key in ws.nodes else None
+                gone = graph.forget(ws, fx, ids(key)[0])
+                assert gone.profile_ids == ([] if pid is None else [pid])
+                assert key not in ws.nodes
+                assert not any(pid == n.profile_id for n in ws.nodes.values())
+                assert pid not in ws.profiles
+                forgotten += [*gone.profile_ids, *gone.folded]
+                removed.update(gone.identities)
+            else:
+                graph.link(ws, fx, ids(*step), at=clock, dataset="d", record_id=str(clock))
+        store.apply(fx)
+        for pid in forgotten:
+            store.profiles.pop(pid, None)
+        check_invariants(graph, store)
+        for key, node in ws.nodes.items():
+            assert store.nodes[key] == node
+        assert not (removed - set(ws.nodes)) & set(store.nodes), "forgotten, not linked again"
+        for ekey, edge in ws.edges.items():
+            assert store.edges[ekey] == edge
+        for pid in ws.profiles:
+            assert store.profiles[pid] == ws.profiles[pid]

@@ -1,17 +1,11 @@
-"""The identity service's root exception."""
+"""What the identity service refuses to do on purpose."""
 
 from __future__ import annotations
 
 from shared.errors import CdpError
 
 
-class IdentityError(CdpError):
-    """Base of every error the identity service raises on purpose."""
-
-    code = "identity_error"
-
-
-class ReplayImpossible(IdentityError):
+class ReplayImpossible(CdpError):
     """The identity graph is gone and the records stream no longer holds what rebuilt it."""
 
     code = "replay_impossible"

@@ -2,9 +2,10 @@
 
 Identities seen together in a record are linked by edges; a connected set of identities is
 one graph, which is one person with a stable profile id. This module holds the rules (links,
-merges, unique namespaces, shared devices, the size limit) and nothing else: the service
-loads the part of the graph a batch touches into a `WorkingSet`, calls `IdentityGraph.link`
-once per record, and persists the `Effects` the calls accumulated.
+merges, unique namespaces, shared devices, the size limit, the privacy delete) and nothing
+else: the handler loads the part of the graph a batch touches into a `WorkingSet`, calls
+`IdentityGraph.link` once per record (`IdentityGraph.forget` once per privacy delete), and
+persists the `Effects` the calls accumulated.
 
 Invariants kept on a working set (given that they hold on the loaded state):
 
@@ -107,6 +108,24 @@ class Fold(msgspec.Struct):
 
 
 GraphEvent = Fold | Move
+
+
+class Forgotten(msgspec.Struct):
+    """What a privacy delete removed from a working set (`IdentityGraph.forget`).
+
+    The graph's nodes and edges are already gone from the working set and the effects;
+    what is left for the store is in the stored state only: the profile and every profile
+    folded into it (`profile_ids[0]`, `folded`) and the refused links of `identities`."""
+
+    profile_ids: list[str]
+    """The profile of the graph that held the identity (none: no graph holds it)."""
+    person_keys: list[str]
+    """The identity itself and the graph's person identities: the records that carry one
+    of them belong to the person, on whatever profile they sit."""
+    identities: list[str]
+    """Keys of the nodes removed."""
+    folded: list[str]
+    """Profiles folded into it in this fetch, removed with it."""
 
 
 # -- state and effects --------------------------------------------------------------------------
@@ -651,6 +670,45 @@ class IdentityGraph:
                 fx.delete_nodes.add(victim.key)
                 fx.events.append(Move(current, None, [victim.key], "limit"))
                 todo.extend(self._split(ws, fx, rec, current))
+
+    # -- privacy --
+    def forget(self, ws: WorkingSet, fx: Effects, identity: Identity) -> Forgotten:
+        """Remove the whole graph that holds `identity` (a privacy delete) from the working
+        set and from what the batch changed so far: its nodes, its edges, its profile and
+        the profiles folded into it in this fetch, and the refusals it met in this fetch
+        (they would be written after the delete)."""
+        keys = self.keys_of([identity])
+        node = ws.nodes.get(keys[0]) if keys else None
+        if node is None:
+            # No graph holds it (the size limit dropped it, or it never came): the records
+            # that carry it are still reached.
+            return Forgotten([], keys[:1], [], [])
+        pid = node.profile_id
+        members = sorted(ws.members(pid))
+        person_keys = sorted(
+            {
+                *keys[:1],
+                *(k for k in members if self.namespace(ws.nodes[k].namespace).type == "person"),
+            }
+        )
+        for key in members:
+            del ws.nodes[key]
+            fx.upsert_nodes.pop(key, None)
+            fx.delete_nodes.add(key)
+        member_set = set(members)
+        for edge in [k for k in ws.edges if k[0] in member_set or k[1] in member_set]:
+            del ws.edges[edge]
+            fx.add_edges.pop(edge, None)
+            fx.delete_edges.add(edge)
+        # The profiles folded into it go with it: stored ones (the store follows any chain
+        # of them) and those of this fetch, whose fold would otherwise be written after.
+        folded = [f for f, into in fx.folded_profiles.items() if into == pid]
+        for f in (pid, *folded):
+            ws.profiles.pop(f, None)
+            fx.new_profiles.pop(f, None)
+            fx.folded_profiles.pop(f, None)
+        fx.refused = [r for r in fx.refused if r.a not in member_set and r.b not in member_set]
+        return Forgotten([pid], person_keys, members, folded)
 
     # -- primitive changes, each recorded in the effects --
     def _touch(self, ws: WorkingSet, fx: Effects, key: str, at: float) -> None:

@@ -1,0 +1,51 @@
+"""Start-up without a graph: rebuilding it from the records stream, or refusing to.
+
+Without its state (no offset: a new or lost identity.db) the service rebuilds the graph by
+replaying the records stream from its first message, which gives every graph the profile id
+it had. That needs the stream to still hold its first message: if retention removed any, a
+replay would build other graphs than the ones the profile service holds, so the service
+refuses to start instead. What the profile service already received (up to the last records
+sequence identity published to it) is applied again but not announced again.
+"""
+
+from __future__ import annotations
+
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from services.identity.errors import ReplayImpossible
+from services.identity.handlers import RECORDS_CONSUMER
+from services.identity.store import IdentityStore
+from shared import subjects
+
+
+async def announced_until(js: JetStreamContext, store: IdentityStore, db_path: str) -> int:
+    """0 if the graph is there (or nothing was announced yet); else the records sequence up
+    to which a replay must stay quiet. Raises ReplayImpossible if the replay cannot give
+    the graphs their profile ids."""
+    if await store.has_offset(RECORDS_CONSUMER):
+        return 0
+    info = await js.stream_info(subjects.STREAM_RECORDS.name)
+    first, last = info.state.first_seq, info.state.last_seq
+    if last > 0 and first > 1:
+        raise ReplayImpossible(subjects.STREAM_RECORDS.name, first, db_path)
+    return await last_announced(js)
+
+
+async def last_announced(js: JetStreamContext) -> int:
+    """The records sequence of the last message this service published to the profile
+    service (its message id is `identity:<records seq>:<n>`), 0 if there is none."""
+    info = await js.stream_info(subjects.STREAM_PROFILES.name)
+    seq = info.state.last_seq
+    if not seq or info.state.messages == 0:
+        return 0
+    try:
+        msg = await js.get_msg(subjects.STREAM_PROFILES.name, seq)
+    except nats.js.errors.NotFoundError:
+        return 0
+    msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+    consumer, _, rest = msg_id.partition(":")
+    number = rest.partition(":")[0]
+    if consumer != RECORDS_CONSUMER or not number.isdigit():
+        return 0
+    return int(number)
