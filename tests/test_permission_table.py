@@ -20,7 +20,6 @@ ALLOWED_EXTRA: set[tuple[str, str]] = {
     ("CDP_CONFIG", "segmentation-policies"),
     ("CDP_JOBS", "segmentation-jobs"),
     ("CDP_CONFIG", "destination-segments"),
-    ("CDP_CONFIG", "scheduler-destinations"),
 }
 """Granted durables that no service makes yet: the consumers of config and jobs that
 replace request/reply between services are being written in parallel (issue 13). Empty
