@@ -34,6 +34,8 @@ PHONE_RE = re.compile(
 _DIGIT = re.compile(r"\d")
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DECIMAL = re.compile(r"\d+\.\d+")
+_UUID = re.compile(r"(?<![\w-])[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}(?![\w-])")
+"""Ids such as record and request ids: their digit runs are no phone number."""
 SENSITIVE_KEYS = frozenset({"email", "phone", "password", "token", "secret"})
 REDACTED = "[redacted]"
 
@@ -59,6 +61,14 @@ def redact_text(text: str) -> str:
     """Mask email addresses and phone numbers inside a string."""
     if "@" in text:
         text = EMAIL_RE.sub("[email]", text)
+    if "-" in text and _UUID.search(text):
+        out: list[str] = []
+        at = 0
+        for m in _UUID.finditer(text):
+            out += [PHONE_RE.sub(_phone, text[at : m.start()]), m.group()]
+            at = m.end()
+        out.append(PHONE_RE.sub(_phone, text[at:]))
+        return "".join(out)
     return PHONE_RE.sub(_phone, text)
 
 
