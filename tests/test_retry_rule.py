@@ -29,9 +29,7 @@ def ceiling(low: float, high: float) -> float:
 
 
 def rule(error: BaseException | None, attempts: int = 1, age: float = 0.0) -> object:
-    return decide(
-        error, attempts, age, max_age=MAX_AGE, max_attempts=MAX_ATTEMPTS, uniform=ceiling
-    )
+    return decide(error, attempts, age, max_age=MAX_AGE, max_attempts=MAX_ATTEMPTS, uniform=ceiling)
 
 
 def test_an_attempt_without_error_is_sent() -> None:

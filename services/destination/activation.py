@@ -112,6 +112,23 @@ class Plan(msgspec.Struct):
         return {q.destination for q in self.queued}
 
 
+def unseen(
+    changes: Iterable[MembershipEvent], held: Mapping[tuple[str, str], tuple[str, float]]
+) -> list[MembershipEvent]:
+    """The changes not applied already, in order: a change whose status and time are those
+    held for its segment and profile (`held`: (segment, profile) -> (status, at)), or those
+    of a change before it in the batch, is one delivered again and is left out."""
+    seen = dict(held)
+    out = []
+    for ev in changes:
+        key = (ev.segment, ev.profile_id)
+        if seen.get(key) == (ev.status, ev.at):
+            continue
+        seen[key] = (ev.status, ev.at)
+        out.append(ev)
+    return out
+
+
 def plan(
     changes: Iterable[MembershipEvent],
     destinations: Iterable[Destination],

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import msgspec
 import structlog
 
-from services.destination.activation import Plan, plan
+from services.destination.activation import Plan, plan, unseen
 from services.destination.exporter import Exporter
 from services.destination.model import SegmentMeta
 from services.destination.state import State
@@ -120,6 +120,7 @@ class Handlers:
     async def _enqueue(self, step: Step, events: list[MembershipEvent]) -> None:
         if not events:
             return
+        events = unseen(events, await self.store.statuses_of(e.profile_id for e in events))
         self.store.put_memberships(step.tx, events)
         live = [e for e in events if self.state.live(e.segment)]
         views = await self.store.views(e.profile_id for e in live)

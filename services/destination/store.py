@@ -374,6 +374,18 @@ class DestinationStore:
             (_json.encode(list(segments)), before if before is not None else float("inf")),
         )
 
+    async def statuses_of(
+        self, profile_ids: Iterable[str]
+    ) -> dict[tuple[str, str], tuple[str, float]]:
+        """(segment, profile) -> (status, at) of every membership these profiles have."""
+        rows = await self._rows(
+            MembershipEvent,
+            "SELECT profile_id, segment, status, at, method FROM memberships "
+            f"WHERE profile_id IN {_IN_JSON}",
+            (_json.encode(sorted(set(profile_ids))),),
+        )
+        return {(m.segment, m.profile_id): (m.status, m.at) for m in rows}
+
     async def held(self, profile_ids: Iterable[str]) -> list[MembershipEvent]:
         """The memberships these profiles hold now."""
         return await self._rows(
