@@ -198,9 +198,7 @@ class DestinationApi:
         """Which of `names` are live segments: in the state, in the same file (a dry run),
         or, not read from the config stream yet, its latest message there."""
         known = {n for n in names if n in self.state.segments or n in in_file}
-        for name in set(names) - known:
-            if name in self.state.deleted:
-                continue
+        for name in sorted(set(names) - known):
             try:
                 msg = await self._js().get_last_msg(
                     subjects.STREAM_CONFIG.name, subjects.config("segment", name)
