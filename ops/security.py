@@ -223,7 +223,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 *activation,
             ),
             serves=(s.admin("destination", ">"),),
-            requests=(s.admin("segmentation", "list"),),
+            reads_last=(s.STREAM_CONFIG,),  # a segment applied but not read yet
         ),
     }
 

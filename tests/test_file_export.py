@@ -40,7 +40,6 @@ from tests.helpers import eventually, running, settings_for
 from tests.test_exports import PASSWORD, USER, SftpServer, sftp_server
 
 pytestmark = pytest.mark.asyncio
-EXPORTS_MOVE = "exports after segmentation move to destination (issue 13)"
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES: tuple[type[Service], ...] = (
     IngestService,
@@ -93,7 +92,6 @@ async def run_job(nc: Client) -> None:
     await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
 
 
-@pytest.mark.xfail(strict=False, reason=EXPORTS_MOVE)
 @pytest.mark.timeout(120)
 async def test_full_then_incremental_exports_after_batch_jobs_reach_sftp(
     platform: dict[str, Service], nc: Client, tmp_path: Path, sftp_server: SftpServer
@@ -170,7 +168,6 @@ async def _true(value: bool) -> bool:
     return value
 
 
-@pytest.mark.xfail(strict=False, reason=EXPORTS_MOVE)
 async def test_an_export_schedule_missed_while_down_runs_once_at_start(
     platform: dict[str, Service], nc: Client, tmp_path: Path, nats_server: NatsServer
 ) -> None:

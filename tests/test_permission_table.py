@@ -19,7 +19,6 @@ pytestmark = [pytest.mark.asyncio]
 ALLOWED_EXTRA: set[tuple[str, str]] = {
     ("CDP_CONFIG", "segmentation-policies"),
     ("CDP_JOBS", "segmentation-jobs"),
-    ("CDP_CONFIG", "destination-segments"),
 }
 """Granted durables that no service makes yet: the consumers of config and jobs that
 replace request/reply between services are being written in parallel (issue 13). Empty

@@ -1,17 +1,26 @@
-"""From a membership change and the profile view to an activation (pure)."""
+"""From membership changes and the profile view to activations (pure).
+
+`plan` takes a whole batch of changes and returns its effects: for each destination
+connected to a change's segment, the activation to queue, or one more skipped (no
+identity the destination needs, no consent). The delivery queue, the membership consumer,
+a newly connected destination's backfill and the audience managers' `existing` members
+all go through it."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import msgspec
+
 from services.destination.model import Activation
-from shared.messages import Identity
+from shared.messages import Identity, MembershipEvent
 from shared.resources import Destination
 
-BACKOFF_BASE_S = 1.0
-BACKOFF_MAX_S = 300.0
+STREAMING_TYPES = frozenset(
+    {"webhook", "email", "sms", "social", "ads", "audience_sharing", "nats"}
+)
+"""Destination types that receive each membership change (the others export files)."""
 
 
 def lookup(attributes: Mapping[str, Any], path: str) -> Any:
@@ -81,8 +90,72 @@ def build(
     )
 
 
-def backoff(attempts: int, retry_after: float | None = None) -> float:
-    """Seconds before the next attempt: exponential with full jitter, at least Retry-After."""
-    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * (2 ** max(0, attempts - 1)))
-    delay = random.uniform(ceiling / 2, ceiling)
-    return max(delay, retry_after or 0.0)
+class View(msgspec.Struct, frozen=True):
+    """What the destination service knows of a profile: its attributes and identities."""
+
+    attributes: dict[str, Any] = {}
+    identities: list[Identity] = []
+
+
+class Queued(msgspec.Struct, frozen=True):
+    destination: str
+    activation: Activation
+
+
+class Plan(msgspec.Struct):
+    queued: list[Queued]
+    skipped: dict[str, int]
+    """Per destination: changes it does not receive."""
+
+    @property
+    def touched(self) -> set[str]:
+        return {q.destination for q in self.queued}
+
+
+def unseen(
+    changes: Iterable[MembershipEvent], held: Mapping[tuple[str, str], tuple[str, float]]
+) -> list[MembershipEvent]:
+    """The changes not applied already, in order: a change whose status and time are those
+    held for its segment and profile (`held`: (segment, profile) -> (status, at)), or those
+    of a change before it in the batch, is one delivered again and is left out."""
+    seen = dict(held)
+    out = []
+    for ev in changes:
+        key = (ev.segment, ev.profile_id)
+        if seen.get(key) == (ev.status, ev.at):
+            continue
+        seen[key] = (ev.status, ev.at)
+        out.append(ev)
+    return out
+
+
+def plan(
+    changes: Iterable[MembershipEvent],
+    destinations: Iterable[Destination],
+    views: Mapping[str, View],
+) -> Plan:
+    """The activations of `changes` for the streaming `destinations` connected to their
+    segments. A change's own identities win over the view's; attributes travel only with
+    changes from batch jobs (`method` batch)."""
+    dests = [d for d in destinations if d.type in STREAMING_TYPES]
+    out = Plan([], {})
+    for ev in changes:
+        view = views.get(ev.profile_id, View())
+        for dest in dests:
+            if ev.segment not in dest.segments:
+                continue
+            activation, _why = build(
+                dest,
+                profile_id=ev.profile_id,
+                segment=ev.segment,
+                status=ev.status,
+                at=ev.at,
+                identities=ev.identities or view.identities,
+                attributes=view.attributes,
+                with_attributes=ev.method == "batch",
+            )
+            if activation is None:
+                out.skipped[dest.name] = out.skipped.get(dest.name, 0) + 1
+            else:
+                out.queued.append(Queued(dest.name, activation))
+    return out

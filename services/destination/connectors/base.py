@@ -28,6 +28,7 @@ from services.destination.guard import (
     check_url,
 )
 from services.destination.model import Activation, DeliveryError, SegmentMeta
+from services.destination.retry import retryable_status
 
 ADD_STATUSES = frozenset({"realized", "existing"})
 """Statuses that put a profile in the audience; `exited` takes it out."""
@@ -108,7 +109,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def http_error(status: int, headers: Mapping[str, str], body_text: str) -> DeliveryError:
     """The DeliveryError for a non-2xx answer: 408, 429 and 5xx are retryable (honouring
     Retry-After), any other status is not."""
-    retryable = status in (408, 429) or 500 <= status <= 599
+    retryable = retryable_status(status)
     retry_after = parse_retry_after(_header(headers, "Retry-After")) if retryable else None
     detail = " ".join(body_text.split())[:200]
     message = f"HTTP {status}" + (f": {detail}" if detail else "")

@@ -1,0 +1,225 @@
+"""The destination's actor steps on deliveries, with a real SQLite and no NATS: what each
+step queues for delivery, what it publishes, and what it remembers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import msgspec
+import pytest
+import pytest_asyncio
+import structlog
+
+from services.destination.exporter import Exporter
+from services.destination.handlers import Handlers
+from services.destination.model import Activation
+from services.destination.state import State
+from services.destination.store import MIGRATIONS, DestinationStore
+from shared import subjects
+from shared.admin import ExportResult, ExportRun, JobInfo, PublishedSegment
+from shared.config import Settings
+from shared.messages import Identity, MembershipEvent, PrivacyDelete, PrivacyReport, ProfileDeleted
+from shared.resources import Destination
+from shared.runtime.harness import StepHarness
+
+pytestmark = pytest.mark.asyncio
+_json = msgspec.json.Encoder()
+HOOK = msgspec.convert(
+    {"name": "hook", "type": "webhook", "segments": ["vip"], "connection": {"url": "x"}},
+    Destination,
+)
+FILE = msgspec.convert(
+    {
+        "name": "crm-file",
+        "type": "file",
+        "segments": ["vip"],
+        "export": {"folder": "exports", "schedule": "after_segmentation"},
+    },
+    Destination,
+)
+
+
+class Destinations:
+    """The steps of one destination service, and what they asked the worker to wake."""
+
+    def __init__(self, h: StepHarness, data_dir: Path) -> None:
+        self.h = h
+        self.store = DestinationStore(h.db)
+        self.state = State()
+        self.woken: list[str] = []
+        settings = Settings(service="destination", data_dir=data_dir)
+        log = structlog.get_logger()
+        self.handlers = Handlers(
+            self.store, self.state, Exporter(self.store, settings, log), self.wake, log
+        )
+        for dest in (HOOK, FILE):
+            self.state.put_destination(dest)
+
+    def wake(self, names: Iterable[str]) -> None:
+        self.woken += sorted(names)
+
+    async def queued(self) -> list[tuple[str, str, str]]:
+        rows = await self.h.db.execute_fetchall(
+            "SELECT destination, segment, profile_id FROM queue ORDER BY id"
+        )
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+@pytest_asyncio.fixture
+async def dest(tmp_path: Path) -> AsyncIterator[Destinations]:
+    async with StepHarness.open(MIGRATIONS) as h:
+        yield Destinations(h, tmp_path)
+
+
+def joined(pid: str, at: float = 100.0, segment: str = "vip") -> bytes:
+    event = MembershipEvent(
+        profile_id=pid,
+        segment=segment,
+        status="realized",
+        at=at,
+        method="streaming",
+        identities=[Identity("email", f"{pid}@example.com")],
+    )
+    return _json.encode(event)
+
+
+async def test_a_membership_change_for_a_streaming_destination_queues_one_delivery(
+    dest: Destinations,
+) -> None:
+    h = dest.h
+    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p1"))])
+    assert await dest.queued() == [("hook", "vip", "p1")]
+    assert dest.woken == ["hook"]
+
+
+async def test_a_change_delivered_again_queues_nothing_new(dest: Destinations) -> None:
+    h = dest.h
+    change = joined("p1")
+    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), change)])
+    await h.run(
+        dest.handlers.memberships,
+        [
+            h.delivery(subjects.membership("vip"), change),
+            h.delivery(subjects.membership("vip"), change),
+        ],
+    )
+    assert await dest.queued() == [("hook", "vip", "p1")]
+
+
+async def test_a_later_change_of_the_same_member_is_queued(dest: Destinations) -> None:
+    h = dest.h
+    await h.run(
+        dest.handlers.memberships,
+        [
+            h.delivery(subjects.membership("vip"), joined("p1", at=100.0)),
+            h.delivery(subjects.membership("vip"), joined("p1", at=200.0)),
+        ],
+    )
+    assert await dest.queued() == [("hook", "vip", "p1"), ("hook", "vip", "p1")]
+
+
+async def test_a_change_of_a_segment_no_destination_activates_queues_nothing(
+    dest: Destinations,
+) -> None:
+    h = dest.h
+    change = joined("p1", segment="other")
+    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("other"), change)])
+    assert await dest.queued() == []
+    assert dest.woken == []
+
+
+async def test_a_deleted_segment_stops_deliveries(dest: Destinations) -> None:
+    h = dest.h
+    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p1"))])
+    gone = _json.encode(PublishedSegment(name="vip", deleted=True))
+    await h.run(dest.handlers.segments, [h.delivery(subjects.config("segment", "vip"), gone)])
+    assert await dest.queued() == []
+    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p2"))])
+    assert await dest.queued() == []
+
+
+async def test_a_published_segment_is_remembered_with_its_metadata(dest: Destinations) -> None:
+    h = dest.h
+    seg = PublishedSegment(name="vip", description="big spenders", method="streaming")
+    await h.run(
+        dest.handlers.segments, [h.delivery(subjects.config("segment", "vip"), _json.encode(seg))]
+    )
+    assert dest.state.meta("vip").description == "big spenders"
+    assert [(r.name, r.deleted) for r in await dest.store.segments()] == [("vip", 0)]
+
+
+async def test_an_export_run_request_publishes_one_done_event(dest: Destinations) -> None:
+    h = dest.h
+    request = _json.encode(ExportRun("crm-file", job_id="job-1"))
+    out = await h.run(dest.handlers.jobs, [h.delivery(subjects.export_run("crm-file"), request)])
+    done = [msgspec.json.decode(m.payload, type=ExportResult) for m in out.messages]
+    assert [m.subject for m in out.messages] == [subjects.export_done("crm-file")]
+    assert [(r.job_id, r.status, r.destination) for r in done] == [
+        ("job-1", "succeeded", "crm-file")
+    ]
+
+
+async def test_an_export_run_delivered_again_runs_once(dest: Destinations) -> None:
+    h = dest.h
+    request = _json.encode(ExportRun("crm-file", job_id="job-1"))
+    await h.run(dest.handlers.jobs, [h.delivery(subjects.export_run("crm-file"), request)])
+    again = await h.run(dest.handlers.jobs, [h.delivery(subjects.export_run("crm-file"), request)])
+    assert again.messages == []
+    assert [r.job_id for _, r in await dest.store.exports(10)] == ["job-1"]
+
+
+async def test_an_export_of_an_unknown_destination_publishes_a_failed_result(
+    dest: Destinations,
+) -> None:
+    h = dest.h
+    request = _json.encode(ExportRun("nowhere", job_id="job-2"))
+    out = await h.run(dest.handlers.jobs, [h.delivery(subjects.export_run("nowhere"), request)])
+    done = [msgspec.json.decode(m.payload, type=ExportResult) for m in out.messages]
+    assert [(r.destination, r.status) for r in done] == [("nowhere", "failed")]
+
+
+async def test_a_segmentation_job_that_succeeded_runs_the_exports_after_segmentation_once(
+    dest: Destinations,
+) -> None:
+    h = dest.h
+    info = JobInfo(
+        job_id="seg-1", kind="segmentation", trigger="manual", status="succeeded", started_at=1.0
+    )
+    done = h.delivery(subjects.SEGMENTATION_JOB_DONE, _json.encode(info))
+    out = await h.run(dest.handlers.jobs, [done])
+    assert [m.subject for m in out.messages] == [subjects.export_done("crm-file")]
+    again = h.delivery(subjects.SEGMENTATION_JOB_DONE, _json.encode(info))
+    assert (await h.run(dest.handlers.jobs, [again])).messages == []
+
+
+async def test_a_segmentation_job_that_failed_runs_no_export(dest: Destinations) -> None:
+    h = dest.h
+    info = JobInfo(
+        job_id="seg-2", kind="segmentation", trigger="manual", status="failed", started_at=1.0
+    )
+    out = await h.run(
+        dest.handlers.jobs, [h.delivery(subjects.SEGMENTATION_JOB_DONE, _json.encode(info))]
+    )
+    assert out.messages == []
+    assert await dest.store.exports(10) == []
+
+
+async def test_a_privacy_delete_queues_the_persons_exits_and_reports_what_went(
+    dest: Destinations,
+) -> None:
+    h = dest.h
+    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p1"))])
+    request = PrivacyDelete(
+        request_id="r1", identity=Identity("email", "p1@example.com"), requested_at=1.0
+    )
+    deleted = _json.encode(ProfileDeleted(profile_ids=["p1"], request=request))
+    out = await h.run(dest.handlers.memberships, [h.delivery(subjects.PRIVACY_MEMBERSHIP, deleted)])
+    rows = await h.db.execute_fetchall("SELECT payload FROM queue ORDER BY id")
+    statuses = [msgspec.msgpack.decode(r[0], type=Activation).status for r in rows]
+    assert statuses == ["realized", "exited"]
+    reports = [msgspec.json.decode(m.payload, type=PrivacyReport) for m in out.messages]
+    assert [(r.service, r.removed) for r in reports] == [
+        ("destination", {"memberships": 1, "profiles": 0})
+    ]
+    assert await h.db.execute_fetchall("SELECT * FROM memberships") == []
