@@ -14,9 +14,9 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from ops.natsd import NatsServer
+from services.scheduler.errors import ScheduleError
 from services.scheduler.schedules import (
     SEGMENTATION_SCHEDULE,
-    ScheduleError,
     check,
     last_due,
     missed,

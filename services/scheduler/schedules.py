@@ -12,18 +12,14 @@ from zoneinfo import ZoneInfo
 import msgspec
 from croniter import croniter
 
+from services.scheduler.errors import ScheduleError
 from shared import subjects
 from shared.admin import ExportResult, ExportRun, JobInfo, JobRun
-from shared.errors import CdpError
 from shared.resources import NAME_RE, Schedule
 
 SEGMENTATION_SCHEDULE = "segmentation-daily"
 """The name of the daily segmentation job from the environment, in force while no
 configured schedule runs segmentation."""
-
-
-class ScheduleError(CdpError):
-    code = "invalid_schedule"
 
 
 def _tz(name: str) -> ZoneInfo:
