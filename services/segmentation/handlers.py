@@ -31,7 +31,7 @@ from services.segmentation.evaluate import ProfileFacts, next_change
 from services.segmentation.membership import MEMBER, Group, evaluate_many, step
 from services.segmentation.store import TABLES_OF_PROFILES, SegmentationStore
 from shared import subjects
-from shared.admin import JobRun
+from shared.admin import JobInfo, JobRun
 from shared.messages import (
     ChangeItem,
     ExperienceEvent,
@@ -522,10 +522,20 @@ class Handlers:
 
     async def job_requests(self, step: Step) -> None:
         """Start the batch jobs asked for, each job id once."""
+        started: dict[str, JobInfo] = {}
         for d in step.deliveries:
             try:
                 request = _job_decoder.decode(d.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 self.log.warning("undecodable job request", subject=d.subject)
                 continue
-            await jobs.start(step, self.store, request, self.partitions, time.time())
+            info = await jobs.start(
+                step,
+                self.store,
+                request,
+                partitions=self.partitions,
+                now=time.time(),
+                earlier=started,
+            )
+            if info is not None:
+                started[info.job_id] = info

@@ -42,19 +42,27 @@ def _done(step: Step, info: JobInfo) -> None:
 
 
 async def start(
-    step: Step, store: SegmentationStore, request: JobRun, partitions: int, now: float
+    step: Step,
+    store: SegmentationStore,
+    request: JobRun,
+    *,
+    partitions: int,
+    now: float,
+    earlier: dict[str, JobInfo],
 ) -> JobInfo | None:
-    """Start the job `request` asks for, in `step`; None if its job id ran already.
+    """Start the job `request` asks for, in `step`; None if its job id ran already
+    (stored, or in `earlier`: the jobs this step recorded before, not committed yet).
 
     A request for another kind of job, or made while a job runs, is recorded as failed
     (and its end published): it never runs later by surprise."""
     job_id = request.job_id or new_job_id(now)
-    if await store.job(job_id) is not None:
+    if job_id in earlier or await store.job(job_id) is not None:
         return None
+    running = next((j.job_id for j in earlier.values() if j.status == "running"), None)
     error = None
     if request.kind != KIND:
         error = f"unknown job kind {request.kind!r}"
-    elif (running := await store.running_job()) is not None:
+    elif (running := running or await store.running_job()) is not None:
         error = f"segmentation job {running} is still running"
     if error is not None:
         info = JobInfo(
