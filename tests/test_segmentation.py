@@ -3,7 +3,6 @@ after an ingest publish, time-based exits, batch jobs, inSegment chains, estimat
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import time
@@ -36,6 +35,8 @@ from shared.admin import (
     JobInfo,
     JobList,
     JobRun,
+    LandedRequest,
+    LandedResult,
     ListRequest,
     SegmentList,
 )
@@ -88,6 +89,18 @@ class Inbox:
 
     def of(self, segment: str) -> list[tuple[str, str]]:
         return [(e.profile_id, e.status) for e in self.events if e.segment == segment]
+
+
+async def landed(nc: Client, *stages: str) -> None:
+    """Wait until everything published to the ingest stream so far has passed `stages`."""
+    result = await admin.request(
+        nc,
+        subjects.admin("ingest", "landed"),
+        LandedRequest(timeout=60.0, stages=list(stages)),
+        LandedResult,
+        timeout=70.0,
+    )
+    assert result.landed, f"not landed: {result.missing}"
 
 
 def iso(ts: float) -> str:
@@ -284,7 +297,7 @@ async def test_streaming_and_batch_agree_on_20000_profiles(
     await nc.jetstream().publish(
         "cdp.ingest.loyalty", json.dumps({"loyalty_id": "LB", "crm_id": "P00001"}).encode()
     )
-    await asyncio.sleep(1.0)
+    await landed(nc, "identity", "profile", "segmentation")
     assert (await segment_list(nc))["buyers"].members == 0
     job = await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
     assert job.total == 20_000
