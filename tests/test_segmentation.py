@@ -32,12 +32,14 @@ from shared.admin import (
     ConfigObject,
     EstimateRequest,
     EstimateResult,
+    Invalid,
     JobInfo,
     JobList,
     JobRun,
     LandedRequest,
     LandedResult,
     ListRequest,
+    PublishedSegment,
     SegmentList,
 )
 from shared.messages import MembershipEvent
@@ -223,6 +225,40 @@ async def test_a_pathological_pattern_cannot_stall_segmentation(
     plain = await people.profile(nc, "crm_id:P2", None, 0)
     assert inbox.of("not-all-a") == [(stalled["profile_id"], "realized")]
     assert inbox.of("all-a") == [(plain["profile_id"], "realized")]
+
+
+async def test_segments_are_published_on_the_config_stream_and_policies_known_from_it(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    """A segment applied is on `cdp.config.segment.<name>` with its method; one naming a
+    merge policy profile published (the example's `crm-first`) is accepted, one naming a
+    policy nobody published is refused; a policy applied just before is known at once."""
+    js = nc.jetstream()
+    await apply_segments(
+        nc, {"name": "crm-gold", "expression": 'loyalty.tier = "gold"', "merge_policy": "crm-first"}
+    )
+    msg = await js.get_last_msg(subjects.STREAM_CONFIG.name, subjects.config("segment", "crm-gold"))
+    published = msgspec.json.decode(msg.data or b"", type=PublishedSegment)
+    assert (published.merge_policy, published.method, published.deleted) == (
+        "crm-first",
+        "streaming",
+        False,
+    )
+    with pytest.raises(Invalid) as unknown:
+        await apply_segments(
+            nc, {"name": "odd", "expression": "person.age > 1", "merge_policy": "nobody"}
+        )
+    assert unknown.value.field == "merge_policy"
+    policy = {"name": "loyalty-first", "type": "dataset_precedence", "datasets": ["loyalty"]}
+    await admin.request(
+        nc,
+        subjects.admin("profile", "apply"),
+        ApplyMany([ConfigObject("merge_policy", policy)]),
+        ApplyManyResult,
+    )
+    await apply_segments(
+        nc, {"name": "odd", "expression": "person.age > 1", "merge_policy": "loyalty-first"}
+    )
 
 
 def _population(path: Path, n: int) -> set[str]:

@@ -90,7 +90,7 @@ class SegmentationApi:
         a version published already is dropped by the stream as a duplicate)."""
         out = []
         for row in await self.store.segments():
-            seg = self.catalog.get(msgspec.json.decode(row.spec, type=Segment).name)
+            seg = self.catalog.get(row.name)
             if seg is not None:
                 out.append(segment_message(published(seg), row.updated_at))
         await self._publish(out)

@@ -197,6 +197,7 @@ class Writes(Protocol):
 
 
 class StoredSegment(msgspec.Struct, frozen=True):
+    name: str
     spec: bytes
     ast: bytes
     updated_at: float
@@ -245,8 +246,10 @@ class SegmentationStore:
     # -- segments ---------------------------------------------------------------------
     async def segments(self) -> list[StoredSegment]:
         return [
-            StoredSegment(bytes(r["spec"]), bytes(r["ast"]), float(r["updated_at"]))
-            for r in await self._rows("SELECT spec, ast, updated_at FROM segments ORDER BY name")
+            StoredSegment(str(r["name"]), bytes(r["spec"]), bytes(r["ast"]), float(r["updated_at"]))
+            for r in await self._rows(
+                "SELECT name, spec, ast, updated_at FROM segments ORDER BY name"
+            )
         ]
 
     @staticmethod
