@@ -201,7 +201,6 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 _PROBE_REPORTS,
             ),
             serves=(s.admin("segmentation", ">"),),
-            requests=(s.admin("profile", "get"),),
         ),
         "scheduler": _Uses(
             consumes=((s.STREAM_JOBS, "scheduler"),),  # the done events of jobs

@@ -16,16 +16,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PENDING = {"segmentation"}
-"""Services not yet split into wiring, handlers, api, store and rules (issue 13): their
-loop and wiring tests are expected to fail until then, and must pass once split."""
-
-
-def _split(service: str) -> object:
-    mark = pytest.mark.xfail(strict=True, reason="not yet split")
-    return pytest.param(service, marks=mark) if service in PENDING else service
-
-
 SERVICES = sorted(p.name for p in (ROOT / "services").iterdir() if (p / "__init__.py").exists())
 
 
@@ -101,12 +91,12 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("service", [_split(s) for s in SERVICES])
+@pytest.mark.parametrize("service", SERVICES)
 def test_a_service_has_no_import_loop(service: str) -> None:
     assert _cycles(_graph(f"services.{service}")) == []
 
 
-@pytest.mark.parametrize("service", [_split(s) for s in SERVICES])
+@pytest.mark.parametrize("service", SERVICES)
 def test_only_the_entry_point_imports_the_wiring(service: str) -> None:
     wiring = f"services.{service}.service"
     importers = sorted(

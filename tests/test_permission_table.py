@@ -16,14 +16,6 @@ from tests.helpers import RETAIL_CONFIG
 
 pytestmark = [pytest.mark.asyncio]
 
-ALLOWED_EXTRA: set[tuple[str, str]] = {
-    ("CDP_CONFIG", "segmentation-policies"),
-    ("CDP_JOBS", "segmentation-jobs"),
-}
-"""Granted durables that no service makes yet: the consumers of config and jobs that
-replace request/reply between services are being written in parallel (issue 13). Empty
-it as they land; the test fails while it lists one that exists."""
-
 
 @pytest.mark.timeout(120)
 async def test_every_durable_is_granted_to_its_maker_and_every_grant_is_used(
@@ -63,4 +55,4 @@ async def test_every_durable_is_granted_to_its_maker_and_every_grant_is_used(
     )
     assert not_granted == [], "durables made by a service the table does not grant them to"
     unused = {d for grants in granted.values() for d in grants} - on_server
-    assert unused == ALLOWED_EXTRA, "granted durables that do not exist (or ALLOWED_EXTRA is stale)"
+    assert unused == set(), "granted durables that no service makes"

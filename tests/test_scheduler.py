@@ -38,8 +38,6 @@ from shared.admin import (
 )
 from tests.helpers import eventually, settings_for
 
-JOBS_MOVE = "segmentation and destination run the jobs requested on CDP_JOBS (issue 13)"
-
 
 def ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
@@ -96,7 +94,6 @@ async def restart_missing_days(
     return again
 
 
-@pytest.mark.xfail(strict=False, reason=JOBS_MOVE)
 @pytest.mark.asyncio
 async def test_a_daily_run_missed_while_down_runs_once_at_start(
     nats_server: NatsServer, nc: Client, tmp_path: Path

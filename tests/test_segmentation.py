@@ -3,7 +3,6 @@ after an ingest publish, time-based exits, batch jobs, inSegment chains, estimat
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import time
@@ -33,10 +32,14 @@ from shared.admin import (
     ConfigObject,
     EstimateRequest,
     EstimateResult,
+    Invalid,
     JobInfo,
     JobList,
     JobRun,
+    LandedRequest,
+    LandedResult,
     ListRequest,
+    PublishedSegment,
     SegmentList,
 )
 from shared.messages import MembershipEvent
@@ -88,6 +91,18 @@ class Inbox:
 
     def of(self, segment: str) -> list[tuple[str, str]]:
         return [(e.profile_id, e.status) for e in self.events if e.segment == segment]
+
+
+async def landed(nc: Client, *stages: str) -> None:
+    """Wait until everything published to the ingest stream so far has passed `stages`."""
+    result = await admin.request(
+        nc,
+        subjects.admin("ingest", "landed"),
+        LandedRequest(timeout=60.0, stages=list(stages)),
+        LandedResult,
+        timeout=70.0,
+    )
+    assert result.landed, f"not landed: {result.missing}"
 
 
 def iso(ts: float) -> str:
@@ -212,6 +227,40 @@ async def test_a_pathological_pattern_cannot_stall_segmentation(
     assert inbox.of("all-a") == [(plain["profile_id"], "realized")]
 
 
+async def test_segments_are_published_on_the_config_stream_and_policies_known_from_it(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    """A segment applied is on `cdp.config.segment.<name>` with its method; one naming a
+    merge policy profile published (the example's `crm-first`) is accepted, one naming a
+    policy nobody published is refused; a policy applied just before is known at once."""
+    js = nc.jetstream()
+    await apply_segments(
+        nc, {"name": "crm-gold", "expression": 'loyalty.tier = "gold"', "merge_policy": "crm-first"}
+    )
+    msg = await js.get_last_msg(subjects.STREAM_CONFIG.name, subjects.config("segment", "crm-gold"))
+    published = msgspec.json.decode(msg.data or b"", type=PublishedSegment)
+    assert (published.merge_policy, published.method, published.deleted) == (
+        "crm-first",
+        "streaming",
+        False,
+    )
+    with pytest.raises(Invalid) as unknown:
+        await apply_segments(
+            nc, {"name": "odd", "expression": "person.age > 1", "merge_policy": "nobody"}
+        )
+    assert unknown.value.field == "merge_policy"
+    policy = {"name": "loyalty-first", "type": "dataset_precedence", "datasets": ["loyalty"]}
+    await admin.request(
+        nc,
+        subjects.admin("profile", "apply"),
+        ApplyMany([ConfigObject("merge_policy", policy)]),
+        ApplyManyResult,
+    )
+    await apply_segments(
+        nc, {"name": "odd", "expression": "person.age > 1", "merge_policy": "loyalty-first"}
+    )
+
+
 def _population(path: Path, n: int) -> set[str]:
     """CRM rows; returns the crm ids that `country in [FR, BE] and email consent y` selects."""
     countries = ["FR", "BE", "US", "DE", "GB"]
@@ -284,7 +333,7 @@ async def test_streaming_and_batch_agree_on_20000_profiles(
     await nc.jetstream().publish(
         "cdp.ingest.loyalty", json.dumps({"loyalty_id": "LB", "crm_id": "P00001"}).encode()
     )
-    await asyncio.sleep(1.0)
+    await landed(nc, "identity", "profile", "segmentation")
     assert (await segment_list(nc))["buyers"].members == 0
     job = await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
     assert job.total == 20_000

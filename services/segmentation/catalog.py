@@ -21,7 +21,7 @@ from services.segmentation.language import (
     reads,
     to_json,
 )
-from shared.admin import AdminFailure, ApplyResult, apply_result
+from shared.admin import AdminFailure, ApplyResult, PublishedSegment, apply_result
 from shared.resources import NAME_RE, Segment
 
 KIND = "segment"
@@ -99,10 +99,30 @@ class Catalog:
         """Dependencies before dependants (inSegment sees fresh memberships)."""
         self._dependants: dict[frozenset[str], frozenset[str]] = {}
 
+    def snapshot(self) -> Catalog:
+        """The segments as they are now: what one step evaluates, while `adopt` may
+        replace them (an apply) before the step ends."""
+        out = Catalog()
+        out.segments, out.order, out._dependants = self.segments, self.order, self._dependants
+        return out
+
+    def scratch(self) -> Catalog:
+        """A copy to plan changes on (`put`), adopted once they are stored."""
+        out = Catalog()
+        # Copies: planning sets the methods of the segments that follow a changed one.
+        out.segments = {n: msgspec.structs.replace(s) for n, s in self.segments.items()}
+        out.refresh_methods()
+        return out
+
+    def adopt(self, other: Catalog) -> None:
+        """Take `other`'s segments (planned on a `scratch`, then stored)."""
+        self.segments, self.order, self._dependants = other.segments, other.order, {}
+
     def get(self, name: str) -> CompiledSegment | None:
         return self.segments.get(name)
 
     def load(self, rows: Iterable[tuple[bytes, bytes]]) -> None:
+        """Compile stored segments: (spec JSON, AST JSON) each."""
         for spec_json, ast_json in rows:
             spec = msgspec.json.decode(spec_json, type=Segment)
             self.segments[spec.name] = compile_segment(spec, from_json(ast_json))
@@ -114,7 +134,7 @@ class Catalog:
         return any(s.spec.merge_policy for s in self.segments.values())
 
     def refresh_methods(self) -> None:
-        self._dependants.clear()
+        self._dependants = {}
         sorter = graphlib.TopologicalSorter({n: s.deps for n, s in self.segments.items()})
         self.order = [n for n in sorter.static_order() if n in self.segments]
 
@@ -190,3 +210,15 @@ class Catalog:
     @staticmethod
     def ast_json(compiled: CompiledSegment) -> bytes:
         return to_json(compiled.node)
+
+
+def published(seg: CompiledSegment) -> PublishedSegment:
+    """The segment as it is published on `cdp.config.segment.<name>`."""
+    return PublishedSegment(
+        name=seg.name,
+        expression=seg.spec.expression,
+        description=seg.spec.description,
+        merge_policy=seg.spec.merge_policy,
+        method=seg.method,
+        reason=seg.reason,
+    )

@@ -1,0 +1,147 @@
+"""Segmentation's steps at the handler level: real SQLite, no NATS (StepHarness)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+import pytest_asyncio
+
+from services.segmentation.catalog import Catalog, compile_segment
+from services.segmentation.handlers import Handlers
+from services.segmentation.store import MIGRATIONS, SegmentationStore
+from shared import subjects
+from shared.admin import JobInfo, JobRun
+from shared.messages import (
+    ChangeEnvelope,
+    ChangeItem,
+    MembershipEvent,
+    ProfileChanged,
+    msgpack_encoder,
+)
+from shared.resources import MergePolicy, Segment
+from shared.runtime.actor import Delivery, Outgoing
+from shared.runtime.harness import StepHarness
+
+pytestmark = pytest.mark.asyncio
+PARTITIONS = 4
+
+
+class Segmentation:
+    """The segmentation steps on one harness, with a catalog of segments."""
+
+    def __init__(self, h: StepHarness, *segments: Segment) -> None:
+        self.h = h
+        self.store = SegmentationStore(h.db)
+        catalog = Catalog()
+        for seg in segments:
+            catalog.put(compile_segment(seg))
+        self.handlers = Handlers(self.store, catalog, partitions=PARTITIONS)
+
+    def changes(self, *items: ChangeItem) -> Delivery:
+        return self.h.delivery(
+            subjects.changes(0), msgpack_encoder.encode(ChangeEnvelope(list(items)))
+        )
+
+
+@pytest_asyncio.fixture
+async def seg() -> AsyncIterator[Segmentation]:
+    async with StepHarness.open(MIGRATIONS) as h:
+        yield Segmentation(h, Segment(name="gold", expression='loyalty.tier = "gold"'))
+
+
+def gold(profile_id: str = "p1", record: str = "r1") -> ProfileChanged:
+    return ProfileChanged(
+        profile_id=profile_id,
+        record_ids=[record],
+        at=1_700_000_000.0,
+        attributes={"loyalty": {"tier": "gold"}},
+        changed=["loyalty.tier"],
+    )
+
+
+def memberships(messages: list[Outgoing]) -> list[tuple[str, str]]:
+    events = [msgspec.json.decode(m.payload, type=MembershipEvent) for m in messages]
+    return [(e.profile_id, e.status) for e in events]
+
+
+async def test_a_change_realizes_a_segment_and_emits_one_membership_event(
+    seg: Segmentation,
+) -> None:
+    out = await seg.h.run(seg.handlers.changes, [seg.changes(gold())])
+    assert memberships(out.on(subjects.membership("gold"))) == [("p1", "realized")]
+    stored = await seg.store.memberships(["p1"])
+    assert [(m.segment, m.status) for m in stored] == [("gold", "realized")]
+
+
+async def test_the_same_change_delivered_again_emits_nothing_new(seg: Segmentation) -> None:
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold())])
+    again = await seg.h.run(seg.handlers.changes, [seg.changes(gold())])
+    assert again.on(subjects.MEMBERSHIP_PREFIX) == []
+    assert again.handled == 1
+
+
+async def test_a_profile_that_no_longer_qualifies_exits(seg: Segmentation) -> None:
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold())])
+    silver = msgspec.structs.replace(gold(), attributes={"loyalty": {"tier": "silver"}})
+    out = await seg.h.run(seg.handlers.changes, [seg.changes(silver)])
+    assert memberships(out.on(subjects.membership("gold"))) == [("p1", "exited")]
+
+
+async def test_a_job_request_publishes_its_done_event_once(seg: Segmentation) -> None:
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold("p1"), gold("p2", "r2"))])
+    request = msgspec.json.encode(JobRun(trigger="schedule", job_id="daily-1"))
+    started = await seg.h.run(
+        seg.handlers.job_requests, [seg.h.delivery(subjects.SEGMENTATION_JOB_RUN, request)]
+    )
+    rechecks = started.on(subjects.CHANGES_PREFIX)
+    assert rechecks and started.on(subjects.SEGMENTATION_JOB_DONE) == []
+    ran = await seg.h.run(
+        seg.handlers.changes, [seg.h.delivery(m.subject, m.payload) for m in rechecks]
+    )
+    done = ran.on(subjects.SEGMENTATION_JOB_DONE)
+    assert len(done) == 1
+    info = msgspec.json.decode(done[0].payload, type=JobInfo)
+    assert (info.job_id, info.status, info.scanned) == ("daily-1", "succeeded", 2)
+    assert info.counts["gold"] == {"members": 2, "realized": 0, "exited": 0}
+    twice = await seg.h.run(
+        seg.handlers.job_requests, [seg.h.delivery(subjects.SEGMENTATION_JOB_RUN, request)]
+    )
+    assert twice.messages == []
+
+
+async def test_a_job_over_no_profile_is_done_at_once(seg: Segmentation) -> None:
+    request = msgspec.json.encode(JobRun(job_id="empty"))
+    out = await seg.h.run(
+        seg.handlers.job_requests, [seg.h.delivery(subjects.SEGMENTATION_JOB_RUN, request)]
+    )
+    [done] = out.on(subjects.SEGMENTATION_JOB_DONE)
+    assert msgspec.json.decode(done.payload, type=JobInfo).status == "succeeded"
+
+
+async def test_a_job_asked_for_while_another_runs_is_recorded_as_failed(
+    seg: Segmentation,
+) -> None:
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold())])
+    first = msgspec.json.encode(JobRun(job_id="one"))
+    second = msgspec.json.encode(JobRun(job_id="two"))
+    out = await seg.h.run(
+        seg.handlers.job_requests,
+        [
+            seg.h.delivery(subjects.SEGMENTATION_JOB_RUN, first),
+            seg.h.delivery(subjects.SEGMENTATION_JOB_RUN, second),
+        ],
+    )
+    [done] = out.on(subjects.SEGMENTATION_JOB_DONE)
+    info = msgspec.json.decode(done.payload, type=JobInfo)
+    assert (info.job_id, info.status) == ("two", "failed")
+    assert info.error == "segmentation job one is still running"
+
+
+async def test_a_merge_policy_on_the_config_stream_becomes_known(seg: Segmentation) -> None:
+    policy = MergePolicy(name="crm-first", type="dataset_precedence", datasets=["crm"])
+    d = seg.h.delivery(subjects.config("merge_policy", "crm-first"), msgspec.json.encode(policy))
+    await seg.h.run(seg.handlers.policies, [d])
+    assert await seg.store.has_policy("crm-first")
+    assert not await seg.store.has_policy("other")
