@@ -60,6 +60,16 @@ async def open_db(path: Path | str, migrations: Sequence[Migration] = ()) -> aio
     return db
 
 
+async def rows(
+    db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """The rows of a query, each a dict by column name (stores read columns by name,
+    never by position)."""
+    async with db.execute(sql, params) as cursor:
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+
 async def migrate(db: aiosqlite.Connection, migrations: Sequence[Migration]) -> list[Migration]:
     """Apply the migrations not applied yet, each in its own transaction. Returns them."""
     rows = await db.execute_fetchall("SELECT component, version FROM schema_migrations")

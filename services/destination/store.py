@@ -19,7 +19,7 @@ import msgspec
 from services.destination.activation import Queued, View
 from services.destination.model import Activation, SegmentMeta
 from shared.admin import DeadLetter, ExportResult
-from shared.db import Migration, Tx, apply
+from shared.db import Migration, Tx, apply, rows
 from shared.messages import Identity, MembershipEvent
 from shared.resources import Destination
 from shared.runtime.actor import Outgoing
@@ -236,10 +236,7 @@ class DestinationStore:
         self.db = db
 
     async def _rows(self, type_: type[T], sql: str, params: Sequence[Any] = ()) -> list[T]:
-        async with self.db.execute(sql, params) as cur:
-            names = [d[0] for d in cur.description]
-            rows = await cur.fetchall()
-        return [msgspec.convert(dict(zip(names, r, strict=True)), type_) for r in rows]
+        return [msgspec.convert(r, type_) for r in await rows(self.db, sql, params)]
 
     async def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = list(await self.db.execute_fetchall(sql, params))

@@ -10,7 +10,7 @@ import aiosqlite
 import msgspec
 
 from services.identity.graph import Edge, Effects, Forgotten, Node, RefusedLink, WorkingSet
-from shared.db import Migration, Tx
+from shared.db import Migration, Tx, rows
 from shared.resources import Namespace
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -118,9 +118,7 @@ class IdentityStore:
         self.db = db
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        async with self.db.execute(sql, params) as cursor:
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await rows(self.db, sql, params)
 
     # -- reads --
     async def namespaces(self) -> list[Namespace]:

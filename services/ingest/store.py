@@ -15,7 +15,7 @@ import msgspec
 
 from services.ingest.records import Rejected
 from shared.admin import BatchInfo, RejectedRecord
-from shared.db import Migration, Tx, apply
+from shared.db import Migration, Tx, apply, rows
 from shared.runtime.actor import Outgoing
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -193,10 +193,7 @@ class Store:
         self.db = db
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """The rows of a query, each a dict by column name."""
-        async with self.db.execute(sql, params) as cursor:
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await rows(self.db, sql, params)
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any]:
         rows = await self._rows(sql, params)

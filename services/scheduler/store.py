@@ -9,7 +9,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from shared.db import Migration, Tx, apply
+from shared.db import Migration, Tx, apply, rows
 from shared.resources import Schedule
 from shared.runtime.actor import Outgoing
 
@@ -96,9 +96,7 @@ class SchedulerStore:
         self.db = db
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        async with self.db.execute(sql, params) as cursor:
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await rows(self.db, sql, params)
 
     # -- reads --
     async def schedules(self) -> list[Schedule]:

@@ -15,7 +15,7 @@ import aiosqlite
 import msgspec
 
 from shared.admin import JobInfo
-from shared.db import Migration, Tx, apply
+from shared.db import Migration, Tx, apply, rows
 from shared.messages import ExperienceEvent, Identity, msgpack_encoder
 from shared.runtime.actor import Outgoing
 
@@ -236,9 +236,7 @@ class SegmentationStore:
         self.db = db
 
     async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        async with self.db.execute(sql, args) as cur:
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+        return await rows(self.db, sql, args)
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any]:
         return (await self._rows(sql, args))[0]
