@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from shared.errors import CdpError
+from shared.runtime.tasks import cancel
 from shared.subjects import MAX_PAYLOAD
 
 _PR_SET_PDEATHSIG = 1
@@ -247,10 +248,7 @@ class NatsWatchdog:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     def _space_back(self) -> bool:
         """Whether JetStream's folder has room again (5% of its file system free)."""

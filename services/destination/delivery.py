@@ -31,6 +31,7 @@ from services.destination.store import DestinationStore, Waiting
 from shared.config import Settings
 from shared.db import Tx
 from shared.resources import Destination
+from shared.runtime.tasks import cancel_all
 
 
 class DeliveryWorker:
@@ -62,11 +63,7 @@ class DeliveryWorker:
 
     async def stop(self) -> None:
         workers = list(self._workers.values())
-        for task in workers:
-            task.cancel()
-        for task in workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(workers)
         self._workers.clear()
         if self._http is not None:
             await self._http.close()

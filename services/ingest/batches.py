@@ -40,6 +40,7 @@ from shared import subjects
 from shared.admin import BatchInfo, BatchStart, Conflict, Invalid, NotFound
 from shared.db import Tx
 from shared.messages import Record
+from shared.runtime.tasks import cancel_all
 
 CHUNK_ROWS = 5000
 PROGRESS_EVERY_S = 0.2
@@ -103,11 +104,7 @@ class BatchJobs:
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(tasks)
         self._tasks.clear()
 
     async def start_batch(self, request: BatchStart) -> BatchInfo:

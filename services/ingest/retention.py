@@ -9,7 +9,6 @@ even when nothing is rejected. What it dropped is counted, in the store and as a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ import structlog
 from services.ingest.records import payload_keys
 from services.ingest.store import Store
 from shared.db import Tx
+from shared.runtime.tasks import cancel
 
 INTERVAL = 60.0
 """Seconds between two runs of the error store's retention when nothing is rejected."""
@@ -102,10 +102,7 @@ class Retention:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     async def _loop(self) -> None:
         while True:

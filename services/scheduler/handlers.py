@@ -12,7 +12,6 @@ or failed. A run missed while the platform was down runs once when its schedule 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -30,6 +29,7 @@ from shared.db import Tx
 from shared.resources import Schedule
 from shared.runtime import Step
 from shared.runtime.actor import Outgoing
+from shared.runtime.tasks import cancel
 
 JOBS_CONSUMER = "scheduler"
 """The durable consumer of the jobs' done events."""
@@ -132,11 +132,7 @@ class Timers:
 
     async def end(self, name: str) -> None:
         """Stop following the schedule `name` (if it was followed)."""
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(self._tasks.pop(name, None))
 
     async def end_all(self) -> None:
         for name in list(self._tasks):

@@ -20,6 +20,7 @@ from services.segmentation.store import SegmentationStore
 from shared import subjects
 from shared.db import Tx
 from shared.messages import ChangeEnvelope, Recheck, msgpack_encoder
+from shared.runtime.tasks import cancel
 
 RETRY_S = 30.0
 EXITED_KEPT_S = 30 * 24 * 3600.0
@@ -44,10 +45,7 @@ class Timers:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     async def _run(self) -> None:
         while True:
