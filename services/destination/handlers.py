@@ -41,6 +41,7 @@ from shared.messages import (
     membership_decoder,
 )
 from shared.runtime import Step
+from shared.runtime.configs import published
 from shared.runtime.privacy import forget
 from shared.runtime.probes import decode_probe, report_probe
 
@@ -163,12 +164,7 @@ class Handlers:
     # -- segments, as their owner publishes them ----------------------------------------------
     async def segments(self, step: Step) -> None:
         changes: dict[str, SegmentMeta | None] = {}
-        for d in step.deliveries:
-            try:
-                seg = _segment_decoder.decode(d.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self.log.warning("undecodable segment", subject=d.subject, seq=d.seq)
-                continue
+        for _, seg in published(step.deliveries, "segment", _segment_decoder, self.log):
             changes[seg.name] = (
                 None
                 if seg.deleted

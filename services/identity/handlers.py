@@ -33,6 +33,7 @@ from shared.messages import (
 )
 from shared.resources import BUILTIN_NAMESPACES, Namespace
 from shared.runtime import Step
+from shared.runtime.configs import published
 from shared.runtime.partitioned import PartitionedOutput
 from shared.runtime.privacy import report
 from shared.runtime.probes import report_probe
@@ -88,12 +89,7 @@ class IdentityHandlers:
     # -- configuration ------------------------------------------------------------------
     async def on_namespaces(self, step: Step) -> None:
         updates: list[Namespace] = []
-        for d in step.deliveries:
-            try:
-                ns = _namespace_decoder.decode(d.data)
-            except msgspec.DecodeError:
-                self.log.warning("undecodable namespace configuration", subject=d.subject)
-                continue
+        for d, ns in published(step.deliveries, "namespace", _namespace_decoder, self.log):
             updates.append(ns)
             self.store.save_namespace(step.tx, ns.symbol, d.data)
         step.after_commit(lambda: self.install(updates))

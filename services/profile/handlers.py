@@ -23,6 +23,7 @@ from shared import subjects
 from shared.messages import MembershipEvent, membership_decoder, profile_batch_decoder
 from shared.resources import Dataset, MergePolicy, Namespace
 from shared.runtime import Step
+from shared.runtime.configs import published
 from shared.runtime.privacy import report
 from shared.runtime.probes import decode_probe, report_probe
 
@@ -91,24 +92,14 @@ class ProfileHandlers:
     # -- configuration ---------------------------------------------------------------
     async def on_datasets(self, step: Step) -> None:
         found: dict[str, Dataset] = {}
-        for d in step.deliveries:
-            try:
-                ds = _dataset_decoder.decode(d.data)
-            except msgspec.DecodeError:
-                self.log.warning("undecodable dataset configuration", subject=d.subject)
-                continue
+        for d, ds in published(step.deliveries, "dataset", _dataset_decoder, self.log):
             found[ds.name] = ds
             self.store.put_dataset(step.tx, ds.name, d.data)
         step.after_commit(lambda: self.config.update(datasets=found.values()))
 
     async def on_namespaces(self, step: Step) -> None:
         found: dict[str, Namespace] = {}
-        for d in step.deliveries:
-            try:
-                ns = _namespace_decoder.decode(d.data)
-            except msgspec.DecodeError:
-                self.log.warning("undecodable namespace configuration", subject=d.subject)
-                continue
+        for d, ns in published(step.deliveries, "namespace", _namespace_decoder, self.log):
             found[ns.symbol] = ns
             self.store.put_namespace(step.tx, ns.symbol, d.data)
         step.after_commit(lambda: self.config.update(namespaces=found.values()))
@@ -118,15 +109,7 @@ class ProfileHandlers:
         rebuilt from the streams gets them back)."""
         found: dict[str, MergePolicy] = {}
         now = time.time()
-        for d in step.deliveries:
-            try:
-                policy = _policy_decoder.decode(d.data)
-            except msgspec.DecodeError:
-                self.log.warning("undecodable merge policy configuration", subject=d.subject)
-                continue
-            if d.subject != subjects.config("merge_policy", policy.name):
-                self.log.warning("merge policy on another name's subject", subject=d.subject)
-                continue
+        for d, policy in published(step.deliveries, "merge_policy", _policy_decoder, self.log):
             found[policy.name] = policy
             self.store.put_policy(step.tx, policy.name, d.data, now)
         step.after_commit(lambda: self.config.update(policies=found.values()))

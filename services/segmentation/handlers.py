@@ -47,6 +47,7 @@ from shared.messages import (
 )
 from shared.resources import MergePolicy
 from shared.runtime import Step
+from shared.runtime.configs import published
 from shared.runtime.privacy import forget
 from shared.runtime.probes import report_probe
 
@@ -509,15 +510,7 @@ class Handlers:
     async def policies(self, step: Step) -> None:
         """Merge policies as profile publishes them: their names are known from now on."""
         now = time.time()
-        for d in step.deliveries:
-            try:
-                policy = _policy_decoder.decode(d.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self.log.warning("undecodable merge policy configuration", subject=d.subject)
-                continue
-            if d.subject != subjects.config("merge_policy", policy.name):
-                self.log.warning("merge policy on another name's subject", subject=d.subject)
-                continue
+        for d, policy in published(step.deliveries, "merge_policy", _policy_decoder, self.log):
             self.store.put_policy(step.tx, policy.name, d.data, now)
 
     async def job_requests(self, step: Step) -> None:
