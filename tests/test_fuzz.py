@@ -41,7 +41,7 @@ from ops.natsd import NatsServer
 from services.ingest.records import truncated
 from shared import admin, subjects
 from shared.admin import ErrorsQuery, ErrorsResult
-from tests.helpers import RETAIL_CONFIG, eventually
+from tests.helpers import RETAIL_CONFIG, eventually, ingest_drained
 from tests.processes import Platform
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -558,7 +558,7 @@ async def test_malformed_traffic_is_rejected_with_a_reason_and_valid_traffic_arr
             return set(bad_ids) <= set(rejected()) and set(reflected) <= in_profile()
 
         await eventually(arrived, timeout=30, interval=0.25)
-        await asyncio.sleep(0.5)
+        await ingest_drained(nc)  # nothing else is still on its way to the error store
         stop.set()
         await watcher
 
