@@ -111,6 +111,27 @@ async def test_a_job_request_publishes_its_done_event_once(seg: Segmentation) ->
     assert twice.messages == []
 
 
+async def test_a_job_counts_every_segment_those_nobody_is_in_too() -> None:
+    async with StepHarness.open(MIGRATIONS) as h:
+        seg = Segmentation(
+            h,
+            Segment(name="gold", expression='loyalty.tier = "gold"'),
+            Segment(name="platinum", expression='loyalty.tier = "platinum"'),
+        )
+        await h.run(seg.handlers.changes, [seg.changes(gold())])
+        request = msgspec.json.encode(JobRun(trigger="manual", job_id="j-1"))
+        started = await h.run(
+            seg.handlers.job_requests, [h.delivery(subjects.SEGMENTATION_JOB_RUN, request)]
+        )
+        rechecks = [h.delivery(m.subject, m.payload) for m in started.on(subjects.CHANGES_PREFIX)]
+        ran = await h.run(seg.handlers.changes, rechecks)
+        info = msgspec.json.decode(ran.on(subjects.SEGMENTATION_JOB_DONE)[0].payload, type=JobInfo)
+        assert info.counts == {
+            "gold": {"members": 1, "realized": 0, "exited": 0},
+            "platinum": {"members": 0, "realized": 0, "exited": 0},
+        }
+
+
 async def test_a_job_over_no_profile_is_done_at_once(seg: Segmentation) -> None:
     request = msgspec.json.encode(JobRun(job_id="empty"))
     out = await seg.h.run(

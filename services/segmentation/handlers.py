@@ -292,8 +292,11 @@ class _ChangesStep:
             for name in names:
                 holders[name].add(i)
         memo: dict[tuple[Any, ...], bool] = {}
+        jobs_here = sorted({p.job_id for p in ps if p.job_id is not None})
         for name in catalog.order:
             seg = catalog.segments[name]
+            for job_id in jobs_here:  # a job counts every segment, those nobody is in too
+                _ = self.counts[job_id][name]  # the defaultdict makes the entry
             if all_checked:
                 which: range | list[int] = everyone
                 held = set(holders[name])
