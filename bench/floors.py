@@ -9,12 +9,14 @@ is bounded by `FLOOR_TIMEOUT_S`; a floor that does not finish in time raises.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import aiosqlite
 import msgspec
 import nats
@@ -23,9 +25,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bench import Progress, Result, rate
+from ops.cli.apply import apply_objects, load_file
 from ops.natsd import NatsServer, free_port
+from ops.platform import Platform
+from shared import subjects
 from shared.config import Settings
 from shared.db import Migration, open_db
+from shared.messages import RecordEnvelope
+from shared.resources import OWNERS
 from shared.runtime import ConsumerSpec, Service, Step
 from shared.streams import ensure_streams
 from shared.subjects import StreamSpec
@@ -316,6 +323,134 @@ async def actor_hop(
     )
 
 
+# -- 5. the ingest door ----------------------------------------------------------------------
+INGEST_RECORDS = 20_000
+INGEST_HTTP_RECORDS = 5_000
+HTTP_IN_FLIGHT = 64
+"""Single-record POSTs in flight at once against the HTTP door."""
+INGEST_DATASET = "web"
+RETAIL_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "retail" / "config.yaml"
+_EVENT_TYPES = ("web.pageview", "web.productview", "cart.add", "app.login", "web.search")
+_json = msgspec.json.Encoder()
+
+
+def web_event(i: int) -> bytes:
+    """One event of the retail example's `web` dataset (schema web-event), as a client
+    sends it: a cookie, a page, sometimes a product, an email on logins."""
+    kind = _EVENT_TYPES[i % len(_EVENT_TYPES)]
+    event: dict[str, object] = {
+        "timestamp": f"2026-11-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:{(i * 7) % 60:02d}Z",
+        "eventType": kind,
+        "ecid": f"ecid-{i % 50_000:08d}",
+        "page": {"url": f"https://shop.example.com/p/{i % 977}", "name": f"page {i % 977}"},
+        "device": {"type": ("desktop", "mobile", "tablet")[i % 3], "os": "linux"},
+    }
+    if kind == "app.login":
+        event["email"] = f"person{i % 50_000}@example.com"
+    if kind in ("web.productview", "cart.add"):
+        event["product"] = {"sku": f"SKU-{i % 4_001}", "category": "shoes", "price": 19.5}
+    return _json.encode(event)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RecordsOut:
+    """Counts the records the ingest service puts out on the records subject (msgpack
+    envelopes of many records each); notes when the `expected`-th arrives."""
+
+    def __init__(self, expected: int) -> None:
+        self.arrivals = Arrivals(expected)
+
+    async def on_msg(self, msg: Msg) -> None:
+        envelope = _decode_envelope.decode(msg.data)
+        arrivals = self.arrivals
+        arrivals.count += len(envelope.records)
+        if arrivals.count >= arrivals.expected and not arrivals.done.is_set():
+            arrivals.last_at = time.perf_counter()
+            arrivals.done.set()
+
+
+_decode_envelope = msgspec.msgpack.Decoder(RecordEnvelope)
+
+
+async def _post_all(url: str, payloads: Sequence[bytes]) -> None:
+    """POST each record alone to the HTTP door, `HTTP_IN_FLIGHT` at a time; each must be
+    accepted (202)."""
+    queue = iter(payloads)
+    headers = {"Content-Type": "application/json"}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for body in queue:
+            async with session.post(url, data=body, headers=headers) as response:
+                if response.status != 202:
+                    raise FloorError(
+                        f"ingest door, HTTP: {response.status} {await response.text()}"
+                    )
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(HTTP_IN_FLIGHT)))
+
+
+async def ingest_door(records: int = INGEST_RECORDS, http: bool = False) -> Result:
+    """The ingest service alone, as a process, with the retail example's namespaces,
+    schemas and datasets: `records` single JSON web events published on
+    `cdp.ingest.web` (acked `js.publish`, windows of `PUBLISH_WINDOW`), or POSTed one
+    per request to its HTTP door; from the first publish to the last record out on
+    `cdp.x.records` (in the msgpack batches identity reads). Also the ingest process's
+    CPU time per record, from /proc."""
+    payloads = [web_event(i) for i in range(records)]
+    objects = [o for o in load_file(RETAIL_CONFIG) if OWNERS[o.kind] == "ingest"]
+    door = "HTTP" if http else "NATS"
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-") as tmp:
+        async with Platform(Path(tmp), services=("ingest",)) as platform:
+            pid = platform.supervisor.pid("ingest")
+            assert pid is not None
+            nc = await platform.connect("cdp-bench")
+            try:
+                await apply_objects(nc, objects, dry_run=False, file="retail example")
+                out = RecordsOut(records)
+                await nc.subscribe(
+                    subjects.RECORDS,
+                    cb=out.on_msg,
+                    pending_msgs_limit=records + 1,
+                    pending_bytes_limit=-1,
+                )
+                await nc.flush()
+                deadline = time.monotonic() + FLOOR_TIMEOUT_S
+                cpu_before = _cpu_seconds(pid)
+                started = time.perf_counter()
+                async with bounded(f"ingest door, {door}: publishing"):
+                    if http:
+                        url = platform.urls["ingest"] + f"/v1/datasets/{INGEST_DATASET}/records"
+                        await _post_all(url, payloads)
+                    else:
+                        js = nc.jetstream()
+                        await publish_windows(js, subjects.ingest(INGEST_DATASET), payloads)
+                last = await out.arrivals.wait(f"ingest door, {door}", deadline)
+                cpu = _cpu_seconds(pid) - cpu_before
+            finally:
+                await nc.close()
+    if out.arrivals.count != records:
+        raise FloorError(f"ingest door: {out.arrivals.count} of {records} records out")
+    how = (
+        f"POSTed one per request, {HTTP_IN_FLIGHT} in flight"
+        if http
+        else f"acked js.publish, windows of {PUBLISH_WINDOW:,}"
+    )
+    return rate(
+        f"ingest door, {door}",
+        "records/s",
+        records,
+        last - started,
+        f"{records:,} retail web events, {how}, to the last record out on cdp.x.records; "
+        f"ingest process {cpu / records * 1e6:,.0f} us CPU per record",
+    )
+
+
 # -- all of them -----------------------------------------------------------------------------
 Floor = Callable[[], Awaitable[Result]]
 
@@ -325,6 +460,8 @@ FLOORS: tuple[tuple[str, Floor], ...] = (
     ("SQLite batched inserts", sqlite_inserts),
     ("actor hop, batched", actor_hop),
     ("actor hop, single", lambda: actor_hop(HOP_SINGLE_MESSAGES, 1)),
+    ("ingest door, NATS", ingest_door),
+    ("ingest door, HTTP", lambda: ingest_door(INGEST_HTTP_RECORDS, http=True)),
 )
 
 
@@ -342,6 +479,15 @@ async def run(progress: Progress) -> list[Result]:
             unit="x",
             value=batched.value / single.value if single.value else 0.0,
             detail=f"records/s, {HOP_RECORDS_PER_MESSAGE} records per message over one",
+        )
+    )
+    door, publish = by_name["ingest door, NATS"], by_name["JetStream publish"]
+    results.append(
+        Result(
+            name="ingest door, NATS / JetStream publish",
+            unit="x",
+            value=door.value / publish.value if publish.value else 0.0,
+            detail="records/s through the ingest service over acked publishes alone",
         )
     )
     return results
