@@ -13,7 +13,7 @@ import time
 
 import structlog
 
-from services.ingest.records import encoded
+from services.ingest.records import Rejected, encoded
 from services.ingest.retention import Retention
 from services.ingest.rules import Forget, Forward, Ignored, Incoming, Pass, Reject, route
 from services.ingest.state import IngestState
@@ -40,36 +40,56 @@ class Records:
         now = time.time()
         state = self.state
         store = Store(step.db)
+        record_id = state.record_id
         messages = [
-            Incoming(d.subject, d.data, state.record_id(d.seq), d.msg_id) for d in step.deliveries
+            Incoming(d.subject, d.data, record_id(d.seq), d.msg_id) for d in step.deliveries
         ]
         effects = route(messages, state.compiled, now, state.phone_region)
+        rejects: list[Rejected] = []  # kept with one executemany, before a delete needs them
         for effect in effects.steps:
             match effect:
                 case Forward(records):
                     for data in encoded(records):
                         step.emit(subjects.RECORDS, data)
                 case Reject(row):
-                    store.add_rejected(step.tx, [row])
-                    self.log.info(
-                        "record rejected",
-                        dataset=row.dataset,
-                        record_id=row.record_id,
-                        reason=row.reason,
-                        path=row.path,
-                    )
+                    rejects.append(row)
                 case Forget():
+                    self._keep(step, store, rejects)
+                    rejects = []
                     await self._forget(step, store, effect, now)
                 case Pass(probe):
                     envelope = RecordEnvelope([], probes=[probe])
                     step.emit(subjects.RECORDS, msgpack_encoder.encode(envelope))
                 case Ignored(subject, error):
                     self.log.warning("malformed message ignored", subject=subject, error=error)
+        self._keep(step, store, rejects)
         for dataset, (accepted, rejected) in effects.counts.items():
             store.count(step.tx, dataset, accepted, rejected)
         added = effects.rejected_bytes
         if added and self.retention.add(step.tx, now, added):
             step.after_commit(self.retention.refresh_soon)
+
+    def _keep(self, step: Step, store: Store, rows: list[Rejected]) -> None:
+        """Keep rejected records in the error store, and log them in one line: how many
+        of each dataset and reason, and the first record id of each (the error store has
+        every one)."""
+        if not rows:
+            return
+        store.add_rejected(step.tx, rows)
+        reasons: dict[str, list[str]] = {}
+        for row in rows:
+            key = (
+                f"{row.dataset}: {row.reason} ({row.path})"
+                if row.path
+                else f"{row.dataset}: {row.reason}"
+            )
+            reasons.setdefault(key, []).append(row.record_id)
+        self.log.info(
+            "records rejected",
+            count=len(rows),
+            reasons={key: len(ids) for key, ids in reasons.items()},
+            first={key: ids[0] for key, ids in reasons.items()},
+        )
 
     async def _forget(self, step: Step, store: Store, forget: Forget, now: float) -> None:
         """Remove the person's rejected records (stored, and rejected earlier in this step,
