@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -65,33 +64,62 @@ def identity_keys(value: str, region: str | None = None) -> set[str]:
     return keys
 
 
-def _leaves(node: Any, depth: int = 0) -> Iterator[str]:
-    if depth > 64:
-        return
+MAX_DEPTH = 64
+"""Values nested deeper than this in a rejected JSON payload are not keys."""
+
+
+def _leaves(node: Any, out: list[str], depth: int = 0) -> None:
+    """Add the string and integer values of a decoded JSON value at `depth` to `out`,
+    depth first in document order, down to `MAX_DEPTH` (strings of an object or array
+    taken in its own loop: most values are)."""
     if isinstance(node, dict):
-        for v in node.values():
-            yield from _leaves(v, depth + 1)
+        if depth < MAX_DEPTH:
+            for v in node.values():
+                if v.__class__ is str:
+                    out.append(v)
+                else:
+                    _leaves(v, out, depth + 1)
     elif isinstance(node, list):
-        for v in node:
-            yield from _leaves(v, depth + 1)
+        if depth < MAX_DEPTH:
+            for v in node:
+                if v.__class__ is str:
+                    out.append(v)
+                else:
+                    _leaves(v, out, depth + 1)
     elif isinstance(node, str):
-        yield node
+        out.append(node)
     elif isinstance(node, int) and not isinstance(node, bool):
-        yield str(node)
+        out.append(str(node))
 
 
 def payload_keys(payload: bytes, region: str | None = None) -> list[str]:
     """What a rejected record can be found by for a privacy delete, exactly, never by a
     substring: each value of a JSON payload; for a payload that is not JSON, each token
-    (split on white space and punctuation) and each field (split on separators)."""
+    (split on white space and punctuation) and each field (split on separators).
+
+    Each distinct value is looked at once: `identity_keys` inlined (trimmed, lower-cased,
+    and the E.164 form of what reads as a phone number)."""
     keys: set[str] = set()
+    values: list[str] = []
     try:
-        values: Iterator[str] = _leaves(msgspec.json.decode(payload))
+        _leaves(msgspec.json.decode(payload), values)
     except (msgspec.DecodeError, RecursionError, ValueError):
         text = payload.decode("utf-8", "replace")
-        values = iter([*_TOKEN_SPLIT.split(text), *_FIELD_SPLIT.split(text)])
+        values = [*_TOKEN_SPLIT.split(text), *_FIELD_SPLIT.split(text)]
+    seen: set[str] = set()
+    phone_like = _PHONE_LIKE.match
     for value in values:
-        keys |= identity_keys(value, region)
+        if value in seen:
+            continue
+        seen.add(value)
+        text = value.strip()
+        if not text or len(text) > MAX_KEY_LENGTH:
+            continue
+        keys.add(text.lower())
+        if phone_like(text):
+            phone = normalize_phone(text, region or _region())
+            if phone is not None:
+                keys.add(phone)
         if len(keys) >= MAX_KEYS:
             break
     return sorted(keys)[:MAX_KEYS]
