@@ -87,10 +87,22 @@ class Effects(msgspec.Struct):
     """What the rejected records add to the error store."""
 
 
+class _Target:
+    """A subject's dataset in a batch: its configuration, looked up once, and counts."""
+
+    __slots__ = ("accepted", "dataset", "found", "rejected")
+
+    def __init__(self, dataset: str, found: tuple[Dataset, CompiledSchema] | None) -> None:
+        self.dataset = dataset
+        self.found = found
+        self.accepted = 0
+        self.rejected = 0
+
+
 def route(messages: Iterable[Incoming], lookup: Lookup, now: float, region: str) -> Effects:
     """The effects of a batch of messages from the ingest stream, in order."""
     steps: list[Effect] = []
-    counts: dict[str, tuple[int, int]] = {}
+    targets: dict[str, _Target] = {}  # subject -> its dataset, looked up once per batch
     added = 0
     accepted: list[Record] = []
     pending: dict[str, set[str]] = {}  # rejected in this batch: record id -> identity keys
@@ -124,14 +136,16 @@ def route(messages: Iterable[Incoming], lookup: Lookup, now: float, region: str)
             except msgspec.DecodeError as exc:
                 steps.append(Ignored(m.subject, str(exc)))
             continue
-        dataset = subjects.dataset_of(m.subject)
-        found_ds = lookup(dataset)
+        target = targets.get(m.subject)
+        if target is None:  # once per subject and batch, not per record
+            dataset = subjects.dataset_of(m.subject)
+            target = targets[m.subject] = _Target(dataset, lookup(dataset))
+        dataset, found_ds = target.dataset, target.found
         result = found_ds[1].validate_json(m.data) if found_ds else unknown_dataset(dataset)
-        ok, bad = counts.get(dataset, (0, 0))
         if isinstance(result, Accepted):
             assert found_ds is not None
             ds, compiled = found_ds
-            counts[dataset] = (ok + 1, bad)
+            target.accepted += 1
             if ds.profile_enabled:
                 accepted.append(
                     to_record(
@@ -144,7 +158,7 @@ def route(messages: Iterable[Incoming], lookup: Lookup, now: float, region: str)
                     )
                 )
             continue
-        counts[dataset] = (ok, bad + 1)
+        target.rejected += 1
         row = rejected(
             record_id=m.record_id,
             dataset=dataset,
@@ -157,6 +171,7 @@ def route(messages: Iterable[Incoming], lookup: Lookup, now: float, region: str)
         pending[m.record_id] = set(row.keys)
         steps.append(Reject(row))
     flush()
+    counts = {t.dataset: (t.accepted, t.rejected) for t in targets.values()}
     return Effects(steps, counts, added)
 
 
