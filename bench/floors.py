@@ -430,6 +430,7 @@ async def ingest_door(records: int = INGEST_RECORDS, http: bool = False) -> Resu
                     else:
                         js = nc.jetstream()
                         await publish_windows(js, subjects.ingest(INGEST_DATASET), payloads)
+                published = time.perf_counter()
                 last = await out.arrivals.wait(f"ingest door, {door}", deadline)
                 cpu = _cpu_seconds(pid) - cpu_before
             finally:
@@ -447,6 +448,7 @@ async def ingest_door(records: int = INGEST_RECORDS, http: bool = False) -> Resu
         records,
         last - started,
         f"{records:,} retail web events, {how}, to the last record out on cdp.x.records; "
+        f"in at {records / (published - started):,.0f}/s; "
         f"ingest process {cpu / records * 1e6:,.0f} us CPU per record",
     )
 
