@@ -64,9 +64,7 @@ texts = st.one_of(
         ["+1 415 555 0100", "(415) 555-0100", " a@b.co ", "A@B.CO", "0", "-1", "", "x" * 1100]
     ),
 )
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts
-)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts)
 json_values = st.recursive(
     scalars,
     lambda inner: st.one_of(
