@@ -259,3 +259,15 @@ async def test_a_probe_goes_behind_the_changes_of_its_partition(seg: Segmentatio
     assert subject == subjects.members(part)
     assert [type(i) for i in items] == [MembershipChange, Probe]
     assert out.on(subjects.MEMBERSHIP_PROBE), "applications still see the probe"
+
+
+async def test_a_privacy_delete_that_removes_no_profile_still_goes_in_an_envelope(
+    seg: Segmentation,
+) -> None:
+    """The person's identity was no one's any more: the destination still hears of the
+    delete (and reports it)."""
+    request = PrivacyDelete(
+        request_id="rq0", identity=Identity("email", "gone@example.com"), requested_at=1.0
+    )
+    out = await seg.h.run(seg.handlers.changes, [seg.changes(ProfileDeleted([], request))])
+    assert [items for _, items in envelopes(out)] == [[ProfileDeleted([], request)]]

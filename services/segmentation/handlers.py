@@ -202,9 +202,10 @@ class _ChangesStep:
 
     async def deleted_profiles(self, item: ProfileDeleted) -> None:
         self.step.emit(subjects.PRIVACY_MEMBERSHIP, json_encoder.encode(item))
-        if item.profile_ids:  # behind every earlier change of the profiles it removes
-            host, *others = (self.part(pid) for pid in item.profile_ids)
-            self.members.add_across(host, others, item)
+        # Behind every earlier change of the profiles it removes; one that removes no
+        # profile (the person's identity was no one's any more) still goes, for its report.
+        host, *others = [self.part(pid) for pid in item.profile_ids] or [0]
+        self.members.add_across(host, others, item)
         await forget(self.step, SERVICE, item.request, item.profile_ids, TABLES_OF_PROFILES)
         for pid in item.profile_ids:
             self.deleted.add(pid)
