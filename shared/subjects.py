@@ -44,8 +44,8 @@ INGEST_ALL = f"{INGEST_PREFIX}.>"
 MEMBERSHIP_PREFIX = "cdp.membership"
 MEMBERSHIP_ALL = f"{MEMBERSHIP_PREFIX}.>"
 PRIVACY_MEMBERSHIP = f"{MEMBERSHIP_PREFIX}._deleted"
-"""Profiles removed by a privacy delete: destinations forget them (segment names never
-start with '_')."""
+"""Profiles removed by a privacy delete, for applications (segment names never start
+with '_'); profile and destination read the delete from the membership envelopes."""
 PROFILE_LOOKUP = "cdp.profile.lookup"
 ADMIN_PREFIX = "cdp.admin"
 
@@ -71,7 +71,8 @@ PRIVACY_DELETE = f"{INGEST_PREFIX}._delete"
 PROBE = f"{INGEST_PREFIX}._probe"
 """A probe enters through the ingest stream, behind the records published before it."""
 MEMBERSHIP_PROBE = f"{MEMBERSHIP_PREFIX}._probe"
-"""The probe, passed on by segmentation behind the membership changes before it."""
+"""The probe, passed on by segmentation behind the membership changes before it (for
+applications; profile and destination read it from the membership envelopes)."""
 PROBE_REPORT_PREFIX = "cdp.probe"
 BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
