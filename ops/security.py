@@ -174,7 +174,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 (s.STREAM_CONFIG, "profile-datasets"),
                 (s.STREAM_CONFIG, "profile-namespaces"),
                 (s.STREAM_CONFIG, "profile-policies"),
-                (s.STREAM_MEMBERSHIP, "profile-memberships"),
+                (s.STREAM_MEMBERS, "profile-members"),
                 (s.STREAM_PROFILES, "profile"),
             ),
             publishes=(
@@ -194,7 +194,8 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             ),
             publishes=(
                 s.config("segment", "*"),
-                s.MEMBERSHIP_ALL,
+                s.MEMBERSHIP_ALL,  # the public events, one JSON per change
+                f"{s.MEMBERS_PREFIX}.*",  # the same changes in batches, for profile, destination
                 f"{s.CHANGES_PREFIX}.*",  # re-checks (time-based exits, batch jobs) go to its input
                 s.JOBS_ALL,
                 _report("segmentation"),
@@ -211,7 +212,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             consumes=(
                 (s.STREAM_CHANGES, "destination-profiles"),
                 (s.STREAM_JOBS, "destination-jobs"),
-                (s.STREAM_MEMBERSHIP, "destination"),
+                (s.STREAM_MEMBERS, "destination-members"),
                 (s.STREAM_CONFIG, "destination-segments"),  # segment names and methods
             ),
             publishes=(

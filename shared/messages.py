@@ -216,6 +216,24 @@ class MembershipEvent(msgspec.Struct, kw_only=True):
     id (which a lookup by the folded id also answers with)."""
 
 
+# -- segmentation -> profile, destination (cdp.x.members.<partition>) -------------------
+class MembershipChange(msgspec.Struct, tag="change"):
+    """A membership change, as its public event on `cdp.membership.<segment>` says it."""
+
+    event: MembershipEvent
+
+
+MembershipItem = MembershipChange | ProfileDeleted | Probe
+
+
+class MembershipEnvelope(msgspec.Struct, tag="members"):
+    """The membership items of one step for one partition, in the order they happened: the
+    changes, the privacy deletes (after every earlier change of the profiles they remove)
+    and the probes (behind everything of their partition before them)."""
+
+    items: list[MembershipItem]
+
+
 MAX_ITEMS_PER_MESSAGE = 500
 """Most items (records, profile items, changes) one internal message carries: a batch of
 many thousand records is sent as several messages, each well under NATS' payload limit."""
@@ -270,6 +288,7 @@ record_batch_decoder = msgspec.msgpack.Decoder(RecordEnvelope)
 profile_batch_decoder = msgspec.msgpack.Decoder(ProfileEnvelope)
 change_batch_decoder = msgspec.msgpack.Decoder(ChangeEnvelope)
 membership_decoder = msgspec.json.Decoder(MembershipEvent)
+members_batch_decoder = msgspec.msgpack.Decoder(MembershipEnvelope)
 privacy_report_decoder = msgspec.json.Decoder(PrivacyReport)
 probe_decoder = msgspec.json.Decoder(Probe)
 probe_report_decoder = msgspec.json.Decoder(ProbeReport)

@@ -10,6 +10,10 @@ Internal subjects (msgpack, one message carries a batch of records):
     cdp.x.records                 accepted records, ingest -> identity        (CDP_RECORDS)
     cdp.x.profiles.<partition>    records with profile ids, identity -> profile (CDP_PROFILES)
     cdp.x.changes.<partition>     profile changes, profile -> segmentation    (CDP_CHANGES)
+    cdp.x.members.<partition>     membership changes, privacy deletes and probes, one
+                                  envelope per partition per step, segmentation -> profile,
+                                  destination (CDP_MEMBERS); the public JSON events on
+                                  cdp.membership.<segment> are committed in the same outbox
     cdp.jobs.>                    job requests and job status events          (CDP_JOBS)
       cdp.jobs.segmentation.run   run a segmentation job   scheduler, cdp -> segmentation
       cdp.jobs.segmentation.done  a job finished           segmentation -> scheduler, destination
@@ -22,7 +26,8 @@ Internal subjects (msgpack, one message carries a batch of records):
     cdp.batches.<id>.progress     progress of a batch file ingestion (core NATS, not stored)
     cdp.ingest._delete            a privacy delete request, in-band with the records
     cdp.ingest._probe             a probe that follows the records to tell when they landed
-    cdp.membership._probe         the probe, passed on behind the membership changes
+    cdp.membership._probe         the probe, passed on behind the membership changes (for
+                                  applications; the platform reads it from cdp.x.members)
     cdp.probe.<id>                each stage's report that it passed probe <id> (core NATS)
     cdp.privacy.<id>.<service>    a service's report that it removed a person  (CDP_PRIVACY)
 """
@@ -39,8 +44,8 @@ INGEST_ALL = f"{INGEST_PREFIX}.>"
 MEMBERSHIP_PREFIX = "cdp.membership"
 MEMBERSHIP_ALL = f"{MEMBERSHIP_PREFIX}.>"
 PRIVACY_MEMBERSHIP = f"{MEMBERSHIP_PREFIX}._deleted"
-"""Profiles removed by a privacy delete: destinations forget them (segment names never
-start with '_')."""
+"""Profiles removed by a privacy delete, for applications (segment names never start
+with '_'); profile and destination read the delete from the membership envelopes."""
 PROFILE_LOOKUP = "cdp.profile.lookup"
 ADMIN_PREFIX = "cdp.admin"
 
@@ -48,6 +53,7 @@ ADMIN_PREFIX = "cdp.admin"
 RECORDS = "cdp.x.records"
 PROFILES_PREFIX = "cdp.x.profiles"
 CHANGES_PREFIX = "cdp.x.changes"
+MEMBERS_PREFIX = "cdp.x.members"
 JOBS_PREFIX = "cdp.jobs"
 JOBS_ALL = f"{JOBS_PREFIX}.>"
 SEGMENTATION_JOB_RUN = f"{JOBS_PREFIX}.segmentation.run"
@@ -65,7 +71,8 @@ PRIVACY_DELETE = f"{INGEST_PREFIX}._delete"
 PROBE = f"{INGEST_PREFIX}._probe"
 """A probe enters through the ingest stream, behind the records published before it."""
 MEMBERSHIP_PROBE = f"{MEMBERSHIP_PREFIX}._probe"
-"""The probe, passed on by segmentation behind the membership changes before it."""
+"""The probe, passed on by segmentation behind the membership changes before it (for
+applications; profile and destination read it from the membership envelopes)."""
 PROBE_REPORT_PREFIX = "cdp.probe"
 BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
@@ -136,6 +143,11 @@ def changes(partition: int) -> str:
     return f"{CHANGES_PREFIX}.{partition}"
 
 
+def members(partition: int) -> str:
+    """Membership changes of the profiles of `partition`, as batches (MembershipEnvelope)."""
+    return f"{MEMBERS_PREFIX}.{partition}"
+
+
 def dataset_of(subject: str) -> str:
     """`cdp.ingest.crm` -> `crm`; what follows the prefix, dots included."""
     return subject[len(INGEST_PREFIX) + 1 :]
@@ -175,6 +187,12 @@ STREAM_CHANGES = StreamSpec(
 STREAM_MEMBERSHIP = StreamSpec(
     "CDP_MEMBERSHIP", (MEMBERSHIP_ALL,), "public: segment membership changes, one JSON per event"
 )
+STREAM_MEMBERS = StreamSpec(
+    "CDP_MEMBERS",
+    (f"{MEMBERS_PREFIX}.*",),
+    "internal: membership changes in batches, segmentation -> profile, destination",
+    duplicate_window_s=600.0,
+)
 STREAM_JOBS = StreamSpec("CDP_JOBS", (JOBS_ALL,), "internal: job requests and job status events")
 STREAM_CONFIG = StreamSpec(
     "CDP_CONFIG",
@@ -197,6 +215,7 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (
     STREAM_PROFILES,
     STREAM_CHANGES,
     STREAM_MEMBERSHIP,
+    STREAM_MEMBERS,
     STREAM_JOBS,
     STREAM_CONFIG,
     STREAM_PRIVACY,

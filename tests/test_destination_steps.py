@@ -19,8 +19,21 @@ from services.destination.store import MIGRATIONS, DestinationStore
 from shared import subjects
 from shared.admin import ExportResult, ExportRun, JobInfo, PublishedSegment
 from shared.config import Settings
-from shared.messages import Identity, MembershipEvent, PrivacyDelete, PrivacyReport, ProfileDeleted
+from shared.messages import (
+    Identity,
+    MembershipChange,
+    MembershipEnvelope,
+    MembershipEvent,
+    MembershipItem,
+    PrivacyDelete,
+    PrivacyReport,
+    Probe,
+    ProfileDeleted,
+    msgpack_encoder,
+    probe_report_decoder,
+)
 from shared.resources import Destination
+from shared.runtime.actor import Delivery
 from shared.runtime.harness import StepHarness
 
 pytestmark = pytest.mark.asyncio
@@ -72,23 +85,30 @@ async def dest(tmp_path: Path) -> AsyncIterator[Destinations]:
         yield Destinations(h, tmp_path)
 
 
-def joined(pid: str, at: float = 100.0, segment: str = "vip") -> bytes:
+def joined(
+    pid: str, at: float = 100.0, segment: str = "vip", status: str = "realized"
+) -> MembershipChange:
     event = MembershipEvent(
         profile_id=pid,
         segment=segment,
-        status="realized",
+        status=status,
         at=at,
         method="streaming",
         identities=[Identity("email", f"{pid}@example.com")],
     )
-    return _json.encode(event)
+    return MembershipChange(event)
+
+
+def members(h: StepHarness, *batch: MembershipItem, partition: int = 0) -> Delivery:
+    envelope = MembershipEnvelope(list(batch))
+    return h.delivery(subjects.members(partition), msgpack_encoder.encode(envelope))
 
 
 async def test_a_membership_change_for_a_streaming_destination_queues_one_delivery(
     dest: Destinations,
 ) -> None:
     h = dest.h
-    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p1"))])
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"))])
     assert await dest.queued() == [("hook", "vip", "p1")]
     assert dest.woken == ["hook"]
 
@@ -96,12 +116,12 @@ async def test_a_membership_change_for_a_streaming_destination_queues_one_delive
 async def test_a_change_delivered_again_queues_nothing_new(dest: Destinations) -> None:
     h = dest.h
     change = joined("p1")
-    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), change)])
+    await h.run(dest.handlers.memberships, [members(h, change)])
     await h.run(
         dest.handlers.memberships,
         [
-            h.delivery(subjects.membership("vip"), change),
-            h.delivery(subjects.membership("vip"), change),
+            members(h, change),
+            members(h, change),
         ],
     )
     assert await dest.queued() == [("hook", "vip", "p1")]
@@ -112,8 +132,8 @@ async def test_a_later_change_of_the_same_member_is_queued(dest: Destinations) -
     await h.run(
         dest.handlers.memberships,
         [
-            h.delivery(subjects.membership("vip"), joined("p1", at=100.0)),
-            h.delivery(subjects.membership("vip"), joined("p1", at=200.0)),
+            members(h, joined("p1", at=100.0)),
+            members(h, joined("p1", at=200.0)),
         ],
     )
     assert await dest.queued() == [("hook", "vip", "p1"), ("hook", "vip", "p1")]
@@ -124,18 +144,18 @@ async def test_a_change_of_a_segment_no_destination_activates_queues_nothing(
 ) -> None:
     h = dest.h
     change = joined("p1", segment="other")
-    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("other"), change)])
+    await h.run(dest.handlers.memberships, [members(h, change)])
     assert await dest.queued() == []
     assert dest.woken == []
 
 
 async def test_a_deleted_segment_stops_deliveries(dest: Destinations) -> None:
     h = dest.h
-    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p1"))])
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"))])
     gone = _json.encode(PublishedSegment(name="vip", deleted=True))
     await h.run(dest.handlers.segments, [h.delivery(subjects.config("segment", "vip"), gone)])
     assert await dest.queued() == []
-    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p2"))])
+    await h.run(dest.handlers.memberships, [members(h, joined("p2"))])
     assert await dest.queued() == []
 
 
@@ -209,12 +229,12 @@ async def test_a_privacy_delete_queues_the_persons_exits_and_reports_what_went(
     dest: Destinations,
 ) -> None:
     h = dest.h
-    await h.run(dest.handlers.memberships, [h.delivery(subjects.membership("vip"), joined("p1"))])
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"))])
     request = PrivacyDelete(
         request_id="r1", identity=Identity("email", "p1@example.com"), requested_at=1.0
     )
-    deleted = _json.encode(ProfileDeleted(profile_ids=["p1"], request=request))
-    out = await h.run(dest.handlers.memberships, [h.delivery(subjects.PRIVACY_MEMBERSHIP, deleted)])
+    deleted = ProfileDeleted(profile_ids=["p1"], request=request)
+    out = await h.run(dest.handlers.memberships, [members(h, deleted)])
     rows = await h.db.execute_fetchall("SELECT payload FROM queue ORDER BY id")
     statuses = [msgspec.msgpack.decode(r[0], type=Activation).status for r in rows]
     assert statuses == ["realized", "exited"]
@@ -223,3 +243,62 @@ async def test_a_privacy_delete_queues_the_persons_exits_and_reports_what_went(
         ("destination", {"memberships": 1, "profiles": 0})
     ]
     assert await h.db.execute_fetchall("SELECT * FROM memberships") == []
+
+
+async def test_an_envelope_of_many_changes_queues_each_in_order(dest: Destinations) -> None:
+    h = dest.h
+    burst = [joined(f"p{i}", at=100.0 + i) for i in range(50)]
+    await h.run(
+        dest.handlers.memberships,
+        [members(h, *burst[:20], partition=1), members(h, *burst[20:], partition=3)],
+    )
+    assert await dest.queued() == [("hook", "vip", f"p{i}") for i in range(50)]
+    assert dest.woken == ["hook"]
+
+
+async def test_a_privacy_delete_behind_a_realization_in_the_same_step_sends_its_exit(
+    dest: Destinations,
+) -> None:
+    """The realization is not committed when the delete comes: its exit is sent all the
+    same, behind it, and nothing of the person is left."""
+    h = dest.h
+    request = PrivacyDelete(
+        request_id="r2", identity=Identity("email", "p1@example.com"), requested_at=1.0
+    )
+    deleted = ProfileDeleted(profile_ids=["p1"], request=request)
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"), joined("p2"), deleted)])
+    rows = await h.db.execute_fetchall("SELECT payload FROM queue ORDER BY id")
+    sent = [msgspec.msgpack.decode(r[0], type=Activation) for r in rows]
+    assert [(a.profile_id, a.status) for a in sent] == [
+        ("p1", "realized"),
+        ("p2", "realized"),
+        ("p1", "exited"),
+    ]
+    left = await h.db.execute_fetchall("SELECT profile_id FROM memberships")
+    assert [tuple(r) for r in left] == [("p2",)]
+
+
+async def test_a_change_after_a_privacy_delete_in_the_same_envelope_is_queued(
+    dest: Destinations,
+) -> None:
+    h = dest.h
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"))])
+    request = PrivacyDelete(
+        request_id="r3", identity=Identity("email", "p1@example.com"), requested_at=1.0
+    )
+    deleted = ProfileDeleted(profile_ids=["p1"], request=request)
+    await h.run(dest.handlers.memberships, [members(h, deleted, joined("p3"))])
+    assert await dest.queued() == [
+        ("hook", "vip", "p1"),  # realized
+        ("hook", "vip", "p1"),  # exited: the delete
+        ("hook", "vip", "p3"),
+    ]
+
+
+async def test_an_envelope_reports_its_probe_as_the_destination_stage(dest: Destinations) -> None:
+    h = dest.h
+    probe = Probe("pr9", partition=1, partitions=4)
+    out = await h.run(dest.handlers.memberships, [members(h, joined("p1"), probe, partition=1)])
+    assert await dest.queued() == [("hook", "vip", "p1")]
+    reports = [probe_report_decoder.decode(payload) for _, payload in out.notes]
+    assert [(r.probe_id, r.stage, r.partition) for r in reports] == [("pr9", "destination", 1)]

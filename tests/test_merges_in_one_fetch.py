@@ -37,6 +37,7 @@ from shared.messages import (
     ChangeItem,
     ExperienceEvent,
     Identity,
+    MembershipEnvelope,
     MembershipEvent,
     PrivacyDelete,
     ProfileChanged,
@@ -531,8 +532,9 @@ async def test_a_destination_view_is_not_rebuilt_after_the_delete_by_a_lagging_c
         )
         gone = ProfileDeleted([p], request)
         # Segmentation passed the delete on: the membership consumer applies it first.
-        ack = await js.publish(subjects.PRIVACY_MEMBERSHIP, msgspec.json.encode(gone))
-        await offset(tmp_path, "destination", ack.seq)
+        envelope = MembershipEnvelope([gone])
+        ack = await js.publish(subjects.members(part(p)), msgpack_encoder.encode(envelope))
+        await offset(tmp_path, "destination-members", ack.seq)
         assert rows(tmp_path, "destination.db", "SELECT profile_id FROM profiles") == []
         # The view consumer catches up: P's last change, then the delete, in the stream.
         last = ChangeEnvelope(

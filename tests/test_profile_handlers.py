@@ -23,9 +23,13 @@ from shared.messages import (
     Deleted,
     Fragment,
     Identity,
+    MembershipChange,
+    MembershipEnvelope,
     MembershipEvent,
+    MembershipItem,
     Merged,
     PrivacyDelete,
+    Probe,
     ProfileChanged,
     ProfileDeleted,
     ProfileEnvelope,
@@ -35,6 +39,7 @@ from shared.messages import (
     Record,
     msgpack_encoder,
     privacy_report_decoder,
+    probe_report_decoder,
 )
 from shared.resources import MergePolicy
 from shared.runtime.actor import Delivery
@@ -174,11 +179,16 @@ async def test_records_delivered_again_leave_the_profile_as_it_was() -> None:
         assert await stored(h) == before
 
 
-def membership(profile_id: str, segment: str, status: str, at: float) -> bytes:
+def membership(profile_id: str, segment: str, status: str, at: float) -> MembershipChange:
     event = MembershipEvent(
         profile_id=profile_id, segment=segment, status=status, at=at, method="streaming"
     )
-    return _json.encode(event)
+    return MembershipChange(event)
+
+
+def members(h: StepHarness, *batch: MembershipItem, partition: int = 0) -> Delivery:
+    envelope = MembershipEnvelope(list(batch))
+    return h.delivery(subjects.members(partition), msgpack_encoder.encode(envelope))
 
 
 @pytest.mark.asyncio
@@ -186,21 +196,27 @@ async def test_a_membership_write_back_updates_the_memberships_of_live_profiles(
     async with profile_steps() as (h, handlers):
         await two_profiles(h, handlers)
         await h.run(handlers.on_items, [items(h, Merged("p1", ["p2"], NOW + 2))])
-        vip = subjects.membership("vip")
         await h.run(
             handlers.on_memberships,
             [
-                h.delivery(vip, membership("p1", "vip", "realized", NOW + 3)),
-                h.delivery(vip, membership("p2", "vip", "realized", NOW + 3)),  # folded
-                h.delivery(vip, membership("p9", "vip", "realized", NOW + 3)),  # unknown
-                h.delivery(vip, membership("p1", "vip", "exited", NOW + 1)),  # older
+                members(
+                    h,
+                    membership("p1", "vip", "realized", NOW + 3),
+                    membership("p2", "vip", "realized", NOW + 3),  # folded
+                ),
+                members(
+                    h,
+                    membership("p9", "vip", "realized", NOW + 3),  # unknown
+                    membership("p1", "vip", "exited", NOW + 1),  # older
+                    partition=1,
+                ),
             ],
         )
         assert await table(h, "SELECT profile_id, segment, status FROM memberships") == [
             ("p1", "vip", "realized")
         ]
         await h.run(
-            handlers.on_memberships, [h.delivery(vip, membership("p1", "vip", "exited", NOW + 4))]
+            handlers.on_memberships, [members(h, membership("p1", "vip", "exited", NOW + 4))]
         )
         assert await table(h, "SELECT status FROM memberships") == [("exited",)]
 
@@ -211,7 +227,7 @@ async def test_a_privacy_delete_removes_the_profile_and_reports_what_it_removed(
         await two_profiles(h, handlers)
         await h.run(
             handlers.on_memberships,
-            [h.delivery(subjects.membership("vip"), membership("p1", "vip", "realized", NOW))],
+            [members(h, membership("p1", "vip", "realized", NOW))],
         )
         request = PrivacyDelete(request_id="rq1", identity=ADA, requested_at=NOW + 5)
         out = await h.run(
@@ -379,3 +395,68 @@ def test_a_fetch_applied_at_once_stores_what_its_items_one_at_a_time_store(
     journey = _Journey(data)
     batch = [journey.item(n) for n in range(data.draw(st.integers(1, 12)))]
     asyncio.run(_batch_and_one_by_one(batch))
+
+
+# -- membership envelopes (cdp.x.members.<partition>) ----------------------------------
+@pytest.mark.asyncio
+async def test_a_membership_envelope_reports_its_probe_after_writing_the_changes_before_it() -> (
+    None
+):
+    async with profile_steps() as (h, handlers):
+        await two_profiles(h, handlers)
+        probe = Probe("pr1", partition=2, partitions=PARTITIONS)
+        out = await h.run(
+            handlers.on_memberships,
+            [members(h, membership("p1", "vip", "realized", NOW), probe, partition=2)],
+        )
+        assert await table(h, "SELECT profile_id, segment FROM memberships") == [("p1", "vip")]
+        [(subject, payload)] = out.notes
+        report = probe_report_decoder.decode(payload)
+        assert subject == subjects.probe_report("pr1")
+        assert (report.stage, report.partition, report.partitions) == (
+            "profile-memberships",
+            2,
+            PARTITIONS,
+        )
+        assert out.messages == [], "the write-back publishes nothing"
+
+
+@pytest.mark.asyncio
+async def test_a_privacy_delete_in_a_membership_envelope_changes_nothing_in_the_profile() -> None:
+    async with profile_steps() as (h, handlers):
+        await two_profiles(h, handlers)
+        before = await stored(h)
+        request = PrivacyDelete(request_id="rq1", identity=ADA, requested_at=NOW)
+        out = await h.run(handlers.on_memberships, [members(h, ProfileDeleted(["p1"], request))])
+        assert (out.handled, out.failed) == (1, 0)
+        assert await stored(h) == before
+
+
+_CHANGE = st.builds(
+    membership,
+    st.sampled_from(["p1", "p2", "p9"]),
+    st.sampled_from(["vip", "gold"]),
+    st.sampled_from(["realized", "exited", "existing"]),
+    st.sampled_from([NOW, NOW + 1, NOW + 2]),
+)
+
+
+async def _members_at_once_and_one_by_one(
+    batches: list[list[MembershipChange]],
+) -> None:
+    async with profile_steps() as (one, by_one), profile_steps() as (all_, at_once):
+        for h, handlers in ((one, by_one), (all_, at_once)):
+            await two_profiles(h, handlers)
+        await all_.run(at_once.on_memberships, [members(all_, *b) for b in batches])
+        for change in (c for b in batches for c in b):
+            await one.run(by_one.on_memberships, [members(one, change)])
+        sql = "SELECT profile_id, segment, status, at FROM memberships ORDER BY 1, 2"
+        assert await table(all_, sql) == await table(one, sql)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.lists(_CHANGE, min_size=1, max_size=6), min_size=1, max_size=4))
+def test_membership_envelopes_written_back_at_once_store_what_each_change_alone_stores(
+    batches: list[list[MembershipChange]],
+) -> None:
+    asyncio.run(_members_at_once_and_one_by_one(batches))

@@ -16,13 +16,21 @@ from shared.admin import JobInfo, JobRun
 from shared.messages import (
     ChangeEnvelope,
     ChangeItem,
+    Identity,
+    MembershipChange,
     MembershipEvent,
+    MembershipItem,
+    PrivacyDelete,
+    Probe,
     ProfileChanged,
+    ProfileDeleted,
+    ProfileMerged,
+    members_batch_decoder,
     msgpack_encoder,
 )
 from shared.resources import MergePolicy, Segment
 from shared.runtime.actor import Delivery, Outgoing
-from shared.runtime.harness import StepHarness
+from shared.runtime.harness import StepHarness, StepOutput
 
 pytestmark = pytest.mark.asyncio
 PARTITIONS = 4
@@ -166,3 +174,100 @@ async def test_a_merge_policy_on_the_config_stream_becomes_known(seg: Segmentati
     await seg.h.run(seg.handlers.policies, [d])
     assert await seg.store.has_policy("crm-first")
     assert not await seg.store.has_policy("other")
+
+
+# -- the internal membership envelopes (cdp.x.members.<partition>) --------------------------
+def envelopes(out: StepOutput) -> list[tuple[str, list[MembershipItem]]]:
+    return [
+        (m.subject, members_batch_decoder.decode(m.payload).items)
+        for m in out.on(subjects.MEMBERS_PREFIX + ".")
+    ]
+
+
+def said(items: list[MembershipItem]) -> list[MembershipEvent]:
+    return [i.event for i in items if isinstance(i, MembershipChange)]
+
+
+async def test_the_envelopes_carry_the_public_events_one_per_partition(seg: Segmentation) -> None:
+    out = await seg.h.run(
+        seg.handlers.changes,
+        [seg.changes(*(gold(pid, f"r-{pid}") for pid in ("p1", "p2", "p3", "p4")))],
+    )
+    public = [
+        msgspec.json.decode(m.payload, type=MembershipEvent) for m in out.on("cdp.membership.")
+    ]
+    batches = envelopes(out)
+    assert [subject for subject, _ in batches] == [subjects.members(p) for p in (0, 1, 3)]
+    for subject, items in batches:
+        for e in said(items):
+            assert subject == subjects.members(subjects.partition_of(e.profile_id, PARTITIONS))
+    assert sorted(e.profile_id for _, items in batches for e in said(items)) == sorted(
+        e.profile_id for e in public
+    )
+    assert {e.profile_id: e for _, items in batches for e in said(items)} == {
+        e.profile_id: e for e in public
+    }, "the same changes as the public events, field for field"
+
+
+async def test_a_folded_profiles_exits_are_published_before_the_survivors_realizations(
+    seg: Segmentation,
+) -> None:
+    assert subjects.partition_of("p1", PARTITIONS) != subjects.partition_of("p2", PARTITIONS)
+    silver = msgspec.structs.replace(gold("p1"), attributes={"loyalty": {"tier": "silver"}})
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold("p2", "r2"), silver)])
+    survivor = msgspec.structs.replace(gold("p1", "r3"), folded=["p2"])
+    out = await seg.h.run(
+        seg.handlers.changes,
+        [seg.changes(ProfileMerged("p1", ["p2"], 1_700_000_001.0), survivor)],
+    )
+    in_order = [
+        (e.profile_id, e.status, e.merged_into) for _, items in envelopes(out) for e in said(items)
+    ]
+    assert in_order == [("p2", "exited", "p1"), ("p1", "realized", None)]
+    public = [
+        msgspec.json.decode(m.payload, type=MembershipEvent) for m in out.on("cdp.membership.")
+    ]
+    assert [(e.profile_id, e.status, e.merged_into) for e in public] == in_order
+
+
+async def test_a_privacy_delete_follows_the_exits_of_the_profiles_it_removes(
+    seg: Segmentation,
+) -> None:
+    """A merge folds p2 (a member) into p1, then the person is deleted, in one step: p2's
+    exit is published before the delete that removes both."""
+    silver = msgspec.structs.replace(gold("p1"), attributes={"loyalty": {"tier": "silver"}})
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold("p2", "r2"), silver)])
+    request = PrivacyDelete(
+        request_id="rq", identity=Identity("email", "p1@example.com"), requested_at=1.0
+    )
+    deleted = ProfileDeleted(["p1", "p2"], request)
+    out = await seg.h.run(
+        seg.handlers.changes,
+        [seg.changes(ProfileMerged("p1", ["p2"], 1_700_000_001.0), deleted)],
+    )
+    flat = [i for _, items in envelopes(out) for i in items]
+    assert [type(i) for i in flat] == [MembershipChange, ProfileDeleted]
+    assert [(e.profile_id, e.status) for e in said(flat)] == [("p2", "exited")]
+    assert out.on(subjects.PRIVACY_MEMBERSHIP), "the public subject still says it"
+
+
+async def test_a_probe_goes_behind_the_changes_of_its_partition(seg: Segmentation) -> None:
+    part = subjects.partition_of("p1", PARTITIONS)
+    probe = Probe("pr", partition=part, partitions=PARTITIONS)
+    out = await seg.h.run(seg.handlers.changes, [seg.changes(gold("p1"), probe)])
+    [(subject, items)] = envelopes(out)
+    assert subject == subjects.members(part)
+    assert [type(i) for i in items] == [MembershipChange, Probe]
+    assert out.on(subjects.MEMBERSHIP_PROBE), "applications still see the probe"
+
+
+async def test_a_privacy_delete_that_removes_no_profile_still_goes_in_an_envelope(
+    seg: Segmentation,
+) -> None:
+    """The person's identity was no one's any more: the destination still hears of the
+    delete (and reports it)."""
+    request = PrivacyDelete(
+        request_id="rq0", identity=Identity("email", "gone@example.com"), requested_at=1.0
+    )
+    out = await seg.h.run(seg.handlers.changes, [seg.changes(ProfileDeleted([], request))])
+    assert [items for _, items in envelopes(out)] == [[ProfileDeleted([], request)]]

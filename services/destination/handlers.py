@@ -4,9 +4,12 @@ transaction and emits through the step's outbox; in-memory state changes only af
 step commits.
 
 - `profiles` (CDP_CHANGES): the profile view it activates from (identities, attributes).
-- `memberships` (CDP_MEMBERSHIP): each change becomes, for every streaming destination
+- `memberships` (CDP_MEMBERS, `cdp.x.members.<partition>`): envelopes of membership
+  changes from segmentation, a batch at a time (one read of the statuses and one of the
+  views, one write per table): each change becomes, for every streaming destination
   connected to its segment, an activation in the delivery queue (committed with the
-  step), or one more skipped; a privacy delete sends the person's exits, then forgets them.
+  step), or one more skipped; a privacy delete, in its place among the changes, sends the
+  person's exits, then forgets them.
 - `segments` (CDP_CONFIG, `cdp.config.segment.*`): the segments as segmentation publishes
   them; a deleted segment's queued deliveries go, and none of its changes is queued again.
 - `jobs` (CDP_JOBS): an export request (`cdp.jobs.export.<d>.run`) runs the export once
@@ -32,21 +35,21 @@ from shared import subjects
 from shared.admin import ExportResult, ExportRun, PublishedSegment, finished_segmentation_job
 from shared.messages import (
     Identity,
+    MembershipChange,
     MembershipEvent,
     Probe,
     ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
     change_batch_decoder,
-    membership_decoder,
+    members_batch_decoder,
 )
 from shared.runtime import Step
 from shared.runtime.configs import published
 from shared.runtime.privacy import forget
-from shared.runtime.probes import decode_probe, report_probe
+from shared.runtime.probes import report_probe
 
 SERVICE = "destination"
-_deleted_decoder = msgspec.json.Decoder(ProfileDeleted)
 _segment_decoder = msgspec.json.Decoder(PublishedSegment)
 _export_run_decoder = msgspec.json.Decoder(ExportRun)
 _json = msgspec.json.Encoder()
@@ -101,31 +104,35 @@ class Handlers:
 
     # -- memberships -> activations -----------------------------------------------------------
     async def memberships(self, step: Step) -> None:
+        """The changes of every envelope of the step as one batch, cut only by a privacy
+        delete (the changes before it are queued first, then it sends the exits)."""
         events: list[MembershipEvent] = []
+        earlier: list[MembershipEvent] = []
+        """The changes this step queued already (not committed yet: the store does not
+        see them)."""
         for d in step.deliveries:
-            if d.subject == subjects.PRIVACY_MEMBERSHIP:
-                await self._enqueue(step, events)
-                events = []
-                await self._forget(step, d.data)
-                continue
-            if d.subject == subjects.MEMBERSHIP_PROBE:
-                if (probe := decode_probe(d.data)) is not None:
-                    report_probe(step, probe, SERVICE)
-                continue
-            try:
-                events.append(membership_decoder.decode(d.data))
-            except msgspec.DecodeError:
-                self.log.warning("undecodable membership event", seq=d.seq)
+            for item in members_batch_decoder.decode(d.data).items:
+                match item:
+                    case MembershipChange():
+                        events.append(item.event)
+                    case ProfileDeleted():
+                        earlier += await self._enqueue(step, events)
+                        events = []
+                        earlier += await self._forget(step, item, earlier)
+                    case Probe():
+                        report_probe(step, item, SERVICE)
         await self._enqueue(step, events)
 
-    async def _enqueue(self, step: Step, events: list[MembershipEvent]) -> None:
+    async def _enqueue(self, step: Step, events: list[MembershipEvent]) -> list[MembershipEvent]:
+        """Queue the activations of the changes not applied already; those changes."""
         if not events:
-            return
+            return []
         events = unseen(events, await self.store.statuses_of(e.profile_id for e in events))
         self.store.put_memberships(step.tx, events)
         live = [e for e in events if self.state.live(e.segment)]
         views = await self.store.views(e.profile_id for e in live)
         self._queue(step, plan(live, self.state.destinations.values(), views))
+        return events
 
     def _queue(self, step: Step, effects: Plan, *, count_skipped: bool = True) -> None:
         now = time.time()
@@ -137,29 +144,33 @@ class Handlers:
         if touched:
             step.after_commit(lambda: self.wake(touched))
 
-    async def _forget(self, step: Step, data: bytes) -> None:
-        """Privacy delete: tell destinations the person left, then forget them here."""
-        try:
-            item = _deleted_decoder.decode(data)
-        except msgspec.DecodeError:
-            self.log.warning("undecodable privacy delete")
-            return
+    async def _forget(
+        self, step: Step, item: ProfileDeleted, earlier: list[MembershipEvent]
+    ) -> list[MembershipEvent]:
+        """Privacy delete: tell destinations the person left (the memberships stored, as
+        the step's `earlier` changes left them), then forget them here; the exits sent."""
         now = time.time()
-        held = await self.store.held(item.profile_ids)
+        ids = set(item.profile_ids)
+        status = {(m.segment, m.profile_id): m.status for m in await self.store.held(ids)}
+        for e in earlier:
+            if e.profile_id in ids:
+                status[(e.segment, e.profile_id)] = e.status
         exits = [
             MembershipEvent(
-                profile_id=m.profile_id,
-                segment=m.segment,
+                profile_id=pid,
+                segment=segment,
                 status="exited",
                 at=now,
                 method="privacy",
             )
-            for m in held
+            for (segment, pid), st in status.items()
+            if st in ("realized", "existing")
         ]
-        await self._enqueue(step, exits)
+        sent = await self._enqueue(step, exits)
         await forget(
             step, SERVICE, item.request, item.profile_ids, ("memberships", "profiles"), at=now
         )
+        return sent
 
     # -- segments, as their owner publishes them ----------------------------------------------
     async def segments(self, step: Step) -> None:

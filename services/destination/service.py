@@ -100,9 +100,9 @@ class DestinationService(Service):
                 description="export requests, and batch segmentation jobs that ended",
             ),
             ConsumerSpec(
-                "destination",
-                subjects.STREAM_MEMBERSHIP,
+                "destination-members",
+                subjects.STREAM_MEMBERS,
                 h.memberships,
-                description="segment membership changes and privacy deletes",
+                description="segment membership changes in batches, and privacy deletes",
             ),
         )

@@ -4,7 +4,8 @@ to the step.
 
 - `on_items` (CDP_PROFILES): records with their profile ids, merges, splits, deletes,
   probes; the unified profile and what segmentation needs (`rules.apply_items`).
-- `on_memberships` (CDP_MEMBERSHIP): segment memberships written back to the profile.
+- `on_memberships` (CDP_MEMBERS, `cdp.x.members.<partition>`): segment memberships,
+  in batches from segmentation, written back to the profile.
 - `on_datasets`, `on_namespaces`, `on_policies` (CDP_CONFIG): the configuration the
   service follows, stored and, once committed, held in `ProfileConfig`.
 """
@@ -19,13 +20,18 @@ import structlog
 from services.profile.config import ProfileConfig
 from services.profile.rules import apply_items
 from services.profile.store import ProfileStore
-from shared import subjects
-from shared.messages import MembershipEvent, membership_decoder, profile_batch_decoder
+from shared.messages import (
+    MembershipChange,
+    MembershipEvent,
+    Probe,
+    members_batch_decoder,
+    profile_batch_decoder,
+)
 from shared.resources import Dataset, MergePolicy, Namespace
 from shared.runtime import Step
 from shared.runtime.configs import published
 from shared.runtime.privacy import report
-from shared.runtime.probes import decode_probe, report_probe
+from shared.runtime.probes import report_probe
 
 SERVICE = "profile"
 _dataset_decoder = msgspec.json.Decoder(Dataset)
@@ -73,21 +79,21 @@ class ProfileHandlers:
 
     # -- memberships -----------------------------------------------------------------
     async def on_memberships(self, step: Step) -> None:
-        """Write membership changes back onto the profile, for live profiles only: a change
-        of a profile folded or deleted since is no one's any more."""
-        events: list[MembershipEvent] = []
+        """Write the batch's membership changes back onto the profile, in one statement,
+        for live profiles only: a change of a profile folded or deleted since is no one's
+        any more. A privacy delete needs nothing here (the profile was deleted first)."""
+        latest: dict[tuple[str, str], MembershipEvent] = {}
         for d in step.deliveries:
-            if d.subject == subjects.PRIVACY_MEMBERSHIP:
-                continue  # the profile was deleted here first
-            if d.subject == subjects.MEMBERSHIP_PROBE:
-                if (probe := decode_probe(d.data)) is not None:
-                    report_probe(step, probe, "profile-memberships")
-                continue
-            try:
-                events.append(membership_decoder.decode(d.data))
-            except msgspec.DecodeError:
-                self.log.warning("undecodable membership event", seq=d.seq)
-        self.store.put_memberships(step.tx, events)
+            for item in members_batch_decoder.decode(d.data).items:
+                if isinstance(item, MembershipChange):
+                    e = item.event
+                    key = (e.profile_id, e.segment)
+                    held = latest.get(key)
+                    if held is None or e.at >= held.at:  # what the upsert would keep
+                        latest[key] = e
+                elif isinstance(item, Probe):
+                    report_probe(step, item, "profile-memberships")
+        self.store.put_memberships(step.tx, latest.values())
 
     # -- configuration ---------------------------------------------------------------
     async def on_datasets(self, step: Step) -> None:

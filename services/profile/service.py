@@ -90,10 +90,10 @@ class ProfileService(Service):
                 description="merge policies, as this service published them on the config stream",
             ),
             ConsumerSpec(
-                "profile-memberships",
-                subjects.STREAM_MEMBERSHIP,
+                "profile-members",
+                subjects.STREAM_MEMBERS,
                 h.on_memberships,
-                description="segment membership changes, written back to the profile",
+                description="segment membership changes in batches, written back to the profile",
             ),
             ConsumerSpec(
                 "profile",

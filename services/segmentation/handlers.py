@@ -5,7 +5,10 @@
   evaluates (attributes, identities, events) and, on each change, re-evaluates only the
   streaming segments the change can affect (by the event types and attribute paths each
   segment reads), then their inSegment dependants; a membership that changes is
-  published at once on `cdp.membership.<segment>`. A batch job's recheck evaluates every
+  published at once on `cdp.membership.<segment>` (JSON, for applications) and, with the
+  step's privacy deletes and probes in their causal position, in one msgpack envelope per
+  partition on `cdp.x.members.<partition>` (what profile and destination read), both in
+  the step's outbox. A batch job's recheck evaluates every
   segment. Load (a query per table), apply the items in order in memory, evaluate
   (`membership.evaluate_many`, segment by segment in dependency order, and
   `membership.step` for each member or qualifier), persist once per table.
@@ -36,7 +39,10 @@ from shared.messages import (
     ChangeItem,
     ExperienceEvent,
     Identity,
+    MembershipChange,
+    MembershipEnvelope,
     MembershipEvent,
+    MembershipItem,
     Probe,
     ProfileChanged,
     ProfileDeleted,
@@ -44,10 +50,12 @@ from shared.messages import (
     Recheck,
     change_batch_decoder,
     json_encoder,
+    msgpack_encoder,
 )
 from shared.resources import MergePolicy
 from shared.runtime import Step
 from shared.runtime.configs import published
+from shared.runtime.partitioned import PartitionedOutput
 from shared.runtime.privacy import forget
 from shared.runtime.probes import report_probe
 
@@ -56,6 +64,10 @@ MAX_EVENTS_PER_PROFILE = 5000
 STREAMING_HORIZON_S = 24 * 3600.0
 _policy_decoder = msgspec.json.Decoder(MergePolicy)
 _job_decoder = msgspec.json.Decoder(JobRun)
+
+
+def _members_message(items: list[MembershipItem]) -> bytes:
+    return msgpack_encoder.encode(MembershipEnvelope(items))
 
 
 @dataclass
@@ -115,6 +127,8 @@ class _ChangesStep:
         catalog: Catalog,
         profiles: dict[str, _Profile],
         now: float,
+        *,
+        partitions: int,
     ) -> None:
         self.step = step
         self.store = store
@@ -130,6 +144,13 @@ class _ChangesStep:
         )
         self.timer_set = False
         self.streaming = [s for s in catalog.segments.values() if s.streaming]
+        self.partitions = partitions
+        self.members: PartitionedOutput[MembershipItem] = PartitionedOutput(
+            subjects.members, _members_message, partitions
+        )
+
+    def part(self, profile_id: str) -> int:
+        return subjects.partition_of(profile_id, self.partitions)
 
     @property
     def gone(self) -> set[str]:
@@ -181,6 +202,10 @@ class _ChangesStep:
 
     async def deleted_profiles(self, item: ProfileDeleted) -> None:
         self.step.emit(subjects.PRIVACY_MEMBERSHIP, json_encoder.encode(item))
+        # Behind every earlier change of the profiles it removes; one that removes no
+        # profile (the person's identity was no one's any more) still goes, for its report.
+        host, *others = [self.part(pid) for pid in item.profile_ids] or [0]
+        self.members.add_across(host, others, item)
         await forget(self.step, SERVICE, item.request, item.profile_ids, TABLES_OF_PROFILES)
         for pid in item.profile_ids:
             self.deleted.add(pid)
@@ -222,6 +247,10 @@ class _ChangesStep:
                     merged_into=survivor,
                 )
                 self.step.emit(subjects.membership(seg), json_encoder.encode(event))
+                # behind the survivor's earlier changes, before its realizations
+                self.members.add_across(
+                    self.part(folded), (self.part(survivor),), MembershipChange(event)
+                )
             compiled = self.catalog.get(seg)
             if compiled is not None and not compiled.streaming and seg not in held:
                 held.add(seg)
@@ -391,6 +420,7 @@ class _ChangesStep:
             identities=p.identities,
         )
         self.step.emit(subjects.membership(segment), json_encoder.encode(event))
+        self.members.add(self.part(pid), MembershipChange(event))
 
     # -- the rest ---------------------------------------------------------------------------
     def persist(self) -> None:
@@ -442,7 +472,14 @@ class Handlers:
         items = [i for d in step.deliveries for i in change_batch_decoder.decode(d.data).items]
         now = time.time()
         catalog = self.catalog.snapshot()
-        s = _ChangesStep(step, self.store, catalog, await self._load(items, catalog, now), now)
+        s = _ChangesStep(
+            step,
+            self.store,
+            catalog,
+            await self._load(items, catalog, now),
+            now,
+            partitions=self.partitions,
+        )
         probes: list[Probe] = []
         for item in items:
             match item:
@@ -465,7 +502,13 @@ class Handlers:
         s.persist()
         for probe in probes:
             step.emit(subjects.MEMBERSHIP_PROBE, json_encoder.encode(probe))
+            if 0 <= probe.partition < self.partitions:
+                s.members.add(probe.partition, probe)
+            else:  # not one partition's copy: behind everything of the step
+                s.members.add_across(0, range(self.partitions), probe)
             report_probe(step, probe, SERVICE)
+        for subject, payload in s.members.messages():
+            step.emit(subject, payload)
 
     async def _load(
         self, items: list[ChangeItem], catalog: Catalog, now: float
