@@ -37,6 +37,7 @@ import msgspec
 from shared import subjects
 from shared.messages import MAX_ITEMS_PER_MESSAGE, MembershipEvent, chunks
 from shared.runtime import ConsumerSpec, Service, Step, run_service
+from shared.runtime.actor import Handler
 from shared.runtime.partitioned import PartitionedOutput
 
 SEGMENT = "bench-passthrough"
@@ -60,12 +61,52 @@ async def ignore(_step: Step) -> None:
     """Consume: the runtime commits the offset, nothing else happens."""
 
 
+# -- the handlers ------------------------------------------------------------------------
+async def forward(step: Step) -> None:
+    """ingest: the JSON events of a fetch, as they are, in messages of at most 500."""
+    raw = [d.data for d in step.deliveries]
+    for chunk in chunks(raw, MAX_ITEMS_PER_MESSAGE):
+        step.emit(subjects.RECORDS, _encode_records(chunk))
+
+
+def repartition(prefix: str, partitions: int) -> Handler:
+    """identity, profile: each record on to `<prefix>.<partition>` of its hash, one
+    message per partition the fetch touches (at most 500 records each)."""
+
+    async def handle(step: Step) -> None:
+        out: PartitionedOutput[bytes] = PartitionedOutput(
+            lambda p: f"{prefix}.{p}", _encode_records, partitions
+        )
+        for record in records_of(step):
+            out.add(partition_of(record, partitions), record)
+        for subject, payload in out.messages():
+            step.emit(subject, payload)
+
+    return handle
+
+
+async def memberships(step: Step) -> None:
+    """segmentation: one JSON membership event per record, on the public subject."""
+    now = time.time()
+    subject = subjects.membership(SEGMENT)
+    for record in records_of(step):
+        event = MembershipEvent(
+            profile_id=f"{zlib.crc32(record):08x}",
+            segment=SEGMENT,
+            status="realized",
+            at=now,
+            method="streaming",
+        )
+        step.emit(subject, _encode_json(event))
+
+
+# -- the stages ----------------------------------------------------------------------------
 class Stage(Service):
     """A pass-through stage (subclasses name it and declare its consumers)."""
 
     migrations = ()
     stage_consumers: ClassVar[tuple[tuple[str, subjects.StreamSpec, tuple[str, ...]], ...]] = ()
-    """Idle consumers (name, stream, subjects) the real service has too."""
+    """Consumers (name, stream, subjects) that only commit their offset."""
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         return tuple(
@@ -78,74 +119,31 @@ class IngestStage(Stage):
     name = "ingest"
 
     def consumers(self) -> Sequence[ConsumerSpec]:
-        return (ConsumerSpec("ingest", subjects.STREAM_INGEST, self.forward),)
-
-    async def forward(self, step: Step) -> None:
-        raw = [d.data for d in step.deliveries]
-        for chunk in chunks(raw, MAX_ITEMS_PER_MESSAGE):
-            step.emit(subjects.RECORDS, _encode_records(chunk))
+        return (ConsumerSpec("ingest", subjects.STREAM_INGEST, forward),)
 
 
-class _Partitioning(Stage):
-    """Reads record batches, passes each record on to the subject of its partition."""
-
-    out_subject: ClassVar[str] = ""
-
-    def partitioned(self, step: Step) -> None:
-        n = self.settings.partitions
-        out: PartitionedOutput[bytes] = PartitionedOutput(self.subject, _encode_records, n)
-        for record in records_of(step):
-            out.add(partition_of(record, n), record)
-        for subject, payload in out.messages():
-            step.emit(subject, payload)
-
-    def subject(self, partition: int) -> str:
-        return f"{self.out_subject}.{partition}"
-
-
-class IdentityStage(_Partitioning):
+class IdentityStage(Stage):
     name = "identity"
-    out_subject = subjects.PROFILES_PREFIX
 
     def consumers(self) -> Sequence[ConsumerSpec]:
-        return (ConsumerSpec("identity", subjects.STREAM_RECORDS, self.forward),)
-
-    async def forward(self, step: Step) -> None:
-        self.partitioned(step)
+        handler = repartition(subjects.PROFILES_PREFIX, self.settings.partitions)
+        return (ConsumerSpec("identity", subjects.STREAM_RECORDS, handler),)
 
 
-class ProfileStage(_Partitioning):
+class ProfileStage(Stage):
     name = "profile"
-    out_subject = subjects.CHANGES_PREFIX
+    stage_consumers = (("profile-memberships", subjects.STREAM_MEMBERSHIP, ()),)
 
     def consumers(self) -> Sequence[ConsumerSpec]:
-        return (
-            ConsumerSpec("profile-memberships", subjects.STREAM_MEMBERSHIP, ignore),
-            ConsumerSpec("profile", subjects.STREAM_PROFILES, self.forward),
-        )
-
-    async def forward(self, step: Step) -> None:
-        self.partitioned(step)
+        handler = repartition(subjects.CHANGES_PREFIX, self.settings.partitions)
+        return (*super().consumers(), ConsumerSpec("profile", subjects.STREAM_PROFILES, handler))
 
 
 class SegmentationStage(Stage):
     name = "segmentation"
 
     def consumers(self) -> Sequence[ConsumerSpec]:
-        return (ConsumerSpec("segmentation", subjects.STREAM_CHANGES, self.forward),)
-
-    async def forward(self, step: Step) -> None:
-        now = time.time()
-        subject = subjects.membership(SEGMENT)
-        for record in records_of(step):
-            event = MembershipEvent(
-                profile_id=f"{zlib.crc32(record):08x}",
-                segment=SEGMENT,
-                status="realized",
-                at=now,
-                method="streaming",
-            )
-            step.emit(subject, _encode_json(event))
+        return (ConsumerSpec("segmentation", subjects.STREAM_CHANGES, memberships),)
 
 
 class SchedulerStage(Stage):
