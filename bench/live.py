@@ -779,7 +779,8 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
         """Keep these results, and tell each at once: a later step that fails does not
         take the earlier figures with it."""
         for r in more:
-            progress(f"{r.name}: {r.value:,.3f} {r.unit}")
+            if not procs.is_process_row(r):  # those are printed as tables at the end
+                progress(f"{r.name}: {r.value:,.3f} {r.unit}")
             results.append(r)
 
     with contextlib.ExitStack() as stack:
