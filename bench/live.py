@@ -500,7 +500,7 @@ async def run_job(p: Live, total: int, label: str) -> tuple[Result, JobInfo]:
     if job.total != total:
         raise PlatformError(f"segmentation job: {job.total} profiles, expected {total}")
     final = job
-    async with bounded(f"batch segmentation ({label})", limit_for(total, 1_000, 120)):
+    async with bounded(f"batch segmentation ({label})", limit_for(total, 250, 120)):
         while final.status not in ("succeeded", "failed"):
             await asyncio.sleep(0.5)
             listed = await admin.request(
@@ -807,8 +807,12 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
         ):
 
             def memory(after: str) -> None:
-                """The peak resident memory of every process so far, after `after`."""
-                results.extend(procs.memory_results(after, p.platform.pids()))
+                """The peak resident memory of every process so far, after `after` (told at
+                once too: a later step that fails does not take it with it)."""
+                found = procs.memory_results(after, p.platform.pids())
+                results.extend(found)
+                told = ", ".join(f"{r.name.rpartition(': ')[2]} {r.value:,.0f}" for r in found)
+                progress(f"peak memory (MiB) after {after}: {told}")
 
             seen = Memberships()
             watcher = await p.platform.connect("cdp-bench-memberships")
