@@ -49,7 +49,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bench import Progress, Result, rate
+from bench import Progress, Result, procs, rate
 from bench import segments as bench_segments
 from ops.cli.apply import apply_objects, load_file
 from ops.cli.ingest import run_batch
@@ -276,18 +276,20 @@ def restamped_events(path: Path, now: float) -> tuple[list[bytes], int]:
     return out, len({root(c) for c in logged_in})
 
 
-def latency_event(i: int, email: str, ts: float) -> bytes:
-    """A web event for the person with `email`, on a new cookie: a profile that has had no
-    event, so it realises `bench-probe`. Event types cycle through the seven."""
+def latency_event(i: int, email: str | None, ts: float, cookie: str = "bench-latency") -> bytes:
+    """A web event for the person with `email` (none: an anonymous visitor), on a new
+    cookie `<cookie>-<i>`: a profile that has had no event, so it realises `bench-probe`.
+    Event types cycle through the seven."""
     kind = EVENT_TYPES[i % len(EVENT_TYPES)]
     event: dict[str, Any] = {
         "timestamp": iso(ts),
         "eventType": kind,
-        "ecid": f"bench-latency-{i}",
-        "email": email,
+        "ecid": f"{cookie}-{i}",
         "page": {"url": "https://shop.example.com/cart", "name": "cart"},
         "device": {"type": "mobile", "os": "iOS"},
     }
+    if email is not None:
+        event["email"] = email
     if kind in ("web.productview", "cart.add", "cart.remove"):
         event["product"] = {
             "sku": "SKU-10000",
@@ -498,7 +500,7 @@ async def run_job(p: Live, total: int, label: str) -> tuple[Result, JobInfo]:
     if job.total != total:
         raise PlatformError(f"segmentation job: {job.total} profiles, expected {total}")
     final = job
-    async with bounded(f"batch segmentation ({label})", limit_for(total, 1_000, 120)):
+    async with bounded(f"batch segmentation ({label})", limit_for(total, 250, 120)):
         while final.status not in ("succeeded", "failed"):
             await asyncio.sleep(0.5)
             listed = await admin.request(
@@ -546,10 +548,15 @@ async def batch_segmentation(p: Live, scale: Scale) -> list[Result]:
     return [first, second]
 
 
-async def lookups(p: Live, emails: list[str]) -> list[Result]:
+async def lookup_times(p: Live, emails: list[str], until_s: float | None = None) -> list[float]:
+    """`cdp.profile.lookup` of each email, one at a time: the seconds each took. With
+    `until_s`, no lookup starts after that many seconds (the rest are left out)."""
     took: list[float] = []
+    stop_at = time.perf_counter() + until_s if until_s is not None else None
     async with bounded("profile lookups", limit_for(len(emails), 50)):
         for email in emails:
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                break
             body = _json.encode({"identity": f"email:{email}", "events": 20})
             t0 = time.perf_counter()
             msg = await p.nc.request(subjects.PROFILE_LOOKUP, body, timeout=10)
@@ -557,13 +564,82 @@ async def lookups(p: Live, emails: list[str]) -> list[Result]:
             reply = json.loads(msg.data)
             if not reply.get("ok"):
                 raise PlatformError(f"profile lookup of {email}: {reply.get('error')}")
+    return took
+
+
+LOOKUP_DETAIL = (
+    "cdp.profile.lookup requests one at a time (NATS request/reply, JSON, 20 latest events), "
+    "random CRM people"
+)
+
+
+async def lookups(p: Live, emails: list[str]) -> list[Result]:
+    took = await lookup_times(p, emails)
+    return [
+        r
+        for r in latency_results("profile lookup", took, f"{len(took):,} {LOOKUP_DETAIL}")
+        if not r.name.endswith("p95")
+    ]
+
+
+LOAD_WARM_UP_S = 1.0
+"""How long the paced load runs before the lookups under load start."""
+LOAD_LOOKUPS_S = 5.0
+"""How long lookups are issued under load (the load stops with them): at 1,000 events/s,
+6,000 events, about what the latency measure at that rate publishes."""
+
+
+async def paced_load(js: JetStreamContext, rate: int, stop: asyncio.Event) -> int:
+    """Publish anonymous web events (each on a new cookie, so a new profile that realises
+    `bench-probe`) to `cdp.ingest.web` at `rate` events/s, paced every 10 ms, until `stop`
+    is set; returns how many were published (every one acknowledged)."""
+    tick = 0.01
+    per_tick = max(1, round(rate * tick))
+    acks: list[asyncio.Future[Any]] = []
+    sent = 0
+    start = time.perf_counter()
+    while not stop.is_set():
+        delay = start + (sent // per_tick) * tick - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.time()
+        for _ in range(per_tick):
+            event = latency_event(sent, None, now, cookie="bench-load")
+            acks.append(asyncio.ensure_future(js.publish("cdp.ingest.web", event)))
+            sent += 1
+        if len(acks) >= 2000:
+            await asyncio.gather(*acks)
+            acks = []
+    await asyncio.gather(*acks)
+    return sent
+
+
+async def lookups_under_load(p: Live, emails: list[str], rate: int) -> list[Result]:
+    """The same lookups while `rate` events/s stream in (a personalisation call arrives
+    while the platform works): lookups start once the load has run `LOAD_WARM_UP_S`, and
+    are issued for `LOAD_LOOKUPS_S` at most; then the load stops."""
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    publisher = asyncio.create_task(paced_load(p.js, rate, stop), name="paced-load")
+    try:
+        await asyncio.wait({publisher}, timeout=LOAD_WARM_UP_S)
+        if publisher.done():  # it failed: say why
+            await publisher
+        took = await lookup_times(p, emails, until_s=LOAD_LOOKUPS_S)
+    finally:
+        stop.set()
+        async with bounded("lookups under load: publishing", 60):
+            sent = await publisher
+    offered = sent / (time.perf_counter() - started)
+    async with bounded("lookups under load: settled", limit_for(sent, 200)):
+        await drained(p.js)
     return [
         r
         for r in latency_results(
-            "profile lookup",
+            f"profile lookup under {rate:,} events/s",
             took,
-            f"{len(took):,} cdp.profile.lookup requests one at a time (NATS request/reply, "
-            "JSON, 20 latest events), random CRM people",
+            f"{len(took):,} {LOOKUP_DETAIL}, while anonymous web events were published at "
+            f"{offered:,.0f}/s offered (target {rate:,}/s, {sent:,} events, each a new profile)",
         )
         if not r.name.endswith("p95")
     ]
@@ -632,17 +708,17 @@ async def throughput(p: Live, events: list[bytes], logins: int, seen: Membership
     membership_seq = await stream_last_seq(p.js, subjects.STREAM_MEMBERSHIP.name)
     count_before, ids_before = seen.count, len(seen.ids)
     n = len(events)
-    window = 1_000
+    window = PUBLISH_WINDOW
+    pids = p.platform.pids()
+    cpu_before = procs.CpuSample.take(pids)
     started = time.perf_counter()
     async with bounded("throughput: publishing", limit_for(n, 500)):
-        for first in range(0, n, window):
-            await asyncio.gather(
-                *(p.js.publish("cdp.ingest.web", e) for e in events[first : first + window])
-            )
+        await publish_all(p.js, events)
     published_s = time.perf_counter() - started
     async with bounded("throughput: drained", limit_for(n, 300)):
         await drained(p.js)
     last = seen.last_at
+    spent = procs.cpu_spent(cpu_before, procs.CpuSample.take(pids))
     after = await segment_members(p.nc, bench_segments.LOGGED_IN)
     made = await stream_last_seq(p.js, subjects.STREAM_MEMBERSHIP.name) - membership_seq
     received = len(seen.ids) - ids_before
@@ -668,7 +744,23 @@ async def throughput(p: Live, events: list[bytes], logins: int, seen: Membership
             f"{again:,} membership events arrived twice, published again after an "
             "acknowledgement timed out)",
         ),
+        *procs.cpu_results(THROUGHPUT_MEASURE, spent, n),
     ]
+
+
+PUBLISH_WINDOW = 1_000
+"""Acked JetStream publishes in flight at once when publishing as fast as possible."""
+THROUGHPUT_MEASURE = "end to end"
+"""The throughput measure's name in the CPU table."""
+
+
+async def publish_all(js: JetStreamContext, events: list[bytes]) -> None:
+    """Publish `events` to `cdp.ingest.web` as fast as JetStream acknowledges them:
+    `PUBLISH_WINDOW` in flight, each window gathered before the next."""
+    for first in range(0, len(events), PUBLISH_WINDOW):
+        await asyncio.gather(
+            *(js.publish("cdp.ingest.web", e) for e in events[first : first + PUBLISH_WINDOW])
+        )
 
 
 async def segment_members(nc: Client, name: str) -> int:
@@ -687,7 +779,8 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
         """Keep these results, and tell each at once: a later step that fails does not
         take the earlier figures with it."""
         for r in more:
-            progress(f"{r.name}: {r.value:,.3f} {r.unit}")
+            if not procs.is_process_row(r):  # those are printed as tables at the end
+                progress(f"{r.name}: {r.value:,.3f} {r.unit}")
             results.append(r)
 
     with contextlib.ExitStack() as stack:
@@ -712,6 +805,15 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
             webhook_server() as (hook, url),
             platform_up(folder, {WEBHOOK_SECRET_VAR: "bench-secret"}) as p,
         ):
+
+            def memory(after: str) -> None:
+                """The peak resident memory of every process so far, after `after` (told at
+                once too: a later step that fails does not take it with it)."""
+                found = procs.memory_results(after, p.platform.pids())
+                results.extend(found)
+                told = ", ".join(f"{r.name.rpartition(': ')[2]} {r.value:,.0f}" for r in found)
+                progress(f"peak memory (MiB) after {after}: {told}")
+
             seen = Memberships()
             watcher = await p.platform.connect("cdp-bench-memberships")
             try:
@@ -725,10 +827,15 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
                 await configure(p, url)
                 progress(f"batch ingestion of {scale.profiles:,} CRM rows")
                 add(await batch_ingestion(p, scale, crm))
+                memory("batch ingestion")
                 progress(f"batch segmentation of {scale.profiles:,} profiles")
                 add(await batch_segmentation(p, scale))
+                memory("batch segmentation")
                 progress(f"{len(lookup_emails):,} profile lookups")
                 add(await lookups(p, lookup_emails))
+                progress(f"{len(lookup_emails):,} profile lookups under {scale.low_rate:,}/s")
+                add(await lookups_under_load(p, lookup_emails, scale.low_rate))
+                memory("lookups")
                 for rate, emails in (
                     (scale.rate, latency_emails[:high]),
                     (scale.low_rate, latency_emails[high:]),
@@ -737,9 +844,11 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
                     add(await paced_latency(p, rate, emails, seen, hook))
                     async with bounded("latency: settled", limit_for(len(emails), 200)):
                         await drained(p.js)
+                    memory(f"latency at {rate:,}/s")
                 events, logins = restamped_events(folder / "stream" / "web.jsonl", time.time())
                 progress(f"throughput: {len(events):,} events")
                 add(await throughput(p, events, logins, seen))
+                memory("throughput")
             finally:
                 await watcher.close()
     return results
@@ -747,6 +856,7 @@ async def run(progress: Progress, scale: Scale | None = None) -> list[Result]:
 
 # -- ratios to the floors ----------------------------------------------------------------------
 RATIOS: tuple[tuple[str, str, str], ...] = (
+    ("end-to-end streaming throughput", "bare pipeline, end to end", "events/s over events/s"),
     ("end-to-end streaming throughput", "actor hop, batched", "events/s over records/s"),
     ("end-to-end streaming throughput", "actor hop, single", "events/s over records/s"),
     ("end-to-end streaming throughput", "JetStream publish", "events/s over msg/s"),
