@@ -12,11 +12,12 @@ outbox, but a handler that does nothing except pass the records on:
   (msgpack lists of bytes) on `cdp.x.records`, as ingest forwards a batch;
 - identity: each record to the `cdp.x.profiles.<partition>` of its hash, one message per
   partition a batch touches (`PartitionedOutput`, as identity sends them);
-- profile: the same onwards to `cdp.x.changes.<partition>`; and the membership stream
-  consumed (offset committed, nothing written), as the profile's write-back consumes it;
+- profile: the same onwards to `cdp.x.changes.<partition>`; and the membership envelopes
+  consumed (offset committed, nothing written), as the profile's write-back consumes them;
 - segmentation: one JSON membership event per record on `cdp.membership.<segment>`, the
-  public per-change subject;
-- destination: consumes the changes and the membership stream, writes and sends nothing;
+  public per-change subject, and the same changes in one envelope per partition on
+  `cdp.x.members.<partition>`;
+- destination: consumes the changes and the membership envelopes, writes and sends nothing;
 - scheduler: its consumer of the jobs stream, idle.
 
 No state of their own: each commit holds the consumer's offset and the outbox only. What
@@ -35,7 +36,14 @@ from typing import ClassVar
 import msgspec
 
 from shared import subjects
-from shared.messages import MAX_ITEMS_PER_MESSAGE, MembershipEvent, chunks
+from shared.messages import (
+    MAX_ITEMS_PER_MESSAGE,
+    MembershipChange,
+    MembershipEnvelope,
+    MembershipEvent,
+    chunks,
+    msgpack_encoder,
+)
 from shared.runtime import ConsumerSpec, Service, Step, run_service
 from shared.runtime.actor import Handler
 from shared.runtime.partitioned import PartitionedOutput
@@ -85,19 +93,35 @@ def repartition(prefix: str, partitions: int) -> Handler:
     return handle
 
 
-async def memberships(step: Step) -> None:
-    """segmentation: one JSON membership event per record, on the public subject."""
-    now = time.time()
-    subject = subjects.membership(SEGMENT)
-    for record in records_of(step):
-        event = MembershipEvent(
-            profile_id=f"{zlib.crc32(record):08x}",
-            segment=SEGMENT,
-            status="realized",
-            at=now,
-            method="streaming",
+def _members_message(items: list[MembershipChange]) -> bytes:
+    return msgpack_encoder.encode(MembershipEnvelope(list(items)))
+
+
+def memberships(partitions: int) -> Handler:
+    """segmentation: one JSON membership event per record, on the public subject, and the
+    same changes in one msgpack envelope per partition on `cdp.x.members.<partition>` (as
+    segmentation sends them to profile and destination)."""
+
+    async def handle(step: Step) -> None:
+        now = time.time()
+        subject = subjects.membership(SEGMENT)
+        out: PartitionedOutput[MembershipChange] = PartitionedOutput(
+            subjects.members, _members_message, partitions
         )
-        step.emit(subject, _encode_json(event))
+        for record in records_of(step):
+            event = MembershipEvent(
+                profile_id=f"{zlib.crc32(record):08x}",
+                segment=SEGMENT,
+                status="realized",
+                at=now,
+                method="streaming",
+            )
+            step.emit(subject, _encode_json(event))
+            out.add(partition_of(record, partitions), MembershipChange(event))
+        for members_subject, payload in out.messages():
+            step.emit(members_subject, payload)
+
+    return handle
 
 
 # -- the stages ----------------------------------------------------------------------------
@@ -132,7 +156,7 @@ class IdentityStage(Stage):
 
 class ProfileStage(Stage):
     name = "profile"
-    stage_consumers = (("profile-memberships", subjects.STREAM_MEMBERSHIP, ()),)
+    stage_consumers = (("profile-members", subjects.STREAM_MEMBERS, ()),)
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         handler = repartition(subjects.CHANGES_PREFIX, self.settings.partitions)
@@ -143,7 +167,8 @@ class SegmentationStage(Stage):
     name = "segmentation"
 
     def consumers(self) -> Sequence[ConsumerSpec]:
-        return (ConsumerSpec("segmentation", subjects.STREAM_CHANGES, memberships),)
+        handler = memberships(self.settings.partitions)
+        return (ConsumerSpec("segmentation", subjects.STREAM_CHANGES, handler),)
 
 
 class SchedulerStage(Stage):
@@ -161,7 +186,7 @@ class DestinationStage(Stage):
     name = "destination"
     stage_consumers = (
         ("destination-profiles", subjects.STREAM_CHANGES, ()),
-        ("destination", subjects.STREAM_MEMBERSHIP, ()),
+        ("destination-members", subjects.STREAM_MEMBERS, ()),
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench import passthrough
 from shared import subjects
-from shared.messages import MembershipEvent
+from shared.messages import MembershipChange, MembershipEvent, members_batch_decoder
 from shared.runtime.harness import StepHarness
 
 PARTITIONS = 8
@@ -59,9 +59,18 @@ async def test_every_event_ends_as_one_membership_event() -> None:
     async with StepHarness.open(()) as h:
         sent = events(700)
         stage = await h.run(passthrough.forward, [h.delivery("cdp.ingest.web", e) for e in sent])
-        for handler in (identity, profile, passthrough.memberships):
+        for handler in (identity, profile, passthrough.memberships(PARTITIONS)):
             stage = await h.run(handler, [h.delivery(m.subject, m.payload) for m in stage.messages])
-        assert {m.subject for m in stage.messages} == {subjects.membership(passthrough.SEGMENT)}
-        decoded = [_membership.decode(m.payload) for m in stage.messages]
+        public = stage.on(subjects.membership(passthrough.SEGMENT))
+        decoded = [_membership.decode(m.payload) for m in public]
         assert len(decoded) == len(sent)
         assert {e.status for e in decoded} == {"realized"}
+        # The same changes, batched per partition for profile and destination.
+        batched = [
+            item.event
+            for m in stage.on(subjects.MEMBERS_PREFIX)
+            for item in members_batch_decoder.decode(m.payload).items
+            if isinstance(item, MembershipChange)
+        ]
+        assert sorted(e.profile_id for e in batched) == sorted(e.profile_id for e in decoded)
+        assert len(public) + len(stage.on(subjects.MEMBERS_PREFIX)) == len(stage.messages)
