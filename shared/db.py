@@ -13,9 +13,10 @@ import contextlib
 import os
 import sqlite3
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import msgspec
@@ -58,6 +59,70 @@ async def open_db(path: Path | str, migrations: Sequence[Migration] = ()) -> aio
         await db.close()
         raise
     return db
+
+
+def _read_only_uri(path: Path | str) -> str:
+    return f"file:{quote(str(Path(path).absolute()))}?mode=ro"
+
+
+async def open_reader(
+    path: Path | str, migrations: Sequence[Migration] = ()
+) -> aiosqlite.Connection:
+    """A read-only connection to a service's SQLite file, for reads that must not wait
+    behind a write batch (WAL: readers and the writer do not block each other).
+
+    Opened after `open_db` brought the schema up to date: a `migrations` not applied yet
+    is refused (a reader never creates nor changes the schema). Read through `snapshot`."""
+    db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
+    try:
+        await db.executescript(
+            """
+            PRAGMA query_only=ON;
+            PRAGMA busy_timeout=5000;
+            PRAGMA cache_size=-16384;
+            """
+        )
+        found = await db.execute_fetchall("SELECT component, version FROM schema_migrations")
+    except BaseException:
+        await db.close()
+        raise
+    done = {(str(r[0]), int(r[1])) for r in found}
+    missing = sorted({(m.component, m.version) for m in migrations} - done)
+    if missing:
+        await db.close()
+        raise RuntimeError(f"{path}: migrations not applied yet: {missing}")
+    return db
+
+
+_snapshot_locks: weakref.WeakKeyDictionary[aiosqlite.Connection, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _snapshot_lock(db: aiosqlite.Connection) -> asyncio.Lock:
+    lock = _snapshot_locks.get(db)
+    if lock is None:
+        lock = _snapshot_locks[db] = asyncio.Lock()
+    return lock
+
+
+@contextlib.asynccontextmanager
+async def snapshot(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+    """One read transaction on `db` (a reader from `open_reader`): every query inside reads
+    the same committed state, whatever commits meanwhile. Snapshots of one connection
+    take turns."""
+    async with _snapshot_lock(db):
+        await db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            await rollback(db)
+
+
+async def close_reader(db: aiosqlite.Connection) -> None:
+    """Close a reader once the snapshot under way, if any, is over."""
+    async with _snapshot_lock(db):
+        await db.close()
 
 
 async def rows(

@@ -120,6 +120,35 @@ def test_keys_of_normalises_and_drops_unusable_values() -> None:
     assert keys == ["email:a@b.com", "phone:+14155550100"]
 
 
+_RAW_IDENTITIES = st.builds(
+    Identity,
+    st.sampled_from(["email", "phone", "ecid", "crm_id", "unknown_ns"]),
+    st.sampled_from(
+        ["A@B.com ", "a@b.com", "+1 (415) 555-0100", "4155550100", "12", " ", "x", "C1"]
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_RAW_IDENTITIES, max_size=5), max_size=8))
+def test_a_graph_normalises_as_the_reference_however_often_it_met_the_values(
+    records: list[list[Identity]],
+) -> None:
+    """A graph keeps what it normalised: each record's keys and anchor are still the ones
+    `normalize` gives, value by value, and the ones a graph that never met them gives."""
+    warm = make_graph()
+    for identities in records:
+        warm.keys_of(identities)
+    for identities in records:
+        expected: list[str] = []
+        for i in identities:
+            value = normalize(NAMESPACES.get(i.namespace), i.namespace, i.value, "US")
+            if value is not None and f"{i.namespace}:{value}" not in expected:
+                expected.append(f"{i.namespace}:{value}")
+        assert warm.keys_of(identities) == expected
+        assert warm.anchor_of(identities) == make_graph().anchor_of(identities)
+
+
 # -- primary identity ----------------------------------------------------------------------------
 
 

@@ -4,10 +4,22 @@ service publishes."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from services.profile.merge import default_policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.profile.merge import AttributeValue, default_policy
 from services.profile.rules import Loaded, StoredEvent, apply_items
-from shared.messages import ExperienceEvent, Identity, Reassigned
+from shared.messages import (
+    ExperienceEvent,
+    Fragment,
+    Identity,
+    Merged,
+    ProfileItem,
+    Reassigned,
+    Record,
+)
 from shared.subjects import MAX_PAYLOAD
 
 PARTITIONS = 8
@@ -42,3 +54,87 @@ def test_a_device_that_moves_with_many_events_fits_in_messages_nats_accepts() ->
     sizes = [len(payload) for _, payload in fx.messages]
     assert sum(sizes) > MAX_PAYLOAD, "the moved views are all published"
     assert max(sizes) <= MAX_PAYLOAD, sizes
+
+
+# -- attribute rows written ---------------------------------------------------------------
+_NOW = 1_700_000_000.0
+
+
+def _record(rid: str, payload: dict[str, Any], *, event: bool = False, ts: float = _NOW) -> Record:
+    return Record(
+        record_id=rid,
+        dataset="web" if event else "crm",
+        ingested_at=ts,
+        payload=payload,
+        identities=[Identity("email", "ada@example.com")],
+        record_class="event" if event else "profile",
+        timestamp=ts,
+        event_type="page.view" if event else None,
+    )
+
+
+def _stored() -> Loaded:
+    """Ada (p1: name, tier) and a second profile (p2: city), as stored."""
+    loaded = Loaded(known={"p1", "p2", "p3"})
+    loaded.rows["p1"] = {
+        ("crm", "name"): AttributeValue("crm", "name", "Ada", _NOW - 10, "r0"),
+        ("crm", "tier"): AttributeValue("crm", "tier", "gold", _NOW - 10, "r0"),
+    }
+    loaded.rows["p2"] = {("crm", "city"): AttributeValue("crm", "city", "Lyon", _NOW - 5, "t0")}
+    return loaded
+
+
+def _written(items: list[ProfileItem], loaded: Loaded | None = None) -> list[tuple[str, str, Any]]:
+    fx = apply_items(loaded or _stored(), items, policy=default_policy([]), partitions=PARTITIONS)
+    return sorted((pid, row.path, row.value) for pid, row in fx.rows)
+
+
+def test_an_event_writes_none_of_the_profiles_attribute_rows_again() -> None:
+    event = _record("e1", {"page": "/"}, event=True)
+    assert _written([Fragment("p1", event, anchor="email:ada@example.com")]) == []
+
+
+def test_a_new_value_writes_its_row_only() -> None:
+    assert _written([Fragment("p1", _record("r1", {"tier": "platinum"}))]) == [
+        ("p1", "tier", "platinum")
+    ]
+
+
+def test_a_merge_writes_the_folded_profiles_rows_on_the_survivor() -> None:
+    assert _written([Merged("p1", ["p2"], _NOW)]) == [("p1", "city", "Lyon")]
+
+
+_ITEMS = st.lists(
+    st.one_of(
+        st.builds(
+            lambda pid, key, value, n: Fragment(pid, _record(f"r{n}", {key: value}, ts=_NOW + n)),
+            st.sampled_from(["p1", "p2", "p3"]),
+            st.sampled_from(["name", "tier", "city"]),
+            st.sampled_from(["Ada", "gold", "Lyon", "x"]),
+            st.integers(-20, 20),
+        ),
+        st.builds(
+            lambda survivor, folded: Merged(survivor, [folded], _NOW),
+            st.sampled_from(["p1", "p2", "p3"]),
+            st.sampled_from(["p1", "p2", "p3"]),
+        ),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ITEMS)
+def test_the_rows_left_unwritten_are_the_rows_stored(items: list[ProfileItem]) -> None:
+    """Against the reference (every row of every live profile touched written again): a
+    row not written is the very row stored under that profile."""
+    loaded = _stored()
+    stored = {(pid, key): row for pid, rows in loaded.rows.items() for key, row in rows.items()}
+    fx = apply_items(loaded, items, policy=default_policy([]), partitions=PARTITIONS)
+    written = {(pid, row.dataset, row.path): row for pid, row in fx.rows}
+    live = {pid for pid, _ in fx.profiles}
+    for pid in live:
+        for key, row in loaded.rows.get(pid, {}).items():
+            if (pid, *key) not in written:
+                assert stored.get((pid, key)) is row, (pid, key)
+    assert {pid for pid, _ in fx.rows} <= live

@@ -37,6 +37,10 @@ PENDING = "\x00pending"
 UNKNOWN_PRIORITY = 1000
 """Priority of a namespace that is not configured (its type is person, it is not unique)."""
 
+NORMALISED_KEPT = 65_536
+"""Most identity values a graph keeps normalised (then it starts over): a record's
+identities are read several times per step, and a person's again in the next fetches."""
+
 ReassignReason = Literal["split", "moved", "limit"]
 
 K = TypeVar("K")
@@ -376,6 +380,8 @@ class IdentityGraph:
         self.max_identities = max_identities
         self.new_profile_id = new_profile_id
         self.default_region = default_region
+        self._normalised: dict[tuple[str, str], _Item | None] = {}
+        """(namespace, raw value) -> the identity normalised, None if unusable."""
 
     # -- namespaces and ordering --
     def namespace(self, symbol: str) -> Namespace:
@@ -400,19 +406,29 @@ class IdentityGraph:
 
     def _items(self, identities: Iterable[Identity]) -> list[_Item]:
         seen: dict[str, _Item] = {}
+        known = self._normalised
         for ident in identities:
-            spec = self.namespace(ident.namespace)
-            value = normalize(
-                self.namespaces.get(ident.namespace),
-                ident.namespace,
-                ident.value,
-                self.default_region,
-            )
-            if value is None:
-                continue
-            key = f"{ident.namespace}:{value}"
-            seen.setdefault(key, _Item(key, ident.namespace, value, spec))
+            pair = (ident.namespace, ident.value)
+            if pair in known:
+                item = known[pair]
+            else:
+                item = self._item(ident)
+                if len(known) >= NORMALISED_KEPT:
+                    known.clear()
+                known[pair] = item
+            if item is not None:
+                seen.setdefault(item.key, item)
         return list(seen.values())
+
+    def _item(self, ident: Identity) -> _Item | None:
+        """One identity normalised by its namespace's rules; None if its value is unusable."""
+        spec = self.namespace(ident.namespace)
+        value = normalize(
+            self.namespaces.get(ident.namespace), ident.namespace, ident.value, self.default_region
+        )
+        if value is None:
+            return None
+        return _Item(f"{ident.namespace}:{value}", ident.namespace, value, spec)
 
     def _ranked(self, items: list[_Item]) -> list[_Item]:
         """Items by rank (type, then priority), ties in record order: the first is the

@@ -1,6 +1,8 @@
 """Profile lookups by any identity: NATS request/reply on `cdp.profile.lookup` (JSON) and
 HTTP GET /v1/profiles?identity=<namespace>:<value> on the profile service. The wiring
-subscribes `on_request` and routes `http_get`."""
+subscribes `on_request` and routes `http_get`, and gives the lookups a store over a
+read-only connection of their own (`shared.db.open_reader`): a lookup never waits behind
+a write batch, and reads one snapshot."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from services.profile.config import ProfileConfig
 from services.profile.merge import merge
 from services.profile.store import ProfileStore
 from shared.admin import AdminError, AdminFailure, AdminReply, answerable
-from shared.db import write_lock
+from shared.db import snapshot
 from shared.messages import ExperienceEvent, Identity
 from shared.normalize import Unusable
 
@@ -126,9 +128,11 @@ class ProfileLookups:
         return web.Response(body=_encoder.encode(view), content_type="application/json")
 
     async def lookup(self, request: ProfileLookup) -> ProfileView:
-        """One consistent view: the reads hold the write lock, so no batch commits between
-        them (attributes, identities and events always belong to the same moment)."""
-        async with write_lock(self.store.db):
+        """One consistent view: every read of a lookup runs in one read transaction on the
+        store's (read-only) connection, so attributes, identities, events and memberships
+        belong to the same committed moment, whatever commits meanwhile; and no write
+        batch, open or committing, holds a lookup up (WAL)."""
+        async with snapshot(self.store.db):
             if request.profile_id is not None:
                 pid = await self.store.survivor(request.profile_id)
                 if pid is None:

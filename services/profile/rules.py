@@ -171,6 +171,7 @@ class Effects:
     dropped_rows: list[tuple[str, str, str]] = field(default_factory=list)
     """(profile, dataset, path)"""
     rows: list[tuple[str, AttributeValue]] = field(default_factory=list)
+    """(profile, row): the attribute rows this fetch made or moved (the others are stored)."""
     dropped_identities: list[IdentityKey] = field(default_factory=list)
     identities: list[tuple[str, str, str]] = field(default_factory=list)
     """(namespace, value, profile)"""
@@ -284,6 +285,8 @@ class _Apply:
         self.live = set(loaded.known)
         self.created: dict[str, float] = {}
         self.rows = loaded.rows
+        self.stored = {pid: dict(rows) for pid, rows in self.rows.items() if rows}
+        """The attribute rows as loaded: a row still there, the same, is not written again."""
         self.identities = loaded.identities
         self.before = {
             pid: _flat_values(merge_flat(rows.values(), policy)) for pid, rows in self.rows.items()
@@ -561,7 +564,15 @@ class _Apply:
         live_touched = [pid for pid in self.touched if pid in self.live]
         fx.profiles = [(pid, self.created.get(pid, now)) for pid in live_touched]
         fx.dropped_rows = sorted(d for d in self.dropped_rows if d[0] in self.live)
-        fx.rows = [(pid, row) for pid in live_touched for row in self.rows.get(pid, {}).values()]
+        for live in live_touched:
+            held = self.rows.get(live)
+            if not held:
+                continue
+            stored = self.stored.get(live)
+            if stored is None:  # a profile new to the store: every row
+                fx.rows.extend((live, row) for row in held.values())
+            else:
+                fx.rows.extend((live, row) for k, row in held.items() if stored.get(k) is not row)
         for pair, pid in self.holder.items():
             final = self.resolve(pid) if pid is not None else None
             if final is None or final in self.deleted:

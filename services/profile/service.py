@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import aiosqlite
 from aiohttp import web
 from nats.aio.subscription import Subscription
 
@@ -22,7 +23,9 @@ from services.profile.lookup import ProfileLookups
 from services.profile.store import LISTINGS, MIGRATIONS, ProfileStore
 from shared import admin, subjects
 from shared.admin import ApplyMany, GetRequest
+from shared.db import close_reader, open_reader
 from shared.runtime import ConsumerSpec, Service
+from shared.runtime.actor import RUNTIME_MIGRATIONS
 
 EXPIRY_EVERY_S = 600.0
 
@@ -37,6 +40,7 @@ class ProfileService(Service):
         self.config = ProfileConfig(self.settings.phone_region)
         self.handlers: ProfileHandlers | None = None
         self.lookups: ProfileLookups | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._subs: list[Subscription] = []
         self._expiry: asyncio.Task[None] | None = None
         self.health.app.router.add_get("/v1/profiles", self._http_lookup)
@@ -52,7 +56,11 @@ class ProfileService(Service):
             store, self.config, partitions=self.settings.partitions, log=self.log
         )
         api = ProfileAdmin(store, self.config, self.js, self.log)
-        self.lookups = ProfileLookups(store, self.config, self.settings.profile_token, self.log)
+        # Lookups read on a connection of their own, opened once the schema is migrated.
+        self._reader = await open_reader(self.settings.db_path, RUNTIME_MIGRATIONS + MIGRATIONS)
+        self.lookups = ProfileLookups(
+            ProfileStore(self._reader), self.config, self.settings.profile_token, self.log
+        )
         await api.publish_stored()
         nc = self.nc
         self._subs = [
@@ -108,7 +116,11 @@ class ProfileService(Service):
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
+        self.lookups = None
         await admin.unsubscribe_all(self._subs)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await close_reader(reader)
 
     async def _expire_events(self) -> None:
         """Events older than their dataset's expiration go, now and every ten minutes."""
