@@ -458,8 +458,10 @@ class Handlers:
         *,
         partitions: int,
         timer_set: Callable[[], None] = lambda: None,
+        job_step_profiles: int = jobs.STEP_PROFILES,
     ) -> None:
         self.store = store
+        self.job_step_profiles = job_step_profiles
         self.catalog = catalog
         self.partitions = partitions
         self.timer_set = timer_set
@@ -467,9 +469,14 @@ class Handlers:
 
     async def changes(self, step: Step) -> None:
         """Load every profile the items name (a query per table), apply the items in order
-        in memory (changes, merges, deletes, rechecks) with the writes to events in the same
-        order, evaluate what they may affect, and write the rest once per table."""
+        in memory (changes, merges, deletes, rechecks: a job's profiles up to the step's
+        share, the rest deferred) with the writes to events in the same order, evaluate what
+        they may affect, and write the rest once per table."""
         items = [i for d in step.deliveries for i in change_batch_decoder.decode(d.data).items]
+        # A job's profiles beyond the step's share go back to the stream, evaluated later.
+        items, left_over = jobs.bounded(items, self.job_step_profiles)
+        if left_over:
+            jobs.defer(step, left_over, partitions=self.partitions)
         now = time.time()
         catalog = self.catalog.snapshot()
         s = _ChangesStep(
@@ -498,7 +505,8 @@ class Handlers:
         if s.timer_set:
             step.after_commit(self.timer_set)
         if s.job_scanned or s.counts:
-            await jobs.record_progress(step, self.store, s.job_scanned, s.counts, now)
+            # The job's clock: its end is when this step's evaluation is over.
+            await jobs.record_progress(step, self.store, s.job_scanned, s.counts, time.time())
         s.persist()
         for probe in probes:
             step.emit(subjects.MEMBERSHIP_PROBE, json_encoder.encode(probe))

@@ -7,6 +7,11 @@ on the changes stream, through the outbox: handed out exactly once). The actor t
 evaluates every segment for those profiles and adds what each of its steps did to the
 job (`record_progress`); the step that reaches the last profile finishes the job and
 publishes its `JobInfo` on `cdp.jobs.segmentation.done`, through the outbox too.
+
+The rechecks are small (`MESSAGE_PROFILES` profiles each), and a step of the actor
+evaluates at most `STEP_PROFILES` profiles of jobs: it hands the rest of what it fetched
+back to the changes stream (`defer`), so that one step's work, memory and time stay
+bounded however many profiles a job has and however many messages a step fetches.
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ import structlog
 from services.segmentation.store import SegmentationStore
 from shared import subjects
 from shared.admin import JobInfo, JobRun
-from shared.messages import ChangeEnvelope, Recheck, msgpack_encoder
+from shared.messages import ChangeEnvelope, ChangeItem, Recheck, msgpack_encoder
 from shared.runtime import Step
 
 KIND = "segmentation"
 PAGE = 1000
-"""Profiles per recheck message (before they are split by partition)."""
+"""Profiles read and split by partition at a time."""
+MESSAGE_PROFILES = 20
+"""Profiles per recheck message at most: a step that fetches a batch of messages
+(CDP_FETCH_BATCH, 256 by default) gets at most 5,120 profiles of a job, within its share."""
+STEP_PROFILES = 6000
+"""Profiles of jobs one step of the actor evaluates at most (the rest is deferred): one
+step holds all their events in memory and must end well within the ack wait."""
 _encoder = msgspec.json.Encoder()
 _log = structlog.get_logger(service="segmentation")
 
@@ -98,18 +109,57 @@ async def start(
         for pid in pids[first : first + PAGE]:
             by_part[subjects.partition_of(pid, partitions)].append(pid)
         for part, group in by_part.items():
-            body = msgpack_encoder.encode(ChangeEnvelope([Recheck(group, now, job_id)]))
-            step.emit(subjects.changes(part), body)
+            _emit_rechecks(step, part, group, now, job_id)
     if not total:
         _done(step, info)
     _log.info("segmentation job started", job_id=job_id, profiles=total)
     return info
 
 
+def _emit_rechecks(step: Step, part: int, pids: list[str], at: float, job_id: str) -> None:
+    for first in range(0, len(pids), MESSAGE_PROFILES):
+        group = pids[first : first + MESSAGE_PROFILES]
+        body = msgpack_encoder.encode(ChangeEnvelope([Recheck(group, at, job_id)]))
+        step.emit(subjects.changes(part), body)
+
+
+def bounded(items: list[ChangeItem], limit: int) -> tuple[list[ChangeItem], list[Recheck]]:
+    """The items of a step with at most `limit` profiles of job rechecks (the first ones,
+    in order; the rest of a recheck cut short too), and the job rechecks left over."""
+    kept: list[ChangeItem] = []
+    left_over: list[Recheck] = []
+    room = limit
+    for item in items:
+        if isinstance(item, Recheck) and item.job_id is not None:
+            n = len(item.profile_ids)
+            if n > room:
+                if room:
+                    kept.append(msgspec.structs.replace(item, profile_ids=item.profile_ids[:room]))
+                left_over.append(msgspec.structs.replace(item, profile_ids=item.profile_ids[room:]))
+                room = 0
+                continue
+            room -= n
+        kept.append(item)
+    return kept, left_over
+
+
+def defer(step: Step, rechecks: list[Recheck], *, partitions: int) -> None:
+    """Hand job rechecks a step will not evaluate back to the changes stream (behind
+    what it holds now), through the step's outbox: each profile is checked once, later."""
+    for r in rechecks:
+        assert r.job_id is not None
+        by_part: dict[int, list[str]] = defaultdict(list)
+        for pid in r.profile_ids:
+            by_part[subjects.partition_of(pid, partitions)].append(pid)
+        for part, group in by_part.items():
+            _emit_rechecks(step, part, group, r.at, r.job_id)
+
+
 async def record_progress(
     step: Step, store: SegmentationStore, scanned: dict[str, int], counts: Counts, now: float
 ) -> None:
-    """Add what this step of the actor did to its jobs; finish those it completes."""
+    """Add what this step of the actor did to its jobs; finish those it completes, at
+    `now`: when the step's evaluation is over (not when the step began)."""
     for job_id in sorted(set(scanned) | set(counts)):
         job = await store.job(job_id)
         if job is None:
