@@ -504,7 +504,7 @@ async def run_job(p: Live, total: int, label: str) -> tuple[Result, JobInfo]:
         while final.status not in ("succeeded", "failed"):
             await asyncio.sleep(0.5)
             listed = await admin.request(
-                p.nc, subjects.admin("segmentation", "jobs"), ListRequest(limit=5), JobList
+                p.nc, subjects.admin("segmentation", "jobs"), ListRequest(limit=50), JobList
             )
             final = next((j for j in listed.jobs if j.job_id == job.job_id), final)
     seen_s = time.perf_counter() - t0
