@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.segmentation.catalog import compile_segment, path_closure
-from services.segmentation.evaluate import ProfileFacts, evaluate
+from services.segmentation.evaluate import (
+    Evaluation,
+    ProfileFacts,
+    evaluate,
+    evaluate_on,
+    next_change,
+    next_change_of,
+)
 from services.segmentation.membership import Group, Transition, evaluate_many, step
 from shared.messages import ExperienceEvent
 from shared.resources import Segment
@@ -139,3 +146,49 @@ PATHS = st.lists(st.sampled_from(["a", "b", "ab"]), min_size=1, max_size=3).map(
 def test_touches_equals_touches_paths(reads: list[str], changed: set[str]) -> None:
     s = seg(" and ".join(f"{p} exists" for p in reads))
     assert s.touches(changed, path_closure(changed)) == s.reads.touches_paths(changed)
+
+
+EVENT_EXPRESSIONS = (
+    'event(type = "x") within 1 hour',
+    'not event(type = "x") within 1 day',
+    'count(event(type = "x") within 2 hours) >= 2',
+    'sum(v of event(type = "y") within 1 day) > 3',
+    "min(v of event() within 3 hours) < 2",
+    'event(type = "x") then event(type = "y") within 1 day',
+    'event(type = "y") within 1 day and not event(type = "x") within 1 hour',
+    "count(event() within 7 days) >= 3",
+)
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["x", "y", "z"]),
+        st.floats(min_value=-3 * 86400, max_value=3600, allow_nan=False),
+        st.sampled_from([0, 1, 2.5, 4, "a"]),
+    ),
+    max_size=8,
+).map(
+    lambda rows: [
+        ExperienceEvent(
+            record_id=f"r{i}", dataset="web", event_type=t, timestamp=NOW + dt, payload={"v": v}
+        )
+        for i, (t, dt, v) in enumerate(rows)
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    expressions=st.lists(st.sampled_from(EVENT_EXPRESSIONS), min_size=1, max_size=5),
+    events=EVENTS,
+)
+def test_one_shared_evaluation_answers_as_a_fresh_one_for_every_segment(
+    expressions: list[str], events: list[ExperienceEvent]
+) -> None:
+    """A step shares one evaluation of a profile among its segments and between the
+    result and the timer: the same answers as evaluating each segment afresh."""
+    facts = ProfileFacts({}, sorted(events, key=lambda e: (e.timestamp, e.record_id)), set())
+    shared = Evaluation(facts)
+    for n, expression in enumerate(expressions):
+        node = seg(expression, f"s{n}").node
+        now_in = evaluate_on(shared, node, NOW)
+        assert now_in == evaluate(node, facts, NOW)
+        assert next_change_of(shared, node, NOW, now_in) == next_change(node, facts, NOW)

@@ -53,7 +53,7 @@ class ProfileFacts(msgspec.Struct):
 
 def evaluate(node: Node, facts: ProfileFacts, now: float) -> bool:
     """Whether the profile qualifies at time `now` (epoch seconds)."""
-    return _Evaluation(facts).truth(node, now, after=False)
+    return Evaluation(facts).truth(node, now, after=False)
 
 
 def next_change(node: Node, facts: ProfileFacts, now: float) -> float | None:
@@ -64,8 +64,18 @@ def next_change(node: Node, facts: ProfileFacts, now: float) -> float | None:
     still inside at timestamp + 3600 (T) and outside just after: evaluate again at T or
     later (any real clock reading after T). An event with a future timestamp enters at it.
     """
-    ev = _Evaluation(facts)
-    before = ev.truth(node, now, after=False)
+    ev = Evaluation(facts)
+    return next_change_of(ev, node, now, ev.truth(node, now, after=False))
+
+
+def evaluate_on(ev: Evaluation, node: Node, now: float) -> bool:
+    """`evaluate`, on a shared evaluation of the profile."""
+    return ev.truth(node, now, after=False)
+
+
+def next_change_of(ev: Evaluation, node: Node, now: float, before: bool) -> float | None:
+    """`next_change`, on a shared evaluation of the profile whose result at `now` is
+    `before`."""
     for t in ev.candidates(node, now):
         if ev.truth(node, t, after=False) != before or ev.truth(node, t, after=True) != before:
             return t
@@ -244,11 +254,18 @@ class _Matched:
         return i, max(i, j)
 
 
-class _Evaluation:
+class Evaluation:
+    """One profile's evaluation: the events matching each condition are found once, so
+    that it is shared among the segments of a step and between `evaluate_on` and
+    `next_change_of` (conditions are told apart by identity, each held by the evaluation
+    while it lives)."""
+
     def __init__(self, facts: ProfileFacts) -> None:
         self.facts = facts
         self._matched: dict[int, _Matched] = {}
         self._values: dict[tuple[int, str], list[float | None]] = {}
+        self._held: list[Node | None] = []
+        """The conditions keyed by identity: held, so that no other takes their id."""
 
     def matched(self, condition: Node | None) -> _Matched:
         key = id(condition)
@@ -260,6 +277,7 @@ class _Evaluation:
                 if matches_event(condition, e)
             )
             found = self._matched[key] = _Matched(keys)
+            self._held.append(condition)
         return found
 
     def values(self, node: EventAggregate) -> list[float | None]:

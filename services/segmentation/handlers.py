@@ -30,7 +30,7 @@ import structlog
 
 from services.segmentation import jobs
 from services.segmentation.catalog import Catalog, CompiledSegment, path_closure
-from services.segmentation.evaluate import ProfileFacts, next_change
+from services.segmentation.evaluate import ProfileFacts, next_change_of
 from services.segmentation.membership import MEMBER, Group, evaluate_many, step
 from services.segmentation.store import TABLES_OF_PROFILES, SegmentationStore
 from shared import subjects
@@ -144,6 +144,14 @@ class _ChangesStep:
         )
         self.timer_set = False
         self.streaming = [s for s in catalog.segments.values() if s.streaming]
+        self.policy_readers = frozenset(
+            s.name for s in self.streaming if s.spec.merge_policy and s.reads.attribute_paths
+        )
+        """Streaming segments that read attributes under another merge policy (any record
+        may change that view)."""
+        self.event_readers = frozenset(s.name for s in self.streaming if s.reads.uses_events)
+        self._by_type: dict[str | None, frozenset[str]] = {}
+        self._by_paths: dict[tuple[str, ...], frozenset[str]] = {}
         self.partitions = partitions
         self.members: PartitionedOutput[MembershipItem] = PartitionedOutput(
             subjects.members, _members_message, partitions
@@ -151,6 +159,28 @@ class _ChangesStep:
 
     def part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.partitions)
+
+    def touched_by_type(self, event_type: str | None) -> frozenset[str]:
+        """The streaming segments an event of this type can affect (once per step)."""
+        found = self._by_type.get(event_type)
+        if found is None:
+            found = self._by_type[event_type] = frozenset(
+                s.name for s in self.streaming if s.reads.touches_event(event_type)
+            )
+        return found
+
+    def touched_by_paths(self, paths: list[str]) -> frozenset[str]:
+        """The streaming segments a change at these attribute paths can affect (once per
+        step for each list of paths: a batch's changes mostly name the same ones)."""
+        key = tuple(paths)
+        found = self._by_paths.get(key)
+        if found is None:
+            changed = set(paths)
+            closure = path_closure(changed)
+            found = self._by_paths[key] = frozenset(
+                s.name for s in self.streaming if s.touches(changed, closure)
+            )
+        return found
 
     @property
     def gone(self) -> set[str]:
@@ -175,16 +205,15 @@ class _ChangesStep:
             if left is not None:
                 types.add(left.event_type)
         self.store.remove_events(self.step.tx, item.profile_id, item.removed_events)
-        changed = set(item.changed)
-        closure = path_closure(changed)
-        for seg in self.streaming:
-            if (
-                (seg.spec.merge_policy and item.record_ids and seg.reads.attribute_paths)
-                or seg.touches(changed, closure)
-                or any(seg.reads.touches_event(t) for t in types)
-                or (item.removed_events and seg.reads.uses_events)
-            ):
-                p.to_check.add(seg.name)
+        check = p.to_check
+        if item.record_ids:
+            check |= self.policy_readers
+        if item.changed:
+            check |= self.touched_by_paths(item.changed)
+        for t in types:
+            check |= self.touched_by_type(t)
+        if item.removed_events:
+            check |= self.event_readers
         if item.folded:
             p.to_check |= set(self.catalog.segments)
 
@@ -219,7 +248,7 @@ class _ChangesStep:
                 p.to_check |= set(self.catalog.segments)
                 self.job_scanned[item.job_id] += 1
             else:
-                p.to_check |= {s.name for s in self.streaming if s.reads.uses_events}
+                p.to_check |= self.event_readers
 
     def _survivor_of(self, pid: str) -> str:
         while pid in self.folded:
@@ -350,7 +379,7 @@ class _ChangesStep:
                     holders[name].discard(i)
             if seg.streaming and seg.reads.uses_events:
                 for i in which:
-                    self._time(todo[i][0], ps[i], seg, group.facts[i])
+                    self._time(todo[i][0], ps[i], seg, group, i, now_in=i in qualified)
 
     def _settle(self, pid: str, p: _Profile, seg: CompiledSegment, qualifies: bool) -> bool:
         """What the result does to the profile's membership (`membership.step`); whether
@@ -384,11 +413,17 @@ class _ChangesStep:
                 c["exited"] += 1
         return t is not None and t.changed
 
-    def _time(self, pid: str, p: _Profile, seg: CompiledSegment, facts: ProfileFacts) -> None:
-        """The profile's timer for `seg`: when time alone may change its result. Without
-        events, time alone changes nothing; write only what differs from the timers the
-        profile has (a batch job reaches every profile)."""
-        due = next_change(seg.node, facts, self.now) if facts.events else None
+    def _time(
+        self, pid: str, p: _Profile, seg: CompiledSegment, group: Group, i: int, *, now_in: bool
+    ) -> None:
+        """The profile's timer for `seg`: when time alone may change its result (`now_in`:
+        its result now). Without events, time alone changes nothing; write only what
+        differs from the timers the profile has (a batch job reaches every profile)."""
+        due = (
+            next_change_of(group.evaluation(i), seg.node, self.now, now_in)
+            if group.facts[i].events
+            else None
+        )
         held = p.timers.get(seg.name)
         if due is None:
             if held is not None:

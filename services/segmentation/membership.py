@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from services.segmentation.catalog import CompiledSegment
-from services.segmentation.evaluate import ProfileFacts, evaluate, resolve
+from services.segmentation.evaluate import Evaluation, ProfileFacts, evaluate, evaluate_on, resolve
 
 MEMBER = ("realized", "existing")
 """The statuses of a member."""
@@ -59,6 +59,14 @@ class Group:
     def __init__(self, facts: Sequence[ProfileFacts]) -> None:
         self.facts = facts
         self._columns: dict[str, list[Any]] = {}
+        self._evaluations: dict[int, Evaluation] = {}
+
+    def evaluation(self, i: int) -> Evaluation:
+        """The evaluation of profile `i`, shared by every segment that reads its events."""
+        found = self._evaluations.get(i)
+        if found is None:
+            found = self._evaluations[i] = Evaluation(self.facts[i])
+        return found
 
     def column(self, path: str) -> list[Any]:
         found = self._columns.get(path)
@@ -88,7 +96,7 @@ def evaluate_many(
     for i in which:
         f = facts[i]
         if f.events:
-            if evaluate(node, f, now):
+            if evaluate_on(group.evaluation(i), node, now):
                 out.add(i)
             continue
         try:
