@@ -51,6 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "auto"
     fetch_batch: int = 256
+    step_max_bytes: int = 4 * 1024 * 1024
+    """Most payload bytes a consumer's step takes from a fetch: a fetch of many messages
+    of many records each is applied in several steps (bounded memory), in order."""
     partitions: int = 8
     ack_wait: float = 30.0
     nats_nkey: Path | None = None
@@ -155,6 +158,7 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         log_level=env.get("CDP_LOG_LEVEL", "info").lower(),
         log_format=log_format,
         fetch_batch=_int(env, "CDP_FETCH_BATCH", 256, minimum=1),
+        step_max_bytes=_int(env, "CDP_STEP_MAX_BYTES", 4 * 1024 * 1024, minimum=1),
         partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,

@@ -136,6 +136,8 @@ class ConsumerSpec:
     handler: Handler
     filter_subjects: tuple[str, ...] = ()
     max_batch: int | None = None
+    max_step_bytes: int | None = None
+    """Most payload bytes one step takes (none: the service's `step_max_bytes`)."""
     max_wait: float = 5.0
     description: str = field(default="")
 
@@ -158,6 +160,7 @@ class ConsumerRunner:
         metrics: ServiceMetrics,
         fetch_batch: int,
         ack_wait: float,
+        step_max_bytes: int | None = None,
     ) -> None:
         self.spec = spec
         self._service = service
@@ -178,7 +181,14 @@ class ConsumerRunner:
         """Why the consumer cannot apply what it fetched now (a full disk), else None."""
         self._log = structlog.get_logger(service=service, consumer=spec.name)
         self._labels = (service, spec.name)
-        self._step = Committer(spec.name, spec.handler, db, self._log, self._committed)
+        self._step = Committer(
+            spec.name,
+            spec.handler,
+            db,
+            self._log,
+            self._committed,
+            max_step_bytes=spec.max_step_bytes or step_max_bytes,
+        )
 
     @property
     def offset(self) -> int:
@@ -350,6 +360,28 @@ class ConsumerRunner:
             self._resync_needed = True
 
 
+def split_steps(deliveries: list[Delivery], max_bytes: int | None) -> list[list[Delivery]]:
+    """`deliveries` in order, cut into steps of at most `max_bytes` of payload each (a
+    message larger than that is a step alone); everything in one step without a limit.
+
+    The bound on a step's payload bounds what its handler decodes, loads and emits at
+    once, whatever the fetch size and however many records a message carries."""
+    if max_bytes is None:
+        return [deliveries]
+    steps: list[list[Delivery]] = []
+    step: list[Delivery] = []
+    size = 0
+    for d in deliveries:
+        if step and size + len(d.data) > max_bytes:
+            steps.append(step)
+            step, size = [], 0
+        step.append(d)
+        size += len(d.data)
+    if step:
+        steps.append(step)
+    return steps
+
+
 class Applied(msgspec.Struct):
     """What applying deliveries committed: per commit, its outbox and its notifications."""
 
@@ -371,18 +403,28 @@ class Committer:
         db: aiosqlite.Connection,
         log: structlog.typing.FilteringBoundLogger | None = None,
         committed: Callable[[int], None] | None = None,
+        *,
+        max_step_bytes: int | None = None,
     ) -> None:
         self.consumer = consumer
+        self.max_step_bytes = max_step_bytes
         self._committed = committed
         self.handler = handler
         self.db = db
         self.log = log or structlog.get_logger(consumer=consumer)
 
     async def handle(self, deliveries: list[Delivery]) -> Applied:
-        """Run the handler on the whole batch; if it raises, on each message alone, in
+        """Apply `deliveries` in steps of at most `max_step_bytes` of payload (a step takes
+        at least one message), each step committed before the next, in order."""
+        applied = Applied([])
+        for step in split_steps(deliveries, self.max_step_bytes):
+            await self._handle_step(step, applied)
+        return applied
+
+    async def _handle_step(self, deliveries: list[Delivery], applied: Applied) -> None:
+        """Run the handler on the whole step; if it raises, on each message alone, in
         order, each committed before the next so that each sees what came before it; a
         message that fails alone is kept in `rt_failed` with its error."""
-        applied = Applied([])
         batch = Step(self.consumer, deliveries, self.db)
         try:
             with structlog.contextvars.bound_contextvars(
@@ -404,9 +446,8 @@ class Committer:
                         await self._apply(applied, None, [(d, error)], d.seq)
                         continue
                 await self._apply(applied, single, [], d.seq)
-            return applied
+            return
         await self._apply(applied, batch, [], deliveries[-1].seq)
-        return applied
 
     async def _apply(
         self,

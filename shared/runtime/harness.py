@@ -63,12 +63,18 @@ class StepHarness:
         return Delivery(subject, data, self._seq, msg_id)
 
     async def run(
-        self, handler: Handler, deliveries: list[Delivery], consumer: str = "test"
+        self,
+        handler: Handler,
+        deliveries: list[Delivery],
+        consumer: str = "test",
+        max_step_bytes: int | None = None,
     ) -> StepOutput:
-        """Apply `deliveries` to `handler` as the runner does, and commit."""
+        """Apply `deliveries` to `handler` as the runner does (in steps of at most
+        `max_step_bytes` of payload when given), and commit."""
         if not deliveries:
             return StepOutput([], [], 0, 0)
-        applied = await Committer(consumer, handler, self.db).handle(deliveries)
+        committer = Committer(consumer, handler, self.db, max_step_bytes=max_step_bytes)
+        applied = await committer.handle(deliveries)
         messages = [m for out, _ in applied.rounds for m in out]
         if messages:  # as if published: the outbox is emptied
             async with write_lock(self.db):

@@ -156,6 +156,7 @@ class Service:
                 metrics=self.metrics,
                 fetch_batch=s.fetch_batch,
                 ack_wait=s.ack_wait,
+                step_max_bytes=s.step_max_bytes,
             )
             await runner.prepare()
             self.runners.append(runner)
