@@ -22,7 +22,7 @@ from shared.admin import DeadLetter, ExportResult
 from shared.db import Migration, Tx, apply, rows
 from shared.messages import Identity, MembershipEvent
 from shared.resources import Destination
-from shared.runtime.actor import Outgoing
+from shared.runtime.actor import Outgoing, to_outbox
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -162,7 +162,6 @@ _BUMP_STATS = (
     "last_delivery = coalesce(excluded.last_delivery, last_delivery), "
     "last_error = coalesce(excluded.last_error, last_error)"
 )
-_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
 _IN_JSON = "(SELECT value FROM json_each(?))"
 
 
@@ -574,4 +573,4 @@ class DestinationStore:
     # -- the runtime's outbox, for what the API publishes ---------------------------------------
     def outbox(self, tx: Tx, out: Iterable[Outgoing], now: float | None = None) -> None:
         at = time.time() if now is None else now
-        tx.add_many(_OUTBOX_INSERT, [(o.msg_id, o.subject, o.payload, at) for o in out])
+        to_outbox(tx, out, at)

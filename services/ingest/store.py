@@ -16,7 +16,7 @@ import msgspec
 from services.ingest.records import Rejected
 from shared.admin import BatchInfo, RejectedRecord
 from shared.db import Migration, Tx, apply, rows
-from shared.runtime.actor import Outgoing
+from shared.runtime.actor import Outgoing, to_outbox
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -111,7 +111,6 @@ _UPSERT_CONFIG = (
     "ON CONFLICT (kind, name) DO UPDATE SET spec = excluded.spec, "
     "version = version + 1, updated_at = excluded.updated_at"
 )
-_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
 _INSERT_REJECTED = (
     "INSERT OR IGNORE INTO rejected_records (record_id, dataset, batch_id, row_number, source, "
     "reason, path, expected, got, problems, payload, rejected_at, keyed, size, keys) "
@@ -216,7 +215,7 @@ class Store:
 
     def add_outbox(self, tx: Tx, out: Iterable[Outgoing], now: float) -> None:
         """Messages to publish once `tx` commits (the runtime's outbox)."""
-        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
+        to_outbox(tx, out, now)
 
     # -- the error store -------------------------------------------------------------------
     def add_rejected(self, tx: Tx, rows: Iterable[Rejected]) -> None:

@@ -40,7 +40,7 @@ from shared.messages import (
     msgpack_encoder,
 )
 from shared.resources import Dataset, MergePolicy, Namespace
-from shared.runtime.actor import Outgoing
+from shared.runtime.actor import Outgoing, to_outbox
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -245,7 +245,6 @@ UPSERT_NAMESPACE = (
     "INSERT INTO namespaces (symbol, spec) VALUES (?, ?) ON CONFLICT (symbol) DO UPDATE SET "
     "spec = excluded.spec"
 )
-_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
 
 LISTINGS: dict[str, str] = {
     "profiles": "SELECT rowid, profile_id FROM profiles WHERE folded_into IS NULL "
@@ -392,7 +391,7 @@ class ProfileStore:
         tx = Tx()
         for name, spec in policies:
             self.put_policy(tx, name, spec, at)
-        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, at) for o in out))
+        to_outbox(tx, out, at)
         await apply(self.db, tx)
 
     # -- the unified profile: what a batch touches -----------------------------------

@@ -11,7 +11,7 @@ import msgspec
 
 from shared.db import Migration, Tx, apply, rows
 from shared.resources import Schedule
-from shared.runtime.actor import Outgoing
+from shared.runtime.actor import Outgoing, to_outbox
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -79,13 +79,6 @@ _SETTLE_RUN = (
     "UPDATE schedule_runs SET status = ?, detail = ?, finished_at = ? "
     "WHERE job_id = ? AND finished_at IS NULL"
 )
-_OUTBOX_INSERT = (
-    "INSERT OR IGNORE INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
-)
-"""The runtime's outbox: what the scheduler publishes outside a consumer's step (a job
-request when a schedule is due, a schedule on the config stream) is committed with the
-state it belongs to, and published after."""
-
 _schedule = msgspec.json.Decoder(Schedule)
 
 
@@ -148,7 +141,7 @@ class SchedulerStore:
     @staticmethod
     def send(tx: Tx, out: Iterable[Outgoing], at: float) -> None:
         """Put messages in the outbox, committed with `tx`'s other writes."""
-        tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, at) for o in out))
+        to_outbox(tx, out, at, if_new=True)
 
     async def commit(self, tx: Tx) -> None:
         await apply(self.db, tx)

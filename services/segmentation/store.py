@@ -17,7 +17,7 @@ import msgspec
 from shared.admin import JobInfo
 from shared.db import Migration, Tx, apply, rows
 from shared.messages import ExperienceEvent, Identity, msgpack_encoder
-from shared.runtime.actor import Outgoing
+from shared.runtime.actor import Outgoing, to_outbox
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -171,7 +171,6 @@ _UPDATE_JOB = (
     "UPDATE jobs SET scanned = ?, counts = ?, status = ?, finished_at = ? WHERE job_id = ?"
 )
 _JOB_COLUMNS = "job_id, trigger, status, started_at, finished_at, total, scanned, counts, error"
-_OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
 
 LISTINGS: dict[str, str] = {
     "profiles": "SELECT rowid, profile_id FROM facts WHERE rowid > ? ORDER BY rowid LIMIT ?",
@@ -515,7 +514,7 @@ class SegmentationStore:
     @staticmethod
     def to_outbox(w: Writes, out: Iterable[Outgoing], now: float) -> None:
         """Messages to publish once this commits (a write made outside a step)."""
-        w.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
+        to_outbox(w, out, now)
 
     async def commit(self, tx: Tx) -> None:
         """Writes made outside a step (the admin API, the timers), in one transaction."""

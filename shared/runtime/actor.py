@@ -19,9 +19,9 @@ import contextlib
 import errno
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
@@ -72,6 +72,27 @@ _SET_OFFSET = (
 )
 _OUTBOX_INSERT = "INSERT INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
 _OUTBOX_DELETE = "DELETE FROM rt_outbox WHERE msg_id = ?"
+_OUTBOX_INSERT_NEW = (
+    "INSERT OR IGNORE INTO rt_outbox (msg_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
+)
+
+
+class RowWriter(Protocol):
+    """Where writes go: a `Tx`, or a buffer a handler filters before it."""
+
+    def add_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None: ...
+
+
+def to_outbox(w: RowWriter, out: Iterable[Outgoing], at: float, *, if_new: bool = False) -> None:
+    """Add messages to the runtime's outbox in `w`: published once it commits (for what a
+    service publishes outside a consumer's step: an admin request, a timer). `if_new`:
+    a message whose id is already there is left as it is (a request made twice)."""
+    w.add_many(
+        _OUTBOX_INSERT_NEW if if_new else _OUTBOX_INSERT,
+        [(o.msg_id, o.subject, o.payload, at) for o in out],
+    )
+
+
 _FAILED_INSERT = (
     "INSERT INTO rt_failed (consumer, stream_seq, subject, payload, error, failed_at) "
     "VALUES (?, ?, ?, ?, ?, ?)"
