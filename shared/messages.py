@@ -155,7 +155,8 @@ class ProfileChanged(msgspec.Struct, tag="changed"):
     identities: list[Identity] = []
     views: dict[str, dict[str, Any]] = {}
     """The merged attributes under each configured merge policy other than the default,
-    for segments that name one."""
+    for segments that name one; only those that differ from `attributes` (a policy left out
+    sees the profile as `attributes` does)."""
     folded: list[str] = []
     """Profiles folded into this one by the batch this change sums up (their merge went
     before it): every segment is checked again."""
@@ -190,6 +191,22 @@ ChangeItem = ProfileChanged | ProfileMerged | ProfileDeleted | Recheck | Probe
 
 class ChangeEnvelope(msgspec.Struct, tag="changes"):
     items: list[ChangeItem]
+
+
+class ProfileView(msgspec.Struct, tag="changed"):
+    """A `ProfileChanged` as a reader of the profile's view only decodes it: attributes
+    and identities, without the events, views and paths it carries (msgspec skips them)."""
+
+    profile_id: str
+    at: float
+    attributes: dict[str, Any] = {}
+    identities: list[Identity] = []
+
+
+class ViewEnvelope(msgspec.Struct, tag="changes"):
+    """A `ChangeEnvelope` read for the profiles' views (`ProfileView` for its changes)."""
+
+    items: list[ProfileView | ProfileMerged | ProfileDeleted | Recheck | Probe]
 
 
 # -- privacy: cdp.privacy.<request_id>.<service> ---------------------------------------
@@ -287,6 +304,7 @@ json_encoder = msgspec.json.Encoder()
 record_batch_decoder = msgspec.msgpack.Decoder(RecordEnvelope)
 profile_batch_decoder = msgspec.msgpack.Decoder(ProfileEnvelope)
 change_batch_decoder = msgspec.msgpack.Decoder(ChangeEnvelope)
+view_batch_decoder = msgspec.msgpack.Decoder(ViewEnvelope)
 membership_decoder = msgspec.json.Decoder(MembershipEvent)
 members_batch_decoder = msgspec.msgpack.Decoder(MembershipEnvelope)
 privacy_report_decoder = msgspec.json.Decoder(PrivacyReport)

@@ -16,10 +16,13 @@ from shared.messages import (
     Fragment,
     Identity,
     Merged,
+    ProfileChanged,
     ProfileItem,
     Reassigned,
     Record,
+    change_batch_decoder,
 )
+from shared.resources import MergePolicy
 from shared.subjects import MAX_PAYLOAD
 
 PARTITIONS = 8
@@ -138,3 +141,40 @@ def test_the_rows_left_unwritten_are_the_rows_stored(items: list[ProfileItem]) -
             if (pid, *key) not in written:
                 assert stored.get((pid, key)) is row, (pid, key)
     assert {pid for pid, _ in fx.rows} <= live
+
+
+# -- views under other merge policies ---------------------------------------------------------
+def _views_sent(items: list[ProfileItem]) -> dict[str, dict[str, dict[str, Any]]]:
+    """profile id -> the views its change to segmentation carries, with a second policy
+    (loyalty first) next to the default (newest first)."""
+    loyalty_first = MergePolicy("loyalty-first", "dataset_precedence", datasets=["loyalty"])
+    fx = apply_items(
+        _stored(),
+        items,
+        policy=default_policy([]),
+        others=[loyalty_first],
+        partitions=PARTITIONS,
+    )
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for subject, payload in fx.messages:
+        if subject.startswith("cdp.x.changes."):
+            for item in change_batch_decoder.decode(payload).items:
+                if isinstance(item, ProfileChanged):
+                    out[item.profile_id] = item.views
+    return out
+
+
+def test_a_view_that_picks_the_default_winners_is_not_sent() -> None:
+    """Only the CRM has spoken for p1: both policies pick the same rows, so the change
+    carries no view (segmentation reads the default attributes for it)."""
+    assert _views_sent([Fragment("p1", _record("r1", {"tier": "platinum"}))]) == {"p1": {}}
+
+
+def test_a_view_that_differs_from_the_default_is_sent_whole() -> None:
+    """Loyalty says silver, older than the CRM's gold: the default (newest) says gold,
+    loyalty-first says silver, and its view carries the whole profile under it."""
+    older = _record("l1", {"tier": "silver"}, ts=_NOW - 100)
+    older.dataset = "loyalty"
+    assert _views_sent([Fragment("p1", older)]) == {
+        "p1": {"loyalty-first": {"name": "Ada", "tier": "silver"}}
+    }

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -592,7 +592,8 @@ class _Apply:
         sizes = {row.record_id: len(row.payload) for row in new_rows}
         for pid in live_touched:
             rows = self.rows.get(pid, {})
-            after = _flat_values(merge_flat(rows.values(), self.policy))
+            winners = merge_flat(rows.values(), self.policy)
+            after = _flat_values(winners)
             first = ProfileChanged(
                 pid,
                 self.touched[pid],
@@ -600,11 +601,7 @@ class _Apply:
                 attributes=unflatten(after),
                 changed=changed_paths(self.before.get(pid, {}), after),
                 identities=[Identity(ns, v) for ns, v in sorted(self.identities.get(pid, ()))],
-                views={
-                    p.name: unflatten(_flat_values(merge_flat(rows.values(), p)))
-                    for p in self.others
-                    if rows
-                },
+                views=_views(rows.values(), winners, self.others),
                 folded=self.absorbed.get(pid, []),
                 removed_events=sorted(set(removed.get(pid, []))),
             )
@@ -648,6 +645,27 @@ def _by_size(events: list[ExperienceEvent], sizes: dict[str, int]) -> list[list[
         runs[-1].append(e)
         held += size
     return runs
+
+
+def _views(
+    rows: Collection[AttributeValue],
+    winners: dict[str, tuple[Any, AttributeValue]],
+    policies: Iterable[MergePolicy],
+) -> dict[str, dict[str, Any]]:
+    """The profile under each other merge policy whose winning rows are not those of the
+    default policy (`winners`); a policy that picks the same rows is left out, and readers
+    take the default attributes for it."""
+    out: dict[str, dict[str, Any]] = {}
+    if not rows:
+        return out
+    for policy in policies:
+        flat = merge_flat(rows, policy)
+        if flat.keys() == winners.keys() and all(
+            row is winners[path][1] for path, (_, row) in flat.items()
+        ):
+            continue
+        out[policy.name] = unflatten(_flat_values(flat))
+    return out
 
 
 def _flat_values(flat: dict[str, tuple[Any, AttributeValue]]) -> dict[str, Any]:
