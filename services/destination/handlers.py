@@ -38,11 +38,11 @@ from shared.messages import (
     MembershipChange,
     MembershipEvent,
     Probe,
-    ProfileChanged,
     ProfileDeleted,
     ProfileMerged,
-    change_batch_decoder,
+    ProfileView,
     members_batch_decoder,
+    view_batch_decoder,
 )
 from shared.runtime import Step
 from shared.runtime.configs import published
@@ -81,9 +81,9 @@ class Handlers:
         gone: list[str] = []
         """Profiles folded into others or deleted: their view goes."""
         for d in step.deliveries:
-            for item in change_batch_decoder.decode(d.data).items:
+            for item in view_batch_decoder.decode(d.data).items:
                 match item:
-                    case ProfileChanged():
+                    case ProfileView():
                         upserts[item.profile_id] = (item.attributes, item.identities, item.at)
                     case ProfileMerged():
                         for pid in item.folded:
