@@ -452,6 +452,8 @@ async def profiles_in_segmentation(nc: Client) -> int:
 
 async def batch_ingestion(p: Live, scale: Scale, crm: Path) -> list[Result]:
     rows = scale.profiles
+    pids = p.platform.pids()
+    cpu_before = procs.CpuSample.take(pids)
     started = time.perf_counter()
     async with bounded("batch ingestion", limit_for(rows, 2_000, 120)):
         info: BatchInfo = await run_batch(p.nc, "crm", crm, "csv", lambda _i: None)
@@ -464,6 +466,7 @@ async def batch_ingestion(p: Live, scale: Scale, crm: Path) -> list[Result]:
     async with bounded("batch ingestion: reaching segmentation", limit_for(rows, 500, 120)):
         await drained(p.js)
     reflected_s = time.perf_counter() - started
+    spent = procs.cpu_spent(cpu_before, procs.CpuSample.take(pids))
     reached = await profiles_in_segmentation(p.nc)
     if reached != rows:
         raise PlatformError(f"batch ingestion: {reached} of {rows} profiles reached segmentation")
@@ -485,7 +488,12 @@ async def batch_ingestion(p: Live, scale: Scale, crm: Path) -> list[Result]:
             "of every stream is idle (identity, profile, segmentation and the memberships "
             "the attribute segments make)",
         ),
+        *procs.cpu_results(BATCH_MEASURE, spent, rows),
     ]
+
+
+BATCH_MEASURE = "batch ingestion"
+"""The batch ingestion measure's name in the CPU table: CPU per row, upload to reflected."""
 
 
 async def run_job(p: Live, total: int, label: str) -> tuple[Result, JobInfo]:
