@@ -77,6 +77,10 @@ EXPRESSIONS = (
     'not inSegment("gold") or b.c = 0',
     'not event(type = "x") within 1 day',
     'event(type = "x") within 1 day or a = 0',
+    'not (a = 0 and b.c = 0) or (inSegment("gold") and not b exists)',
+    '(a = 1 or a = "x" or b.c = 1) and not inSegment("gold")',
+    'count(event(type = "x") within 1 day) >= 0 and (a exists or b.c = false)',
+    'not (a in [1, "x"] or (b.c startsWith "x" and not a = 0))',
 )
 SCALARS = st.sampled_from([0, 0.0, -0.0, False, True, 1, 1.0, 2, -1, "x", "", "xy", None])
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=2), st.dictionaries(st.just("c"), SCALARS))

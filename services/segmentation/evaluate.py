@@ -178,10 +178,10 @@ def _string_test(node: StringTest, actual: Any) -> bool:
 
 
 def _field_test(node: Compare | Exists | InList | StringTest, get: Callable[[str], Any]) -> bool:
-    return _value_test(node, get(node.path))
+    return value_test(node, get(node.path))
 
 
-def _value_test(node: Compare | Exists | InList | StringTest, actual: Any) -> bool:
+def value_test(node: Compare | Exists | InList | StringTest, actual: Any) -> bool:
     match node:
         case Compare():
             return compare(actual, node.operator, node.value)
@@ -296,7 +296,7 @@ class Evaluation:
     def truth(self, node: Node, now: float, after: bool) -> bool:
         match node:
             case Compare() | Exists() | InList() | StringTest():
-                return _value_test(node, resolve(self.facts.attributes, node.path))
+                return value_test(node, resolve(self.facts.attributes, node.path))
             case And():
                 return all(self.truth(i, now, after) for i in node.items)
             case Or():

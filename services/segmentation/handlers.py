@@ -378,8 +378,11 @@ class _ChangesStep:
                     member_of[i].discard(name)
                     holders[name].discard(i)
             if seg.streaming and seg.reads.uses_events:
+                facts = group.facts
                 for i in which:
-                    self._time(todo[i][0], ps[i], seg, group, i, now_in=i in qualified)
+                    # without events time changes nothing: only a timer held goes
+                    if facts[i].events or name in ps[i].timers:
+                        self._time(todo[i][0], ps[i], seg, group, i, now_in=i in qualified)
 
     def _settle(self, pid: str, p: _Profile, seg: CompiledSegment, qualifies: bool) -> bool:
         """What the result does to the profile's membership (`membership.step`); whether
