@@ -164,6 +164,11 @@ class ProfileChanged(msgspec.Struct, tag="changed"):
     """Record ids of events that left this profile (they moved with their anchor identity
     to another profile, whose change carries them in `events`, or a privacy delete
     removed them)."""
+    same_view: bool = False
+    """The profile's attributes, views and identities are those its previous change
+    carried: this change carries none of them (`attributes`, `views`, `identities` and
+    `changed` are empty), only its events. Profile sends it for a fetch that gave the
+    profile events only."""
 
 
 class ProfileMerged(msgspec.Struct, tag="merged"):
@@ -201,6 +206,8 @@ class ProfileView(msgspec.Struct, tag="changed"):
     at: float
     attributes: dict[str, Any] = {}
     identities: list[Identity] = []
+    same_view: bool = False
+    """The view is the one the profile's previous change carried (none in this one)."""
 
 
 class ViewEnvelope(msgspec.Struct, tag="changes"):

@@ -20,6 +20,8 @@ from shared import subjects
 from shared.admin import ExportResult, ExportRun, JobInfo, PublishedSegment
 from shared.config import Settings
 from shared.messages import (
+    ChangeEnvelope,
+    ChangeItem,
     Identity,
     MembershipChange,
     MembershipEnvelope,
@@ -28,6 +30,7 @@ from shared.messages import (
     PrivacyDelete,
     PrivacyReport,
     Probe,
+    ProfileChanged,
     ProfileDeleted,
     msgpack_encoder,
     probe_report_decoder,
@@ -302,3 +305,31 @@ async def test_an_envelope_reports_its_probe_as_the_destination_stage(dest: Dest
     assert await dest.queued() == [("hook", "vip", "p1")]
     reports = [probe_report_decoder.decode(payload) for _, payload in out.notes]
     assert [(r.probe_id, r.stage, r.partition) for r in reports] == [("pr9", "destination", 1)]
+
+
+async def test_a_change_that_carries_events_only_keeps_the_profile_view(
+    dest: Destinations,
+) -> None:
+    """The profile's view arrives with its first change; a later change that carries
+    only events (`same_view`), in the same step and in the next, leaves it as it was."""
+    view = ProfileChanged(
+        "p1",
+        ["c1"],
+        100.0,
+        attributes={"first_name": "Ada"},
+        identities=[Identity("email", "ada@example.com")],
+    )
+    events_only = ProfileChanged("p1", ["e1"], 101.0, same_view=True)
+
+    def changes(*items: ChangeItem) -> Delivery:
+        return dest.h.delivery(
+            subjects.changes(0), msgpack_encoder.encode(ChangeEnvelope(list(items)))
+        )
+
+    await dest.h.run(dest.handlers.profiles, [changes(view, events_only)])
+    await dest.h.run(dest.handlers.profiles, [changes(events_only)])
+    held = (await dest.store.views(["p1"]))["p1"]
+    assert (held.attributes, held.identities) == (
+        {"first_name": "Ada"},
+        [Identity("email", "ada@example.com")],
+    )

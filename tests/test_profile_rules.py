@@ -178,3 +178,98 @@ def test_a_view_that_differs_from_the_default_is_sent_whole() -> None:
     assert _views_sent([Fragment("p1", older)]) == {
         "p1": {"loyalty-first": {"name": "Ada", "tier": "silver"}}
     }
+
+
+# -- a change without the view (same_view) -----------------------------------------------------
+def _changes_sent(items: list[ProfileItem]) -> dict[str, ProfileChanged]:
+    loaded = _stored()
+    loaded.identities["p1"] = {("email", "ada@example.com")}
+    fx = apply_items(loaded, items, policy=default_policy([]), partitions=PARTITIONS)
+    out: dict[str, ProfileChanged] = {}
+    for subject, payload in fx.messages:
+        if subject.startswith("cdp.x.changes."):
+            for item in change_batch_decoder.decode(payload).items:
+                if isinstance(item, ProfileChanged):
+                    out[item.profile_id] = item
+    return out
+
+
+def test_events_alone_send_the_profile_without_its_view() -> None:
+    """Two page views of Ada, whose identities are known: her change carries the events and
+    says her view is the same; nothing is merged or encoded for it."""
+    views: list[ProfileItem] = [
+        Fragment("p1", _record(f"e{i}", {"page": "/"}, event=True), anchor="email:ada@example.com")
+        for i in range(2)
+    ]
+    sent = _changes_sent(views)
+    assert sent["p1"].same_view
+    assert (sent["p1"].attributes, sent["p1"].identities, sent["p1"].changed) == ({}, [], [])
+    assert [e.record_id for e in sent["p1"].events] == ["e0", "e1"]
+
+
+def test_a_new_identity_an_attribute_or_a_merge_sends_the_whole_view() -> None:
+    """An event bringing an identity the profile did not have, a profile record, a merge:
+    each may change what segments see, so the change carries the whole view."""
+    known = Loaded(known={"p1", "p2"})
+    known.rows["p1"] = {("crm", "name"): AttributeValue("crm", "name", "Ada", _NOW - 10, "r0")}
+    known.identities["p1"] = {("email", "ada@example.com")}
+    event = _record("e1", {"page": "/"}, event=True)
+    event.identities = [Identity("email", "ada@example.com"), Identity("cookie", "c1")]
+    for items in (
+        [Fragment("p1", event, anchor="email:ada@example.com")],
+        [Fragment("p1", _record("r1", {"tier": "gold"}))],
+        [Merged("p1", ["p2"], _NOW)],
+    ):
+        loaded = Loaded(known=set(known.known))
+        loaded.rows["p1"] = dict(known.rows["p1"])
+        loaded.identities["p1"] = set(known.identities["p1"])
+        fx = apply_items(loaded, items, policy=default_policy([]), partitions=PARTITIONS)
+        changes = [
+            item
+            for subject, payload in fx.messages
+            if subject.startswith("cdp.x.changes.")
+            for item in change_batch_decoder.decode(payload).items
+            if isinstance(item, ProfileChanged) and item.profile_id == "p1"
+        ]
+        assert changes and not changes[0].same_view, items
+        assert changes[0].attributes["name"] == "Ada"
+
+
+_WITH_EVENTS = st.lists(
+    st.one_of(
+        _ITEMS.filter(bool).map(lambda items: items[0]),
+        st.builds(
+            lambda pid, n: Fragment(
+                pid,
+                _record(f"e{n}", {"page": "/"}, event=True, ts=_NOW + n),
+                anchor="email:ada@example.com",
+            ),
+            st.sampled_from(["p1", "p2", "p3"]),
+            st.integers(0, 50),
+        ),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_WITH_EVENTS)
+def test_a_change_says_same_view_only_when_nothing_of_the_view_was_written(
+    items: list[ProfileItem],
+) -> None:
+    """Whenever a profile's change leaves its view out, the fetch wrote none of that
+    profile's attribute rows or identities and folded nothing into it: what segmentation
+    and destination hold for it is still right."""
+    loaded = _stored()
+    for pid in ("p1", "p2", "p3"):
+        loaded.identities[pid] = {("email", "ada@example.com")} if pid == "p1" else set()
+    fx = apply_items(loaded, items, policy=default_policy([]), partitions=PARTITIONS)
+    written = {pid for pid, _ in fx.rows} | {pid for _, _, pid in fx.identities}
+    folded_into = {survivor for _, survivor, _ in fx.folds}
+    for subject, payload in fx.messages:
+        if not subject.startswith("cdp.x.changes."):
+            continue
+        for item in change_batch_decoder.decode(payload).items:
+            if isinstance(item, ProfileChanged) and item.same_view:
+                assert item.profile_id not in written | folded_into, items
+                assert (item.attributes, item.identities, item.views) == ({}, [], {})

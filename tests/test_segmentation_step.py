@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -16,6 +17,7 @@ from shared.admin import JobInfo, JobRun
 from shared.messages import (
     ChangeEnvelope,
     ChangeItem,
+    ExperienceEvent,
     Identity,
     MembershipChange,
     MembershipEvent,
@@ -271,3 +273,55 @@ async def test_a_privacy_delete_that_removes_no_profile_still_goes_in_an_envelop
     )
     out = await seg.h.run(seg.handlers.changes, [seg.changes(ProfileDeleted([], request))])
     assert [items for _, items in envelopes(out)] == [[ProfileDeleted([], request)]]
+
+
+# -- changes that carry events only (same_view) -------------------------------------------------
+def _cart(profile_id: str, record: str, *, at: float) -> ProfileChanged:
+    """A change with one cart.add event and no view: the profile's view is as stored."""
+    return ProfileChanged(
+        profile_id=profile_id,
+        record_ids=[record],
+        at=at,
+        events=[
+            ExperienceEvent(
+                record_id=record, dataset="web", event_type="cart.add", timestamp=at, payload={}
+            )
+        ],
+        same_view=True,
+    )
+
+
+async def test_a_change_without_its_view_is_evaluated_on_the_view_stored() -> None:
+    """The CRM change of a US customer is in one step, her cart.add (events only) in a
+    later one and in a burst after it: she is realized in a segment that reads both, with
+    the identities of her stored view, and the stored view is not overwritten."""
+    now = time.time()
+    us_cart = Segment(
+        name="us-cart",
+        expression='homeAddress.country = "US" and event(type = "cart.add") within 1 day',
+    )
+    async with StepHarness.open(MIGRATIONS) as h:
+        s = Segmentation(h, us_cart)
+        crm = ProfileChanged(
+            profile_id="p1",
+            record_ids=["c1"],
+            at=now - 60,
+            attributes={"homeAddress": {"country": "US"}},
+            changed=["homeAddress.country"],
+            identities=[Identity("email", "ada@example.com")],
+        )
+        await h.run(s.handlers.changes, [s.changes(crm)])
+        out = await h.run(
+            s.handlers.changes,
+            [s.changes(_cart("p1", "e1", at=now)), s.changes(_cart("p2", "e2", at=now))],
+        )
+        events = [
+            msgspec.json.decode(m.payload, type=MembershipEvent)
+            for m in out.on(subjects.membership("us-cart"))
+        ]
+        assert [(e.profile_id, e.status, e.identities) for e in events] == [
+            ("p1", "realized", [Identity("email", "ada@example.com")])
+        ], "p2, whose view segmentation never had, is not evaluated"
+        facts = {f.profile_id: f for f in await s.store.facts(["p1"], views=False)}
+        assert facts["p1"].attributes == {"homeAddress": {"country": "US"}}
+        assert facts["p1"].identities == [Identity("email", "ada@example.com")]

@@ -83,7 +83,7 @@ class Handlers:
         for d in step.deliveries:
             for item in view_batch_decoder.decode(d.data).items:
                 match item:
-                    case ProfileView():
+                    case ProfileView(same_view=False):
                         upserts[item.profile_id] = (item.attributes, item.identities, item.at)
                     case ProfileMerged():
                         for pid in item.folded:

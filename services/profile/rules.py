@@ -288,9 +288,11 @@ class _Apply:
         self.stored = {pid: dict(rows) for pid, rows in self.rows.items() if rows}
         """The attribute rows as loaded: a row still there, the same, is not written again."""
         self.identities = loaded.identities
-        self.before = {
-            pid: _flat_values(merge_flat(rows.values(), policy)) for pid, rows in self.rows.items()
-        }
+        self.reviewed: set[str] = set()
+        """Profiles whose view (attributes under any policy, identities) this fetch may have
+        changed: made, given attribute records or identities, merged into, reassigned from
+        or to, or stripped of a deleted person's records. The others' changes carry their
+        events only (`ProfileChanged.same_view`)."""
         self.touched: dict[str, list[str]] = {}
         """Profile -> the record ids this fetch gave it."""
         self.holder: dict[IdentityKey, str | None] = {}
@@ -326,6 +328,7 @@ class _Apply:
 
     def _ensure(self, pid: str, at: float) -> None:
         if pid not in self.live:
+            self.reviewed.add(pid)
             self.live.add(pid)
             self.created.setdefault(pid, at)
 
@@ -360,6 +363,7 @@ class _Apply:
             if pair not in held and key_text(pair) not in unlinked:
                 held.add(pair)
                 self.holder[pair] = pid
+                self.reviewed.add(pid)
         self._touch(pid).append(r.record_id)
         kind = "event" if r.record_class == "event" else "profile"
         # An event follows its anchor, so a delete of its anchor's person finds it there;
@@ -387,6 +391,7 @@ class _Apply:
             if item.anchor is not None:
                 self.by_anchor[item.anchor].append(ev)
             return
+        self.reviewed.add(pid)
         rows = self.rows[pid]
         for row in fragment_updates(rows, r.dataset, r.payload, record_time(r), r.record_id):
             rows[(row.dataset, row.path)] = row
@@ -412,7 +417,7 @@ class _Apply:
             self.redirect[folded] = survivor
             self.folded[folded] = survivor
             self.live.discard(folded)
-            self.before.pop(folded, None)
+            self.reviewed.add(survivor)
             # What the folded profile received in this fetch reaches segmentation on the
             # survivor: its records and events are the survivor's now.
             self._touch(survivor).extend(self.touched.pop(folded, []))
@@ -431,6 +436,7 @@ class _Apply:
         moved = {(i.namespace, i.value) for i in item.identities}
         self.identities[source] -= moved
         self._touch(source)
+        self.reviewed.add(source)
         if item.to_profile is None:  # dropped by the size limit: their events stay
             for pair in moved:
                 self.holder[pair] = None
@@ -444,6 +450,7 @@ class _Apply:
         target = self.resolve(item.to_profile)
         self._ensure(target, item.at)
         self._touch(target)
+        self.reviewed.add(target)
         for pair in moved:
             self.identities[target].add(pair)
             self.holder[pair] = target
@@ -495,12 +502,12 @@ class _Apply:
                     self.dropped_rows.add((pid, row.dataset, row.path))
                     counts["attributes"] += 1
                     self._touch(pid)
+                    self.reviewed.add(pid)
         for pid in pids:
             for pair in self.identities.pop(pid, set()):
                 self.holder[pair] = None
             self.rows.pop(pid, None)
             self.touched.pop(pid, None)
-            self.before.pop(pid, None)
             self.live.discard(pid)
             self.deleted.add(pid)
         self.dropped_rows = {d for d in self.dropped_rows if d[0] not in gone_pids}
@@ -591,20 +598,7 @@ class _Apply:
         # probes.
         sizes = {row.record_id: len(row.payload) for row in new_rows}
         for pid in live_touched:
-            rows = self.rows.get(pid, {})
-            winners = merge_flat(rows.values(), self.policy)
-            after = _flat_values(winners)
-            first = ProfileChanged(
-                pid,
-                self.touched[pid],
-                now,
-                attributes=unflatten(after),
-                changed=changed_paths(self.before.get(pid, {}), after),
-                identities=[Identity(ns, v) for ns, v in sorted(self.identities.get(pid, ()))],
-                views=_views(rows.values(), winners, self.others),
-                folded=self.absorbed.get(pid, []),
-                removed_events=sorted(set(removed.get(pid, []))),
-            )
+            first = self._change(pid, sorted(set(removed.get(pid, []))))
             events = sorted(added.get(pid, []), key=lambda e: (e.timestamp, e.record_id))
             for i, part in enumerate(_by_size(events, sizes)):
                 change = (
@@ -617,12 +611,37 @@ class _Apply:
                         attributes=first.attributes,
                         identities=first.identities,
                         views=first.views,
+                        same_view=first.same_view,
                     )
                 )
                 change.events = part
                 self.out.add(self._part(pid), change)
         for probe in self.probes:
             self.out.add(probe.partition % self.partitions, probe)
+
+    def _change(self, pid: str, removed_events: list[str]) -> ProfileChanged:
+        """The profile's change for segmentation (its events are added by the caller): its
+        whole view when this fetch may have changed it, else only that the view is the
+        same (no merge, no attributes to encode or decode, no view to write again)."""
+        if pid not in self.reviewed:
+            return ProfileChanged(
+                pid, self.touched[pid], self.now, removed_events=removed_events, same_view=True
+            )
+        rows = self.rows.get(pid, {})
+        winners = merge_flat(rows.values(), self.policy)
+        after = _flat_values(winners)
+        before = _flat_values(merge_flat(self.stored.get(pid, {}).values(), self.policy))
+        return ProfileChanged(
+            pid,
+            self.touched[pid],
+            self.now,
+            attributes=unflatten(after),
+            changed=changed_paths(before, after),
+            identities=[Identity(ns, v) for ns, v in sorted(self.identities.get(pid, ()))],
+            views=_views(rows.values(), winners, self.others),
+            folded=self.absorbed.get(pid, []),
+            removed_events=removed_events,
+        )
 
 
 CHANGE_EVENT_BYTES = 1024 * 1024

@@ -189,11 +189,12 @@ class _ChangesStep:
     # -- items ---------------------------------------------------------------------------
     def changed(self, item: ProfileChanged) -> None:
         p = self.profiles[item.profile_id]
-        p.attributes = item.attributes
-        p.views = item.views
-        p.identities = item.identities
-        p.changed_at = item.at
-        p.known = True
+        if not item.same_view:  # else the view is the one stored (or an earlier item's)
+            p.attributes = item.attributes
+            p.views = item.views
+            p.identities = item.identities
+            p.changed_at = item.at
+            p.known = True
         types = {e.event_type for e in item.events}
         for e in item.events:
             p.events[e.record_id] = e
@@ -569,7 +570,8 @@ class Handlers:
             match item:
                 case ProfileChanged():
                     profiles[item.profile_id]  # creates it
-                    carried.add(item.profile_id)
+                    if not item.same_view:
+                        carried.add(item.profile_id)
                 case ProfileMerged():
                     for pid in (item.profile_id, *item.folded):
                         profiles[pid]
