@@ -438,6 +438,18 @@ class SegmentInfo(msgspec.Struct, kw_only=True):
     last_evaluation: float | None
     json: dict[str, Any]
     """The canonical JSON form of the expression."""
+    realized: int = 0
+    existing: int = 0
+    exited: int = 0
+    """Memberships by status now (`members` is realized + existing): realized, a member
+    since an evaluation that found it qualified; existing, confirmed by a batch job since;
+    exited, left and not back, kept 30 days after leaving."""
+    entered_24h: list[int] = []
+    exited_24h: list[int] = []
+    """Memberships that entered and that exited in each of the last 24 clock hours, oldest
+    first, the last one the current hour. Counted from the memberships as they are now: a
+    profile that entered and left within the day counts as one exit only, one that left
+    and came back as one entry only."""
 
 
 class SegmentList(msgspec.Struct):

@@ -14,6 +14,7 @@ from services.segmentation.handlers import Handlers
 from services.segmentation.store import MIGRATIONS, SegmentationStore
 from shared import subjects
 from shared.admin import JobInfo, JobRun
+from shared.db import Tx
 from shared.messages import (
     ChangeEnvelope,
     ChangeItem,
@@ -325,3 +326,57 @@ async def test_a_change_without_its_view_is_evaluated_on_the_view_stored() -> No
         facts = {f.profile_id: f for f in await s.store.facts(["p1"], views=False)}
         assert facts["p1"].attributes == {"homeAddress": {"country": "US"}}
         assert facts["p1"].identities == [Identity("email", "ada@example.com")]
+
+
+async def _run_job(seg: Segmentation, job_id: str) -> None:
+    request = msgspec.json.encode(JobRun(trigger="manual", job_id=job_id))
+    started = await seg.h.run(
+        seg.handlers.job_requests, [seg.h.delivery(subjects.SEGMENTATION_JOB_RUN, request)]
+    )
+    rechecks = [seg.h.delivery(m.subject, m.payload) for m in started.on(subjects.CHANGES_PREFIX)]
+    await seg.h.run(seg.handlers.changes, rechecks)
+
+
+async def test_member_counts_follow_realizations_a_confirming_job_and_an_exit(
+    seg: Segmentation,
+) -> None:
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold("p1"), gold("p2", "r2"))])
+    assert (await seg.store.member_counts())["gold"].realized == 2
+    await _run_job(seg, "confirm")  # p1 and p2 still qualify: existing now
+    await seg.h.run(seg.handlers.changes, [seg.changes(gold("p3", "r3"))])
+    silver = msgspec.structs.replace(gold("p2", "r4"), attributes={"loyalty": {"tier": "silver"}})
+    await seg.h.run(seg.handlers.changes, [seg.changes(silver)])
+    counts = (await seg.store.member_counts())["gold"]
+    assert (counts.realized, counts.existing, counts.exited) == (1, 1, 1)
+    day = (await seg.store.hourly_changes(time.time()))["gold"]
+    # p1 entered and was confirmed (its entry stays), p3 entered, p2 left.
+    assert (sum(day.entered), sum(day.exited)) == (2, 1)
+    assert len(day.entered) == len(day.exited) == 24
+
+
+async def test_hourly_changes_put_each_membership_in_the_clock_hour_it_changed(
+    seg: Segmentation,
+) -> None:
+    now = 1_700_000_000 // 3600 * 3600 + 1800.0  # half past an hour
+    rows = [  # (profile, status, hours ago)
+        ("now", "realized", 0),
+        ("hour-ago", "realized", 1),
+        ("confirmed", "existing", 1),
+        ("left", "exited", 2),
+        ("first-hour", "realized", 23),
+        ("too-old", "realized", 24),
+        ("left-long-ago", "exited", 30),
+    ]
+    tx = Tx()
+    for pid, status, ago in rows:
+        at = now - ago * 3600
+        seg.store.put_membership(
+            tx, pid, "gold", status, since=at, last_qualified=None, method="streaming", now=at
+        )
+    await seg.store.commit(tx)
+    day = (await seg.store.hourly_changes(now))["gold"]
+    assert day.entered == [1] + [0] * 21 + [2, 1]
+    assert day.exited == [0] * 21 + [1, 0, 0]
+    counts = (await seg.store.member_counts())["gold"]
+    assert (counts.realized, counts.existing, counts.exited) == (4, 1, 2)
+    assert await seg.store.hourly_changes(now + 48 * 3600) == {}

@@ -23,7 +23,7 @@ from services.segmentation import jobs
 from services.segmentation.catalog import KIND, Catalog, CompiledSegment, compile_segment, published
 from services.segmentation.evaluate import ProfileFacts, evaluate
 from services.segmentation.language import method as choose_method
-from services.segmentation.store import SegmentationStore
+from services.segmentation.store import HOURS, HourlyChanges, MemberCounts, SegmentationStore
 from shared import admin, subjects
 from shared.admin import (
     AdminFailure,
@@ -173,8 +173,11 @@ class SegmentationApi:
 
     async def list_segments(self, _request: admin.ListRequest) -> SegmentList:
         counts = await self.store.member_counts()
+        hourly = await self.store.hourly_changes(time.time())
         segs = self.catalog.segments
-        return SegmentList([_info(segs[n], *counts.get(n, (0, None))) for n in sorted(segs)])
+        return SegmentList(
+            [_info(segs[n], counts.get(n, MemberCounts()), hourly.get(n)) for n in sorted(segs)]
+        )
 
     async def estimate(self, request: EstimateRequest) -> EstimateResult:
         """Evaluate an expression on a random sample of profiles; nothing is created."""
@@ -243,14 +246,21 @@ class SegmentationApi:
         return JobList(await self.store.jobs(max(1, min(request.limit, 200))))
 
 
-def _info(seg: CompiledSegment, members: int, last: float | None) -> SegmentInfo:
+def _info(seg: CompiledSegment, counts: MemberCounts, hourly: HourlyChanges | None) -> SegmentInfo:
+    if hourly is None:
+        hourly = HourlyChanges([0] * HOURS, [0] * HOURS)
     return SegmentInfo(
         name=seg.name,
         description=seg.spec.description,
         expression=seg.spec.expression,
         method=seg.method,
         reason=seg.reason,
-        members=members,
-        last_evaluation=last,
+        members=counts.realized + counts.existing,
+        last_evaluation=counts.last,
         json=msgspec.json.decode(Catalog.ast_json(seg)),
+        realized=counts.realized,
+        existing=counts.existing,
+        exited=counts.exited,
+        entered_24h=hourly.entered,
+        exited_24h=hourly.exited,
     )

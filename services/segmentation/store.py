@@ -111,15 +111,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        "segmentation",
+        4,
+        "CREATE INDEX memberships_by_since ON memberships (since, segment, status)",
+    ),
 )
 """Version 2: an event row per (profile, event), so that the two halves of a move (left
 one profile, arrived on another) apply in either order.
 Version 3: the merge policies profile publishes on the config stream, by name (a segment
-may name only a known one)."""
+may name only a known one).
+Version 4: memberships by the time of their last change (`since`), with segment and
+status, so that the last day's entries and exits are counted from the index alone."""
 
 TABLES_OF_PROFILES = ("facts", "events", "memberships", "timers")
 """The tables keyed by profile id: what a privacy delete removes."""
 MEMBER = ("realized", "existing")
+HOURS = 24
+HOUR_S = 3600.0
 
 _IDS = "SELECT value FROM json_each(?)"
 _UPSERT_FACTS = (
@@ -224,6 +233,22 @@ class StoredTimer(msgspec.Struct, frozen=True):
     due: float
 
 
+class MemberCounts(msgspec.Struct, frozen=True):
+    """A segment's memberships by status, and when one of them last changed."""
+
+    realized: int = 0
+    existing: int = 0
+    exited: int = 0
+    last: float | None = None
+
+
+class HourlyChanges(msgspec.Struct):
+    """A segment's entries and exits per hour over the last `HOURS` hours, oldest first."""
+
+    entered: list[int]
+    exited: list[int]
+
+
 def _ids(values: Iterable[str]) -> bytes:
     return _json.encode(list(values))
 
@@ -255,16 +280,48 @@ class SegmentationStore:
     ) -> None:
         w.add(_UPSERT_SEGMENT, (name, spec, ast, method, reason, now, now))
 
-    async def member_counts(self) -> dict[str, tuple[int, float | None]]:
-        """Per segment: its members now, and when a membership of it last changed."""
+    async def member_counts(self) -> dict[str, MemberCounts]:
+        """Per segment: its memberships by status now, and when one of them last changed."""
         rows = await self._rows(
-            "SELECT segment, sum(status IN ('realized', 'existing')) AS members, "
+            "SELECT segment, sum(status = 'realized') AS realized, "
+            "sum(status = 'existing') AS existing, sum(status = 'exited') AS exited, "
             "max(updated_at) AS last FROM memberships GROUP BY segment"
         )
         return {
-            str(r["segment"]): (int(r["members"]), None if r["last"] is None else float(r["last"]))
+            str(r["segment"]): MemberCounts(
+                realized=int(r["realized"]),
+                existing=int(r["existing"]),
+                exited=int(r["exited"]),
+                last=None if r["last"] is None else float(r["last"]),
+            )
             for r in rows
         }
+
+    async def hourly_changes(self, now: float) -> dict[str, HourlyChanges]:
+        """Per segment: the memberships that entered and that exited in each of the 24
+        clock hours up to `now` (oldest first, the last one the current hour).
+
+        Read from the memberships as they are now (a membership keeps the time of its last
+        change, `since`; a confirmation by a batch job keeps it): an entry is a member whose
+        membership began in the hour (realized then, `existing` since if a job confirmed
+        it); an exit is a membership that left in the hour and has not come back since. A
+        profile that entered and left within the day counts as one exit only, and one that
+        came back as one entry only. Exits are kept `EXITED_KEPT_S` (30 days), far longer
+        than the day counted. One query over the index by time."""
+        first = (now // HOUR_S - (HOURS - 1)) * HOUR_S
+        rows = await self._rows(
+            "SELECT segment, status = 'exited' AS gone, "
+            "CAST((since - ?) / ? AS INTEGER) AS hour, count(*) AS n FROM memberships "
+            "WHERE since >= ? AND since < ? GROUP BY segment, gone, hour",
+            (first, HOUR_S, first, first + HOURS * HOUR_S),
+        )
+        out: dict[str, HourlyChanges] = {}
+        for r in rows:
+            counts = out.get(r["segment"])
+            if counts is None:
+                counts = out[str(r["segment"])] = HourlyChanges([0] * HOURS, [0] * HOURS)
+            (counts.exited if r["gone"] else counts.entered)[int(r["hour"])] += int(r["n"])
+        return out
 
     # -- merge policies ---------------------------------------------------------------
     @staticmethod
