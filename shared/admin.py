@@ -532,6 +532,15 @@ def finished_segmentation_job(data: bytes) -> JobInfo | None:
 
 
 # -- destinations (cdp destinations) ------------------------------------------------------------
+class ExportFile(msgspec.Struct, kw_only=True):
+    """A file an export wrote (a remote copy uploaded over SFTP has the same name)."""
+
+    name: str
+    rows: int
+    bytes: int
+    created_at: float
+
+
 class DestinationInfo(msgspec.Struct, kw_only=True):
     name: str
     type: str
@@ -546,6 +555,14 @@ class DestinationInfo(msgspec.Struct, kw_only=True):
     last_delivery: float | None
     last_error: str | None
     export_schedule: str | None = None
+    excluded: dict[str, int] = {}
+    """Profiles not activated, by reason: `missing_identity` (no identity the destination
+    needs or its connector can address), `no_consent` (the consent attribute does not allow
+    it), `unrecorded` (skipped before reasons were kept). A streaming destination's counts
+    add up since it was created (their sum is `skipped`); a file destination's are those
+    of its latest export that succeeded."""
+    files: list[ExportFile] = []
+    """A file destination's export files, newest first, at most 20."""
 
 
 class DestinationList(msgspec.Struct):
@@ -600,6 +617,8 @@ class ExportResult(msgspec.Struct, kw_only=True):
     error: str | None = None
     job_id: str | None = None
     """The job id of the ExportRun it answers (`cdp.jobs.export.<destination>.done`)."""
+    excluded: dict[str, int] = {}
+    """Rows left out, by reason (`skipped` is their sum): see DestinationInfo.excluded."""
 
 
 # -- landing and backlog (cdp ingest --wait, cdp status) ------------------------------------

@@ -333,3 +333,64 @@ async def test_a_change_that_carries_events_only_keeps_the_profile_view(
         {"first_name": "Ada"},
         [Identity("email", "ada@example.com")],
     )
+
+
+async def test_profiles_not_activated_are_counted_by_reason(dest: Destinations) -> None:
+    h = dest.h
+    phones = msgspec.convert(
+        {
+            "name": "phones",
+            "type": "webhook",
+            "segments": ["vip"],
+            "connection": {"url": "x"},
+            "identity": "phone",
+        },
+        Destination,
+    )
+    consenting = msgspec.convert(
+        {
+            "name": "consenting",
+            "type": "webhook",
+            "segments": ["vip"],
+            "connection": {"url": "x"},
+            "consent": {"path": "consents.sms", "allow": ["y"]},
+        },
+        Destination,
+    )
+    dest.state.put_destination(phones)
+    dest.state.put_destination(consenting)
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"), joined("p2"))])
+    # p1 and p2 have an email only, and no consent attribute.
+    assert await dest.store.exclusions() == {
+        "consenting": {"no_consent": 2},
+        "phones": {"missing_identity": 2},
+    }
+    stats = await dest.store.stats()
+    assert (stats["phones"].skipped, stats["consenting"].skipped) == (2, 2)
+    assert [q for q in await dest.queued() if q[0] != "hook"] == []
+    # An exit goes to a destination whatever the consent: nothing more excluded there.
+    await h.run(dest.handlers.memberships, [members(h, joined("p1", 200.0, status="exited"))])
+    assert (await dest.store.exclusions())["consenting"] == {"no_consent": 2}
+    assert (await dest.store.exclusions())["phones"] == {"missing_identity": 3}
+
+
+async def test_an_export_lists_the_files_it_wrote_newest_first(dest: Destinations) -> None:
+    h = dest.h
+    await h.run(dest.handlers.memberships, [members(h, joined("p1"), joined("p2"))])
+    first = _json.encode(ExportRun("crm-file", job_id="job-1"))
+    out = await h.run(dest.handlers.jobs, [h.delivery(subjects.export_run("crm-file"), first)])
+    [done] = [msgspec.json.decode(m.payload, type=ExportResult) for m in out.messages]
+    [listed] = (await dest.store.export_files())["crm-file"]
+    path = Path(done.files[0])
+    assert (listed.name, listed.rows, listed.bytes) == (path.name, 2, path.stat().st_size)
+    assert listed.created_at >= done.started_at
+    assert done.excluded == {} and (await dest.store.exclusions()) == {}
+    await h.run(dest.handlers.memberships, [members(h, joined("p3"))])
+    again = _json.encode(ExportRun("crm-file", job_id="job-2"))
+    out = await h.run(dest.handlers.jobs, [h.delivery(subjects.export_run("crm-file"), again)])
+    [later] = [msgspec.json.decode(m.payload, type=ExportResult) for m in out.messages]
+    files = (await dest.store.export_files())["crm-file"]
+    if Path(later.files[0]).name == path.name:  # the same second: the same name, replaced
+        assert [(f.name, f.rows) for f in files] == [(path.name, 3)]
+    else:
+        assert [(f.name, f.rows) for f in files] == [(Path(later.files[0]).name, 3), (path.name, 2)]

@@ -1,10 +1,10 @@
 """From membership changes and the profile view to activations (pure).
 
 `plan` takes a whole batch of changes and returns its effects: for each destination
-connected to a change's segment, the activation to queue, or one more skipped (no
-identity the destination needs, no consent). The delivery queue, the membership consumer,
-a newly connected destination's backfill and the audience managers' `existing` members
-all go through it."""
+connected to a change's segment, the activation to queue, or one more skipped, by reason
+(`MISSING_IDENTITY`: no identity the destination needs; `NO_CONSENT`). The delivery queue,
+the membership consumer, a newly connected destination's backfill and the audience
+managers' `existing` members all go through it."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ STREAMING_TYPES = frozenset(
     {"webhook", "email", "sms", "social", "ads", "audience_sharing", "nats"}
 )
 """Destination types that receive each membership change (the others export files)."""
+MISSING_IDENTITY = "missing_identity"
+"""A profile without an identity the destination needs (its `identity`, or one its
+connector can address: an email list and a profile without an email)."""
+NO_CONSENT = "no_consent"
+"""A profile whose consent attribute does not allow the destination."""
 
 
 def lookup(attributes: Mapping[str, Any], path: str) -> Any:
@@ -58,16 +63,16 @@ def build(
     attributes: Mapping[str, Any],
     with_attributes: bool,
 ) -> tuple[Activation | None, str | None]:
-    """The activation, or None and why it is skipped (no identity, no consent).
+    """The activation, or None and why it is skipped (`MISSING_IDENTITY`, `NO_CONSENT`).
 
     Exits are always sent (a destination must learn that someone left), consent or not.
     Attributes travel only with changes from batch jobs, mapped by the destination.
     """
     ids = identity_map(identities)
     if dest.identity is not None and not ids.get(dest.identity):
-        return None, f"no {dest.identity} identity"
+        return None, MISSING_IDENTITY
     if status != "exited" and not consents(dest, attributes):
-        return None, "no consent"
+        return None, NO_CONSENT
     mapped = (
         {
             field: v
@@ -104,8 +109,8 @@ class Queued(msgspec.Struct, frozen=True):
 
 class Plan(msgspec.Struct):
     queued: list[Queued]
-    skipped: dict[str, int]
-    """Per destination: changes it does not receive."""
+    skipped: dict[str, dict[str, int]]
+    """Per destination: changes it does not receive, by reason."""
 
     @property
     def touched(self) -> set[str]:
@@ -144,7 +149,7 @@ def plan(
         for dest in dests:
             if ev.segment not in dest.segments:
                 continue
-            activation, _why = build(
+            activation, why = build(
                 dest,
                 profile_id=ev.profile_id,
                 segment=ev.segment,
@@ -155,7 +160,9 @@ def plan(
                 with_attributes=ev.method == "batch",
             )
             if activation is None:
-                out.skipped[dest.name] = out.skipped.get(dest.name, 0) + 1
+                reasons = out.skipped.setdefault(dest.name, {})
+                reason = why or MISSING_IDENTITY
+                reasons[reason] = reasons.get(reason, 0) + 1
             else:
                 out.queued.append(Queued(dest.name, activation))
     return out

@@ -188,8 +188,8 @@ class DestinationApi:
         effects = plan(members, [dest], views)
         tx = Tx()
         self.store.enqueue(tx, effects.queued, time.time())
-        if skipped := effects.skipped.get(dest.name, 0):
-            self.store.bump(tx, dest.name, skipped=skipped)
+        if reasons := effects.skipped.get(dest.name):
+            self.store.exclude(tx, dest.name, reasons)
         await self.store.apply(tx)
         self.delivery.wake([dest.name])
         return len(effects.queued)
@@ -298,6 +298,8 @@ class DestinationApi:
         stats = await self.store.stats()
         queue = await self.store.queue_counts()
         dead = await self.store.dead_counts()
+        excluded = await self.store.exclusions()
+        files = await self.store.export_files()
         out = []
         for name, d in sorted(self.state.destinations.items()):
             s = stats.get(name)
@@ -318,6 +320,8 @@ class DestinationApi:
                     last_delivery=s.last_delivery if s is not None else None,
                     last_error=s.last_error if s is not None else None,
                     export_schedule=d.export.schedule if d.export else None,
+                    excluded=excluded.get(name, {}),
+                    files=files.get(name, []),
                 )
             )
         return DestinationList(out)

@@ -21,6 +21,7 @@ import aiohttp
 import structlog
 from nats.aio.client import Client
 
+from services.destination.activation import MISSING_IDENTITY
 from services.destination.connectors import CONNECTORS
 from services.destination.connectors.base import REGION_SETTING
 from services.destination.guard import ALLOW_PRIVATE_SETTING, SECRET_PREFIX
@@ -178,7 +179,7 @@ class DeliveryWorker:
         if len(sendable) < len(items):  # e.g. an email list and a profile without an email
             unsent = [w.id for w, a in items if not connector.addressable(a)]
             self.store.sent(tx, unsent)
-            self.store.bump(tx, dest.name, skipped=len(unsent))
+            self.store.exclude(tx, dest.name, {MISSING_IDENTITY: len(unsent)})
             if not sendable:
                 await self.store.apply(tx)
                 return

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import structlog
 
-from services.destination.activation import View, consents, lookup
+from services.destination.activation import MISSING_IDENTITY, NO_CONSENT, View, consents, lookup
 from services.destination.exports import ExportRow, export_files, incremental_rows
 from services.destination.guard import check_secret_variable, export_folder
 from services.destination.sftp import upload
 from services.destination.store import DestinationStore
-from shared.admin import ExportResult
+from shared.admin import ExportFile, ExportResult
 from shared.config import Settings
 from shared.db import Tx
 from shared.resources import Destination
@@ -49,8 +49,9 @@ class Exporter:
         store = self.store
         settings = self.settings
         files: list[str] = []
+        written_files: list[ExportFile] = []
         counts: dict[str, dict[str, int]] = {}
-        skipped = 0
+        excluded: dict[str, int] = {}
         total = 0
         full = exp.mode == "full" or not await store.exported_before(dest.name)
         new_state: list[tuple[str, str, str]] = []
@@ -73,11 +74,11 @@ class Exporter:
                             None,
                         )
                         if value is None:
-                            skipped += 1
+                            excluded[MISSING_IDENTITY] = excluded.get(MISSING_IDENTITY, 0) + 1
                             continue
                         ident[dest.identity] = value
                     if status != "exited" and not consents(dest, view.attributes):
-                        skipped += 1
+                        excluded[NO_CONSENT] = excluded.get(NO_CONSENT, 0) + 1
                         continue
                     mapped = {
                         field: v
@@ -99,6 +100,13 @@ class Exporter:
                     max_rows=exp.split_rows,
                 )
                 files += [str(f.path) for f in written]
+                at = time.time()
+                written_files += [
+                    ExportFile(
+                        name=f.path.name, rows=f.rows, bytes=f.path.stat().st_size, created_at=at
+                    )
+                    for f in written
+                ]
                 total += len(rows)
                 counts[segment] = seg_counts
                 new_state += [(segment, pid, status) for pid, status in current.items()]
@@ -133,11 +141,12 @@ class Exporter:
             files=files,
             rows=total,
             counts=counts,
-            skipped=skipped,
+            skipped=sum(excluded.values()),
             error=error,
             job_id=job_id,
+            excluded=excluded,
         )
-        store.record_export(tx, result, new_state)
+        store.record_export(tx, result, new_state, written_files)
         self.log.info(
             "export finished", destination=dest.name, status=status, rows=total, files=len(files)
         )

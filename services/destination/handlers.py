@@ -138,8 +138,8 @@ class Handlers:
         now = time.time()
         self.store.enqueue(step.tx, effects.queued, now)
         if count_skipped:
-            for name, n in effects.skipped.items():
-                self.store.bump(step.tx, name, skipped=n)
+            for name, reasons in effects.skipped.items():
+                self.store.exclude(step.tx, name, reasons)
         touched = effects.touched
         if touched:
             step.after_commit(lambda: self.wake(touched))

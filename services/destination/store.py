@@ -10,7 +10,7 @@ that the caller commits: a consumer's step, or `apply` for the API and the worke
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -18,7 +18,7 @@ import msgspec
 
 from services.destination.activation import Queued, View
 from services.destination.model import Activation, SegmentMeta
-from shared.admin import DeadLetter, ExportResult
+from shared.admin import DeadLetter, ExportFile, ExportResult
 from shared.db import Migration, Tx, apply, rows
 from shared.messages import Identity, MembershipEvent
 from shared.resources import Destination
@@ -127,7 +127,35 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX export_jobs_by_job ON export_jobs (job_id)
         """,
     ),
+    Migration(
+        "destination",
+        4,
+        """
+        CREATE TABLE exclusions (
+            destination TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (destination, reason)
+        );
+        INSERT INTO exclusions (destination, reason, n)
+            SELECT destination, 'unrecorded', skipped FROM stats WHERE skipped > 0;
+        CREATE TABLE export_files (
+            destination TEXT NOT NULL,
+            name TEXT NOT NULL,
+            rows INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (destination, name)
+        );
+        CREATE INDEX export_files_by_time ON export_files (destination, created_at)
+        """,
+    ),
 )
+"""Version 4: profiles not activated per destination and reason (`exclusions`; the skips
+counted before are kept as `unrecorded`), and the files exports wrote (`export_files`,
+the latest `FILES_KEPT` per destination)."""
+FILES_KEPT = 100
+FILES_LISTED = 20
 
 MEMBER = ("realized", "existing")
 T = TypeVar("T")
@@ -163,6 +191,15 @@ _BUMP_STATS = (
     "last_error = coalesce(excluded.last_error, last_error)"
 )
 _IN_JSON = "(SELECT value FROM json_each(?))"
+_EXCLUDE = (
+    "INSERT INTO exclusions (destination, reason, n) VALUES (?, ?, ?) "
+    "ON CONFLICT (destination, reason) DO UPDATE SET n = n + excluded.n"
+)
+_PUT_FILE = (
+    "INSERT INTO export_files (destination, name, rows, bytes, created_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (destination, name) DO UPDATE SET "
+    "rows = excluded.rows, bytes = excluded.bytes, created_at = excluded.created_at"
+)
 
 
 class SegmentRow(msgspec.Struct, frozen=True):
@@ -226,6 +263,20 @@ class _Status(msgspec.Struct, frozen=True):
 class _Named(msgspec.Struct, frozen=True):
     destination: str
     n: int
+
+
+class _Excluded(msgspec.Struct, frozen=True):
+    destination: str
+    reason: str
+    n: int
+
+
+class _File(msgspec.Struct, frozen=True):
+    destination: str
+    name: str
+    rows: int
+    bytes: int
+    created_at: float
 
 
 class DestinationStore:
@@ -465,6 +516,22 @@ class DestinationStore:
     ) -> None:
         tx.add(_BUMP_STATS, (destination, delivered, failed, skipped, last_delivery, last_error))
 
+    def exclude(self, tx: Tx, destination: str, reasons: Mapping[str, int]) -> None:
+        """Profiles not activated by `destination`, by reason (also counted as skipped)."""
+        if not reasons:
+            return
+        self.bump(tx, destination, skipped=sum(reasons.values()))
+        tx.add_many(_EXCLUDE, [(destination, r, n) for r, n in sorted(reasons.items())])
+
+    async def exclusions(self) -> dict[str, dict[str, int]]:
+        """Per destination: profiles not activated, by reason."""
+        out: dict[str, dict[str, int]] = {}
+        for r in await self._rows(
+            _Excluded, "SELECT destination, reason, n FROM exclusions ORDER BY destination, reason"
+        ):
+            out.setdefault(r.destination, {})[r.reason] = r.n
+        return out
+
     async def stats(self) -> dict[str, Stats]:
         rows = await self._rows(
             Stats,
@@ -542,12 +609,41 @@ class DestinationStore:
         )
         return [(int(r[0]), _export_result.decode(r[1])) for r in rows]
 
+    async def export_files(self, limit: int = FILES_LISTED) -> dict[str, list[ExportFile]]:
+        """Per destination: the files its exports wrote, newest first, at most `limit`."""
+        out: dict[str, list[ExportFile]] = {}
+        for r in await self._rows(
+            _File,
+            "SELECT destination, name, rows, bytes, created_at FROM (SELECT *, row_number() "
+            "OVER (PARTITION BY destination ORDER BY created_at DESC, name) AS k "
+            "FROM export_files) WHERE k <= ? ORDER BY destination, k",
+            (limit,),
+        ):
+            out.setdefault(r.destination, []).append(
+                ExportFile(name=r.name, rows=r.rows, bytes=r.bytes, created_at=r.created_at)
+            )
+        return out
+
     def record_export(
-        self, tx: Tx, result: ExportResult, state: Sequence[tuple[str, str, str]]
+        self,
+        tx: Tx,
+        result: ExportResult,
+        state: Sequence[tuple[str, str, str]],
+        files: Sequence[ExportFile] = (),
     ) -> None:
-        """An export's job record; if it succeeded, `state` (segment, profile, status) is
-        what the next incremental export starts from."""
+        """An export's job record and the files it wrote (a file of the same name as an
+        earlier one replaces it; the latest `FILES_KEPT` are kept). If it succeeded,
+        `state` (segment, profile, status) is what the next incremental export starts
+        from, and its exclusions by reason are the destination's."""
         name = result.destination
+        if files:
+            tx.add_many(_PUT_FILE, [(name, f.name, f.rows, f.bytes, f.created_at) for f in files])
+            tx.add(
+                "DELETE FROM export_files WHERE destination = ? AND name NOT IN (SELECT name "
+                "FROM export_files WHERE destination = ? ORDER BY created_at DESC, name "
+                "LIMIT ?)",
+                (name, name, FILES_KEPT),
+            )
         if result.status == "succeeded":
             tx.add("DELETE FROM export_state WHERE destination = ?", (name,))
             tx.add_many(
@@ -555,6 +651,8 @@ class DestinationStore:
                 "VALUES (?, ?, ?, ?)",
                 [(name, *row) for row in state],
             )
+            tx.add("DELETE FROM exclusions WHERE destination = ?", (name,))
+            tx.add_many(_EXCLUDE, [(name, r, n) for r, n in sorted(result.excluded.items()) if n])
         tx.add(
             "INSERT INTO export_jobs (destination, trigger, status, started_at, finished_at, "
             "rows, result, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
