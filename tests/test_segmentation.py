@@ -3,6 +3,7 @@ after an ingest publish, time-based exits, batch jobs, inSegment chains, estimat
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import time
@@ -16,9 +17,11 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from typer.testing import CliRunner
 
 from ops.cli import people
 from ops.cli.ingest import run_batch
+from ops.cli.main import app
 from ops.natsd import NatsServer
 from services.identity.service import IdentityService
 from services.ingest.service import IngestService
@@ -433,3 +436,43 @@ async def test_a_segment_reads_the_profile_through_its_merge_policy(
     assert view["attributes"]["updated_at"] == "2026-06-01T00:00:00Z"
     await eventually(lambda: _members(nc, "crm-view", 1))
     assert (await segment_list(nc))["default-view"].members == 0
+
+
+async def _tier(nc: Client, n: int, tier: str) -> None:
+    body = {"loyalty_id": f"T{n}", "loyalty": {"tier": tier}}
+    await nc.jetstream().publish("cdp.ingest.loyalty", json.dumps(body).encode())
+
+
+async def _gold_counts(nc: Client, want: tuple[int, int, int]) -> bool:
+    gold = (await segment_list(nc))["gold"]
+    return (gold.realized, gold.existing, gold.exited) == want
+
+
+async def test_the_segment_list_counts_members_by_status_and_the_days_entries_and_exits(
+    platform: dict[str, Service], nc: Client, nats_server: NatsServer
+) -> None:
+    await apply_segments(nc, {"name": "gold", "expression": 'loyalty.tier = "gold"'})
+    await _tier(nc, 1, "gold")
+    await _tier(nc, 2, "gold")
+    await eventually(lambda: _gold_counts(nc, (2, 0, 0)))
+    job = await admin.request(nc, subjects.admin("segmentation", "job.run"), JobRun(), JobInfo)
+    assert job.job_id
+    await eventually(lambda: _gold_counts(nc, (0, 2, 0)))  # the job confirmed both
+    await _tier(nc, 3, "gold")
+    await _tier(nc, 2, "silver")
+    await eventually(lambda: _gold_counts(nc, (1, 1, 1)))
+    gold = (await segment_list(nc))["gold"]
+    assert gold.members == 2
+    assert len(gold.entered_24h) == len(gold.exited_24h) == 24
+    # T1 entered (its confirmation keeps the time it entered), T3 entered, T2 left.
+    assert (sum(gold.entered_24h), sum(gold.exited_24h)) == (2, 1)
+    assert gold.entered_24h[-1] + gold.entered_24h[-2] == 2  # this hour (or the one before)
+    # `cdp segments` shows them.
+    env = {"CDP_NATS_URL": nats_server.url, "COLUMNS": "240"}
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["segments"], env=env)
+    assert shown.exit_code == 0, shown.output
+    cells = [line.replace("┃", "│").split("│") for line in shown.output.splitlines()]
+    table = [[c.strip() for c in line[1:-1]] for line in cells if len(line) > 2]
+    header, gold_row = table[0], next(r for r in table if r[0] == "gold")
+    shown_counts = {col: gold_row[header.index(col)] for col in header[2:6]}
+    assert shown_counts == {"members": "2", "realized": "1", "existing": "1", "exited": "1"}

@@ -538,7 +538,8 @@ app.add_typer(jobs_app, name="jobs")
 
 @segments_app.callback(invoke_without_command=True)
 def segments(ctx: typer.Context, nats_url: NatsOption = None) -> None:
-    """List segments: name, evaluation method, members, last evaluation."""
+    """List segments: name, evaluation method, members (realized, existing, exited), last
+    evaluation."""
     if ctx.invoked_subcommand is not None:
         return
 
@@ -550,11 +551,27 @@ def segments(ctx: typer.Context, nats_url: NatsOption = None) -> None:
 
     result = run(go)
     table = Table()
-    for col in ("segment", "method", "members", "last evaluation", "why"):
+    for col in (
+        "segment",
+        "method",
+        "members",
+        "realized",
+        "existing",
+        "exited",
+        "last evaluation",
+        "why",
+    ):
         table.add_column(col, overflow="fold")
     for seg in result.segments:
         table.add_row(
-            seg.name, seg.method, str(seg.members), _when(seg.last_evaluation), seg.reason
+            seg.name,
+            seg.method,
+            str(seg.members),
+            str(seg.realized),
+            str(seg.existing),
+            str(seg.exited),
+            _when(seg.last_evaluation),
+            seg.reason,
         )
     console.print(table)
 
