@@ -4,9 +4,11 @@ after an outage with everything delivered once, and a consent rule."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from shared.admin import (
     ApplyManyResult,
     ConfigObject,
     DestinationList,
+    ExportResult,
+    ExportRun,
     JobInfo,
     JobRun,
     ListRequest,
@@ -309,3 +313,43 @@ async def test_audience_sharing_syncs_metadata_first_and_existing_members_at_the
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_destination_list_shows_exclusions_by_reason_and_export_files(
+    platform: dict[str, Service], nc: Client
+) -> None:
+    await destination(
+        nc,
+        {
+            "name": "phones",
+            "type": "webhook",
+            "segments": ["email-optin"],
+            "connection": {"url": "http://127.0.0.1:9/hook"},
+            "secrets": {"signing_secret": "CDP_SECRET_TEST_WEBHOOK"},
+            "identity": "phone",
+        },
+    )
+    await destination(
+        nc,
+        {
+            "name": "optin-file",
+            "type": "file",
+            "segments": ["email-optin"],
+            "export": {"folder": "exports", "schedule": "manual"},
+        },
+    )
+    await customer(nc, 1, "one@example.com")
+    await customer(nc, 2, "two@example.com")
+    # Neither customer has a phone: both left out of `phones`, for that reason.
+    await eventually(lambda: _counts(nc, "phones", skipped=2), timeout=20)
+    assert (await status(nc, "phones")).excluded == {"missing_identity": 2}
+    assert (await status(nc, "phones")).files == []
+    result = await admin.request(
+        nc, subjects.admin("destination", "export.run"), ExportRun("optin-file"), ExportResult
+    )
+    assert (result.status, result.rows) == ("succeeded", 2)
+    listed = await status(nc, "optin-file")
+    written = Path(result.files[0])
+    size = await asyncio.to_thread(os.path.getsize, written)
+    assert [(f.name, f.rows, f.bytes) for f in listed.files] == [(written.name, 2, size)]
+    assert listed.excluded == {}
