@@ -101,11 +101,10 @@ class Exporter:
                 )
                 files += [str(f.path) for f in written]
                 at = time.time()
+                sizes = await asyncio.to_thread(_sizes, [f.path for f in written])
                 written_files += [
-                    ExportFile(
-                        name=f.path.name, rows=f.rows, bytes=f.path.stat().st_size, created_at=at
-                    )
-                    for f in written
+                    ExportFile(name=f.path.name, rows=f.rows, bytes=size, created_at=at)
+                    for f, size in zip(written, sizes, strict=True)
                 ]
                 total += len(rows)
                 counts[segment] = seg_counts
@@ -151,3 +150,8 @@ class Exporter:
             "export finished", destination=dest.name, status=status, rows=total, files=len(files)
         )
         return result
+
+
+def _sizes(paths: list[Path]) -> list[int]:
+    """The sizes in bytes of files just written."""
+    return [p.stat().st_size for p in paths]
