@@ -39,7 +39,12 @@ from shared.admin import (
     ListRequest,
 )
 from shared.runtime import Service
-from tests.destination_servers import AudienceManagerServer, SocialAudienceServer, WebhookServer
+from tests.destination_servers import (
+    AudienceManagerServer,
+    SmsListServer,
+    SocialAudienceServer,
+    WebhookServer,
+)
 from tests.helpers import eventually, running
 
 pytestmark = pytest.mark.asyncio
@@ -199,6 +204,7 @@ async def test_a_consent_rule_keeps_opted_out_profiles_out(
         await eventually(lambda: _skipped(nc, "sms-ok", 1), timeout=20)
         emails = [a["identities"]["email"][0] for a in activations(hook)]
         assert emails == ["yes@example.com"]
+        assert (await status(nc, "sms-ok")).excluded == {"no_consent": 1}
 
 
 async def _counts(nc: Client, name: str, **want: int) -> bool:
@@ -316,7 +322,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_the_destination_list_shows_exclusions_by_reason_and_export_files(
-    platform: dict[str, Service], nc: Client
+    platform: dict[str, Service], nc: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await destination(
         nc,
@@ -338,11 +344,27 @@ async def test_the_destination_list_shows_exclusions_by_reason_and_export_files(
             "export": {"folder": "exports", "schedule": "manual"},
         },
     )
-    await customer(nc, 1, "one@example.com")
-    await customer(nc, 2, "two@example.com")
-    # Neither customer has a phone: both left out of `phones`, for that reason.
-    await eventually(lambda: _counts(nc, "phones", skipped=2), timeout=20)
+    async with SmsListServer(token="sms-key") as sms:
+        monkeypatch.setenv("CDP_SECRET_TEST_SMS", "sms-key")
+        await destination(
+            nc,
+            {
+                "name": "texts",
+                "type": "sms",
+                "segments": ["email-optin"],
+                "connection": {"url": sms.url, "list_id": "l1", "default_region": "US"},
+                "secrets": {"api_key": "CDP_SECRET_TEST_SMS"},
+            },
+        )
+        await customer(nc, 1, "one@example.com")
+        await customer(nc, 2, "two@example.com")
+        # Neither customer has a phone: both left out of `phones` when planned, and of
+        # `texts` (no identity named) when its connector finds no number to send to.
+        await eventually(lambda: _counts(nc, "phones", skipped=2), timeout=20)
+        await eventually(lambda: _counts(nc, "texts", skipped=2, queued=0), timeout=20)
+        assert sms.received == []
     assert (await status(nc, "phones")).excluded == {"missing_identity": 2}
+    assert (await status(nc, "texts")).excluded == {"missing_identity": 2}
     assert (await status(nc, "phones")).files == []
     result = await admin.request(
         nc, subjects.admin("destination", "export.run"), ExportRun("optin-file"), ExportResult
