@@ -438,6 +438,16 @@ class SegmentInfo(msgspec.Struct, kw_only=True):
     last_evaluation: float | None
     json: dict[str, Any]
     """The canonical JSON form of the expression."""
+    realized: int = 0
+    """Members that entered and are still in (realized since they were last out)."""
+    existing: int = 0
+    """Members that were in before and still are."""
+    exited: int = 0
+    """Profiles that were members and left."""
+    entered_24h: list[int] = []
+    """Profiles that entered in each of the last 24 hours, oldest first (empty: unknown)."""
+    exited_24h: list[int] = []
+    """Profiles that exited in each of the last 24 hours, oldest first (empty: unknown)."""
 
 
 class SegmentList(msgspec.Struct):

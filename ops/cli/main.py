@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops.cli import console as console_serve
 from ops.cli import people
 from ops.cli.apply import apply_objects, load_files
 from ops.cli.check import CheckReport, wait_landed
@@ -186,6 +187,38 @@ def health() -> None:
         table.add_row(name, f"{urls[name]}/readyz", "[green]yes[/]" if ok else f"[red]no: {why}[/]")
     console.print(table)
     raise typer.Exit(0 if all(ok for ok, _ in states.values()) else 1)
+
+
+@app.command("console")
+def console_cmd(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The platform's data folder (secrets; default var)."),
+    ] = None,
+    as_admin: Annotated[
+        bool,
+        typer.Option("--admin", help="Connect with the admin key: allows replaying dead letters."),
+    ] = False,
+    bind: Annotated[
+        str | None, typer.Option(help="Address to listen on (default $CDP_BIND or 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default $CDP_CONSOLE_PORT or 8080).")
+    ] = None,
+    nats_url: NatsOption = None,
+) -> None:
+    """Serve the web console: overview, audiences, profiles, destinations, batches.
+    Off a loopback address every page needs the login token (CDP_CONSOLE_TOKEN, else
+    <data dir>/secrets/console.token)."""
+    configure_logging("warning", "console")
+    folder = data_dir or console_serve.data_dir_default()
+    raise typer.Exit(
+        asyncio.run(
+            console_serve.serve(
+                nats_url, folder, as_admin=as_admin, bind=bind, port=port, terminal=console
+            )
+        )
+    )
 
 
 # -- configuration ----------------------------------------------------------------------------
