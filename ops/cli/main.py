@@ -31,6 +31,7 @@ from ops.cli.up import run_up
 from ops.natsd import server_config
 from ops.platform import health_urls, readiness
 from ops.security import (
+    CONSOLE,
     activation_subjects,
     app_names,
     ensure_credentials,
@@ -121,9 +122,10 @@ def secrets(
     ] = False,
 ) -> None:
     """Create the NATS credentials of every key (kept if they exist): one per service,
-    `admin`, `client` and each application named in CDP_APPS; with --nats-config, the
-    server configuration that admits them; with --per-service, a copy of each service's
-    seed alone in `<dir>/<service>/` (what compose mounts into that service).
+    `admin`, `console`, `client` and each application named in CDP_APPS; with
+    --nats-config, the server configuration that admits them; with --per-service, a copy
+    of each service's seed (and the console's) alone in `<dir>/<name>/` (what compose
+    mounts into that container).
     `cdp up` does this itself; compose.yaml runs it once before nats-server starts."""
     keys = ensure_credentials(folder, app_names())
     table = Table()
@@ -134,7 +136,7 @@ def secrets(
         table.add_row(account, str(seed_path(folder, account)), key)
     console.print(table)
     if per_service:
-        for name in SERVICES:
+        for name in (*SERVICES, CONSOLE):
             own = folder / name
             own.mkdir(mode=0o700, exist_ok=True)
             copy = seed_path(own, name)
