@@ -24,11 +24,13 @@ from ops.cli.ingest import run_batch
 from ops.console.app import make_app
 from ops.console.auth import COOKIE
 from ops.console.source import Source, credentials
+from ops.console.views import AUTH
 from ops.platform import Platform
 from ops.security import CONSOLE
 from shared import admin, subjects
 from shared.admin import ApplyMany, ApplyManyResult, ConfigObject, ErrorsQuery, ErrorsResult
 from shared.config import SERVICES
+from shared.log import configure_logging
 from shared.subjects import inbox_prefix
 from tests.helpers import RETAIL_CONFIG, eventually
 
@@ -198,6 +200,27 @@ async def test_the_console_shows_services_audiences_profiles_destinations_and_ba
     finally:
         await adm.close()
 
+    # With --admin (the admin key) a replay is made, with the form token only.
+    seed, prefix = credentials(platform.data_dir, as_admin=True, env={})
+    assert seed is not None and seed.name == "admin.nk"
+    source = Source(platform.nats_url, seed, prefix, can_write=True)
+    await source.start()
+    try:
+        async with Client(TestServer(make_app(source, None))) as operator:
+            page = await _text(operator, "/destinations")
+            token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
+            resp = await operator.post("/destinations/console-hook/replay", data={})
+            assert resp.status == 403
+            form = {"form_token": operator.app[AUTH].form_token()}
+            resp = await operator.post(
+                "/destinations/console-hook/replay", data=form, allow_redirects=False
+            )
+            assert resp.status == 303, await resp.text()
+            assert resp.headers["Location"] == "/destinations?replayed=0"
+            assert token is None  # no dead letters: no replay form shown
+    finally:
+        await source.stop()
+
 
 @pytest.mark.timeout(90)
 async def test_the_console_key_may_read_but_not_change_anything(platform: Platform) -> None:
@@ -247,7 +270,9 @@ async def _async(value: bool) -> bool:
 
 
 @pytest.mark.timeout(30)
-async def test_off_loopback_every_page_needs_the_login_token() -> None:
+async def test_off_loopback_every_page_needs_the_login_token(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """No platform needed: the login stands before every page."""
     token = "console-test-token-9c2e"
     source = Source("nats://127.0.0.1:1", None, inbox_prefix(CONSOLE))  # never connected
@@ -277,6 +302,16 @@ async def test_off_loopback_every_page_needs_the_login_token() -> None:
         page = await client.get("/", allow_redirects=False)
         assert page.status == 200
         assert "not answering" in await page.text()  # no platform behind it: said so
+        configure_logging("info", "json")
+        try:
+            capsys.readouterr()
+            page = await client.get("/profiles?identity=email:ada.private@example.com")
+            assert page.status == 200
+            logged = capsys.readouterr().err
+        finally:
+            configure_logging("warning", "json")
+        assert "/profiles" in logged, "the request is logged"
+        assert "ada.private" not in logged, "a raw email in the console's log"
         # A replay without the admin key is refused whatever the form says.
         resp = await client.post("/destinations/x/replay", data={"form_token": "forged"})
         assert resp.status == 403
