@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import nats.errors
 from rich.console import Console as Terminal
 
 from ops.cli.client import nats_url
@@ -25,8 +26,12 @@ async def serve(
     console = Console(nats_url(url), data_dir, as_admin=as_admin, bind=bind, port=port)
     try:
         await console.start()
-    except OSError as exc:
-        terminal.print(f"[red]cannot start the console: {exc}[/]", soft_wrap=True)
+    except (OSError, nats.errors.Error) as exc:
+        terminal.print(
+            f"[red]cannot start the console: {type(exc).__name__}: {exc}[/]; is the platform "
+            "up (`cdp up`), are --nats-url and --data-dir right?",
+            soft_wrap=True,
+        )
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -36,8 +41,8 @@ async def serve(
         terminal.print(f"web console on [bold]{console.url}[/]", soft_wrap=True)
         if console.token_file is not None:
             terminal.print(f"log in with the token in {console.token_file}", soft_wrap=True)
-        elif os.environ.get("CDP_CONSOLE_TOKEN") and console.bind != "127.0.0.1":
-            terminal.print("log in with CDP_CONSOLE_TOKEN")
+        elif console.login_required:
+            terminal.print("log in with the token of CDP_CONSOLE_TOKEN")
         if not as_admin:
             terminal.print("read-only: start it with --admin to replay dead letters")
         await stop.wait()

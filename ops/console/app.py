@@ -173,6 +173,10 @@ class Console:
         self._runner: web.AppRunner | None = None
 
     @property
+    def login_required(self) -> bool:
+        return self.app[views.AUTH].required
+
+    @property
     def url(self) -> str:
         host = "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
         return f"http://{host}:{self.port}"
