@@ -13,6 +13,9 @@ holds only the public keys, in two accounts:
   durable consumers by their exact names (create, info, fetch, acknowledge) and stream
   info: creating or changing streams is the admin's alone. `admin`, for operators, the
   `cdp` CLI and `cdp up`: everything; replies on `_INBOX_admin.>`.
+  `console`, the web console's key: read-only, in the platform account: only the read
+  admin requests it shows (`CONSOLE_READS`) and `cdp.profile.lookup`; it listens to
+  `cdp.membership.>` and its own `_INBOX_console.>`.
 - `APP`, the applications (`client` and each name in `CDP_APPS`): no JetStream of its
   own; it imports the service `cdp.ingest.>` (JetStream publishes, their PubAck returned
   to the application only), the stream `cdp.membership.>` and the service
@@ -42,7 +45,26 @@ from shared.subjects import inbox_prefix
 
 CLIENT = "client"
 ADMIN = "admin"
-ACCOUNTS: tuple[str, ...] = (*SERVICES, CLIENT, ADMIN)
+CONSOLE = "console"
+ACCOUNTS: tuple[str, ...] = (*SERVICES, CLIENT, ADMIN, CONSOLE)
+
+CONSOLE_READS: tuple[str, ...] = (
+    *(s.admin(service, "status") for service in SERVICES),
+    s.admin("*", "get"),
+    s.admin("segmentation", "list"),
+    s.admin("segmentation", "estimate"),
+    s.admin("segmentation", "jobs"),
+    s.admin("destination", "jobs"),
+    s.admin("destination", "list"),
+    s.admin("destination", "dlq"),
+    s.admin("ingest", "batch.list"),
+    s.admin("ingest", "errors"),
+    s.admin("identity", "lookup"),
+    s.PROFILE_LOOKUP,
+)
+"""The requests the web console's own key may make: reads only. What changes something
+(replaying dead letters, running a job, applying configuration) needs the admin key
+(`cdp console --admin`)."""
 
 DEFAULT_ACTIVATION_SUBJECTS: tuple[str, ...] = ("activation.>",)
 """Where the destination service's NATS connector may publish unless configured otherwise
@@ -112,8 +134,9 @@ _APP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def is_app(account: str) -> bool:
-    """An application key: `client` or one named in `CDP_APPS`, never a service or admin."""
-    return account not in (*SERVICES, ADMIN)
+    """An application key: `client` or one named in `CDP_APPS`, never a service, admin or
+    the console."""
+    return account not in (*SERVICES, ADMIN, CONSOLE)
 
 
 def app_names(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -282,6 +305,11 @@ def permissions(
     """What `account` may do on NATS."""
     if account == ADMIN:
         return Permissions(publish=(">",), subscribe=(">",), allow_responses=True)
+    if account == CONSOLE:
+        return Permissions(
+            publish=CONSOLE_READS,
+            subscribe=(s.MEMBERSHIP_ALL, f"{inbox_prefix(CONSOLE)}.>"),
+        )
     uses = _uses(activation_subjects).get(account)
     if uses is None:
         if not _APP_NAME.match(account):

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from ops import platform
+from ops.natsd import free_port
 from shared.config import SERVICES, port_variable
 from tests.helpers import all_ready
 
@@ -99,6 +100,7 @@ class CdpUp:
                 for k, v in os.environ.items()
                 if k not in ("CDP_NATS_URL", "CDP_NATS_NKEY", *without)
             },
+            "CDP_CONSOLE_PORT": str(free_port()),  # never the default 8080 of a person's console
             **(env or {}),
             **{port_variable(n): str(p) for n, p in ports.items()},
             "CDP_TEST_RUN": str(data_dir),

@@ -43,6 +43,12 @@ async def test_up_brings_every_service_ready_and_ctrl_c_stops_all(tmp_path: Path
         await up.wait_ready(timeout=20)
         await eventually(lambda: up.printed("Ctrl-C to stop"), timeout=10)
         assert len(processes_with_env(up.marker)) >= 7  # nats-server and six services
+        console = f"http://127.0.0.1:{up.env['CDP_CONSOLE_PORT']}"
+        assert f"web console on {console}" in up.text, up.text
+        async with aiohttp.ClientSession() as session, session.get(console) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        assert all(f'data-service="{name}"' in page for name in SERVICES)
         code = await up.interrupt()
     finally:
         await up.close()

@@ -356,3 +356,34 @@ def test_dockerfile_copies_files_that_exist() -> None:
         assert matches or (ROOT / relative).exists(), f"the Dockerfile copies missing {source}"
         excluded = [pattern for pattern in ignored if fnmatch.fnmatch(relative, pattern)]
         assert not excluded, f".dockerignore excludes {source} ({excluded})"
+
+
+# -- the web console -----------------------------------------------------------------------
+CONSOLE = "console"
+
+
+def test_the_console_runs_with_its_own_read_only_key_and_asks_for_a_login() -> None:
+    args = _cli_command(CONSOLE)
+    assert args[0] == "console"
+    help_text = CliRunner().invoke(cli_app, ["console", "--help"]).output
+    assert "--data-dir" in args and "--data-dir" in help_text
+    assert "--admin" not in args, "the console in compose is read-only"
+    env = _environment(CONSOLE)
+    folder = _cli_command(SECRETS)[_cli_command(SECRETS).index("--dir") + 1]
+    assert env.get("CDP_CONSOLE_NKEY") == f"{folder}/console.nk"
+    assert env.get("CDP_BIND") == "0.0.0.0", "off loopback: every page needs the login token"
+    assert urlparse(env.get("CDP_NATS_URL", "")).hostname == NATS
+    port = env.get("CDP_CONSOLE_PORT", "")
+    assert (LOOPBACK, port, port) in _published(CONSOLE)
+    assert f"http://{LOOPBACK}:{port}/healthz" in _healthcheck_text(CONSOLE)
+    # Only its own seed, written by the secrets job into a volume of its own.
+    own = f"{SECRETS}-{CONSOLE}"
+    assert f"{own}:{folder}:ro" in [str(m) for m in _service(CONSOLE).get("volumes") or []]
+    assert _volume_mounts(SECRETS).get(f"{folder}/{CONSOLE}") == own
+    seeds = {v for v in _volume_mounts(CONSOLE).values() if v.startswith(SECRETS)}
+    assert seeds == {own}
+    assert "admin.nk" not in json.dumps(_service(CONSOLE))
+    data = env.get("CDP_DATA_DIR", "")
+    assert _volume_mounts(CONSOLE).get(data) in (_compose().get("volumes") or {})
+    depends_on = _service(CONSOLE).get("depends_on") or {}
+    assert depends_on[NATS]["condition"] == "service_healthy"

@@ -10,8 +10,9 @@ import pytest
 from ops.cli.apply import apply_objects, load_file
 from ops.cli.check import wait_landed
 from ops.platform import Platform
-from ops.security import granted_consumers
-from shared.subjects import ALL_STREAMS
+from ops.security import CONSOLE, granted_consumers, permissions
+from shared.config import SERVICES
+from shared.subjects import ALL_STREAMS, PROFILE_LOOKUP
 from tests.helpers import RETAIL_CONFIG
 
 pytestmark = [pytest.mark.asyncio]
@@ -56,3 +57,15 @@ async def test_every_durable_is_granted_to_its_maker_and_every_grant_is_used(
     assert not_granted == [], "durables made by a service the table does not grant them to"
     unused = {d for grants in granted.values() for d in grants} - on_server
     assert unused == set(), "granted durables that no service makes"
+
+
+def test_every_console_request_is_one_a_service_serves() -> None:
+    """The console's grants name requests some service answers: a grant nobody serves is a
+    typo the console would only find as a timeout."""
+    served = {f"cdp.admin.{name}." for name in SERVICES}
+    for subject in permissions(CONSOLE).publish:
+        if subject == PROFILE_LOOKUP:
+            continue
+        area = subject.split(".")[2]
+        assert area == "*" or any(subject.startswith(p) for p in served), subject
+        assert area == "*" or f"cdp.admin.{area}.>" in permissions(area).subscribe, subject

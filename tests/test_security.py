@@ -30,10 +30,12 @@ from ops.security import (
     ACCOUNTS,
     ADMIN,
     CLIENT,
+    CONSOLE,
     SecurityError,
     app_names,
     cli_credentials,
     ensure_credentials,
+    is_app,
     new_seed,
     permissions,
     public_key,
@@ -81,6 +83,27 @@ def test_the_client_may_ingest_listen_and_look_up_and_nothing_else() -> None:
     assert p.publish_deny == ("cdp.ingest._delete", "cdp.ingest._probe")
     assert set(p.subscribe) == {"cdp.membership.>", "_INBOX_client.>"}
     assert not p.allow_responses
+
+
+def test_the_console_may_only_read_and_listen() -> None:
+    """The web console's own key: the read admin requests it shows and the profile lookup;
+    nothing that changes anything (that needs the admin key, `cdp console --admin`)."""
+    p = permissions(CONSOLE)
+    assert set(p.subscribe) == {"cdp.membership.>", "_INBOX_console.>"}
+    assert not p.allow_responses
+    assert "cdp.profile.lookup" in p.publish
+    assert {"cdp.admin.segmentation.list", "cdp.admin.destination.dlq"} <= set(p.publish)
+    writes = ("apply", "replay", "run", "delete", "export", "rebuild")
+    for subject in p.publish:
+        assert subject.startswith("cdp.admin.") or subject == "cdp.profile.lookup", subject
+        assert ">" not in subject, subject
+        assert not any(part in writes for part in subject.split(".")[3:]), subject
+    assert not is_app(CONSOLE), "the console lives in the platform account"
+    conf = server_authorization({CONSOLE: "UCONSOLE", CLIENT: "UCLIENT"})
+    platform, _, apps = conf.partition("APP: {")
+    assert "UCONSOLE" in platform and "UCONSOLE" not in apps
+    with pytest.raises(SecurityError):
+        app_names({"CDP_APPS": "console"})
 
 
 def test_each_service_serves_only_its_own_admin_area() -> None:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops.cli import console as console_serve
 from ops.cli import people
 from ops.cli.apply import apply_objects, load_files
 from ops.cli.check import CheckReport, wait_landed
@@ -30,6 +31,7 @@ from ops.cli.up import run_up
 from ops.natsd import server_config
 from ops.platform import health_urls, readiness
 from ops.security import (
+    CONSOLE,
     activation_subjects,
     app_names,
     ensure_credentials,
@@ -120,9 +122,10 @@ def secrets(
     ] = False,
 ) -> None:
     """Create the NATS credentials of every key (kept if they exist): one per service,
-    `admin`, `client` and each application named in CDP_APPS; with --nats-config, the
-    server configuration that admits them; with --per-service, a copy of each service's
-    seed alone in `<dir>/<service>/` (what compose mounts into that service).
+    `admin`, `console`, `client` and each application named in CDP_APPS; with
+    --nats-config, the server configuration that admits them; with --per-service, a copy
+    of each service's seed (and the console's) alone in `<dir>/<name>/` (what compose
+    mounts into that container).
     `cdp up` does this itself; compose.yaml runs it once before nats-server starts."""
     keys = ensure_credentials(folder, app_names())
     table = Table()
@@ -133,7 +136,7 @@ def secrets(
         table.add_row(account, str(seed_path(folder, account)), key)
     console.print(table)
     if per_service:
-        for name in SERVICES:
+        for name in (*SERVICES, CONSOLE):
             own = folder / name
             own.mkdir(mode=0o700, exist_ok=True)
             copy = seed_path(own, name)
@@ -186,6 +189,38 @@ def health() -> None:
         table.add_row(name, f"{urls[name]}/readyz", "[green]yes[/]" if ok else f"[red]no: {why}[/]")
     console.print(table)
     raise typer.Exit(0 if all(ok for ok, _ in states.values()) else 1)
+
+
+@app.command("console")
+def console_cmd(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The platform's data folder (secrets; default var)."),
+    ] = None,
+    as_admin: Annotated[
+        bool,
+        typer.Option("--admin", help="Connect with the admin key: allows replaying dead letters."),
+    ] = False,
+    bind: Annotated[
+        str | None, typer.Option(help="Address to listen on (default $CDP_BIND or 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default $CDP_CONSOLE_PORT or 8080).")
+    ] = None,
+    nats_url: NatsOption = None,
+) -> None:
+    """Serve the web console: overview, audiences, profiles, destinations, batches.
+    Off a loopback address every page needs the login token (CDP_CONSOLE_TOKEN, else
+    <data dir>/secrets/console.token)."""
+    configure_logging("warning", "console")
+    folder = data_dir or console_serve.data_dir_default()
+    raise typer.Exit(
+        asyncio.run(
+            console_serve.serve(
+                nats_url, folder, as_admin=as_admin, bind=bind, port=port, terminal=console
+            )
+        )
+    )
 
 
 # -- configuration ----------------------------------------------------------------------------

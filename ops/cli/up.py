@@ -1,6 +1,7 @@
 """`cdp up`: the embedded default. Brings the platform up (ops.platform: nats-server unless
-CDP_NATS_URL names one, the streams, the six services under the supervisor), waits for
-every /readyz, prints the endpoints, and stops everything cleanly on Ctrl-C or SIGTERM."""
+CDP_NATS_URL names one, the streams, the six services under the supervisor) and the web
+console (read-only, in this process), waits for every /readyz, prints the endpoints, and
+stops everything cleanly on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import signal
 import time
 from pathlib import Path
 
+import nats.errors
 from rich.console import Console
 from rich.table import Table
 
+from ops.console.app import Console as WebConsole
 from ops.natsd import NatsServerError
 from ops.platform import Platform, PortsTaken
 from ops.security import ADMIN, CLIENT, cli_credentials
@@ -54,10 +57,30 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
         except NatsServerError as exc:
             console.print(f"[red]cannot start nats-server: {exc}[/]", soft_wrap=True)
             return 1
-        return await _serve(platform, started, stop, console)
+        web = await _start_console(platform, console)
+        try:
+            return await _serve(platform, started, stop, console)
+        finally:
+            if web is not None:
+                await web.stop()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _start_console(platform: Platform, console: Console) -> WebConsole | None:
+    """The web console, read-only, in this process; a console that cannot listen (its
+    port taken) is said and left out: the platform runs without it."""
+    try:
+        web = WebConsole(platform.nats_url, platform.data_dir)
+        await web.start()
+    except (OSError, ValueError, nats.errors.Error) as exc:
+        console.print(f"[yellow]web console not started: {exc}[/]", soft_wrap=True)
+        return None
+    console.print(f"web console on [bold]{web.url}[/]", soft_wrap=True)
+    if web.token_file is not None:
+        console.print(f"log in to it with the token in {web.token_file}", soft_wrap=True)
+    return web
 
 
 async def _serve(platform: Platform, started: float, stop: asyncio.Event, console: Console) -> int:
