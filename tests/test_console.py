@@ -38,6 +38,8 @@ from shared.admin import (
     ErrorsResult,
     EstimateRequest,
     EstimateResult,
+    ExportResult,
+    ExportRun,
 )
 from shared.config import SERVICES
 from shared.log import configure_logging
@@ -127,7 +129,27 @@ async def test_the_console_shows_services_audiences_profiles_destinations_and_ba
                             "connection": {"url": "http://127.0.0.1:9/cdp"},
                             "secrets": {"signing_secret": "CDP_SECRET_CONSOLE_TEST"},
                         },
-                    )
+                    ),
+                    ConfigObject(
+                        "destination",
+                        {
+                            "name": "console-phones",
+                            "type": "webhook",
+                            "segments": ["email-optin"],
+                            "connection": {"url": "http://127.0.0.1:9/cdp"},
+                            "secrets": {"signing_secret": "CDP_SECRET_CONSOLE_TEST"},
+                            "identity": "phone",
+                        },
+                    ),
+                    ConfigObject(
+                        "destination",
+                        {
+                            "name": "console-file",
+                            "type": "file",
+                            "segments": ["email-optin"],
+                            "export": {"folder": "exports", "schedule": "manual"},
+                        },
+                    ),
                 ]
             ),
             ApplyManyResult,
@@ -188,10 +210,27 @@ async def test_the_console_shows_services_audiences_profiles_destinations_and_ba
         bad_query = await _text(console, "/profiles?identity=no-namespace")
         assert "expected &lt;namespace&gt;:&lt;value&gt;" in bad_query
 
-        # Destinations: the configured webhook with its counts.
+        # Destinations: the configured webhook with its counts; the member has no phone,
+        # so the destination that sends phones leaves her out, by that reason; a file
+        # export's file is listed.
         page = await _text(console, "/destinations")
         assert 'data-destination="console-hook"' in page
         assert "webhook" in page
+
+        async def excluded_shown() -> bool:
+            return "missing identity: 1" in await _text(console, "/destinations")
+
+        await eventually(excluded_shown, timeout=20)
+        exported = await admin.request(
+            adm,
+            subjects.admin("destination", "export.run"),
+            ExportRun("console-file"),
+            ExportResult,
+        )
+        assert exported.status == "succeeded" and exported.files
+        page = await _text(console, "/destinations")
+        assert "Files exported by console-file" in page
+        assert html.escape(Path(exported.files[0]).name) in page
 
         # Batches: an ingested file with one bad row, and that row's reason.
         csv = tmp_path / "crm-console.csv"
