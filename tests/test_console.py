@@ -182,6 +182,8 @@ async def test_the_console_shows_services_audiences_profiles_destinations_and_ba
         row = re.search(r'<tr data-segment="email-optin">(.*?)</tr>', page, re.S)
         assert row is not None
         assert '<td class="members">1</td>' in row.group(1)
+        assert "<td>1 / 0 / 0</td>" in row.group(1), "realized / existing / exited"
+        assert 'aria-label="1 entered, 0 exited in the last 24 hours"' in row.group(1)
         assert "streaming" in row.group(1)
         assert "consents.marketing.email = &#34;y&#34;" in row.group(1)
 
