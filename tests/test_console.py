@@ -8,8 +8,10 @@ import asyncio
 import html
 import json
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nats
@@ -373,3 +375,153 @@ async def test_off_loopback_every_page_needs_the_login_token(
         # A replay without the admin key is refused whatever the form says.
         resp = await client.post("/destinations/x/replay", data={"form_token": "forged"})
         assert resp.status == 403
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+"""Where the browser test leaves its screenshots (kept out of git)."""
+
+
+def _browser(user_data: Path) -> Any:
+    """Headless Chromium driven through chromedriver, or a skip that says what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(
+            f"no headless browser: {', '.join(missing)} missing (scripts/test installs Debian's "
+            "chromium and chromium-driver where it runs as root with apt-get)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={user_data}",
+    ):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
+    return webdriver.Chrome(options=options, service=service)
+
+
+def _screenshot(driver: Any, name: str) -> None:
+    """The whole page (the window made as tall as the page) as test-artifacts/<name>.png."""
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    driver.set_window_size(1400, max(1000, min(height + 40, 6000)))
+    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    driver.set_window_size(1400, 1000)
+
+
+async def _until(check: Callable[[], bool], timeout: float) -> None:
+    """Wait until `check` (a blocking browser call, run in a thread) holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(check):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("the page did not change in time")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+async def test_in_a_browser_an_audience_fills_live_and_a_profile_shows_its_graph(
+    platform: Platform, console: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headless Chromium opens the audiences page; a customer who accepts email arrives
+    on the stream and the email-optin row counts her without a reload; then her profile,
+    looked up through the search form, shows her identity graph. Screenshots are left in
+    test-artifacts/."""
+    driver = await asyncio.to_thread(_browser, tmp_path / "chromium")
+    ARTIFACTS.mkdir(exist_ok=True)
+    by = pytest.importorskip("selenium.webdriver.common.by").By
+    base = str(console.make_url("/")).rstrip("/")
+    monkeypatch.setenv("CDP_SECRET_CONSOLE_TEST", "a-signing-secret")
+    adm = await platform.connect("test-console-browser")
+    try:
+        hooks = [
+            {
+                "name": name,
+                "type": "webhook",
+                "segments": ["email-optin"],
+                "connection": {"url": "http://127.0.0.1:9/cdp"},
+                "secrets": {"signing_secret": "CDP_SECRET_CONSOLE_TEST"},
+                **extra,
+            }
+            for name, extra in (("crm-webhook", {}), ("phone-webhook", {"identity": "phone"}))
+        ]
+        await admin.request(
+            adm,
+            subjects.admin("destination", "apply"),
+            ApplyMany([ConfigObject("destination", h) for h in hooks]),
+            ApplyManyResult,
+        )
+        await asyncio.to_thread(driver.get, f"{base}/audiences")
+        row = 'tr[data-segment="email-optin"]'
+
+        def cell(name: str) -> str:
+            return str(driver.find_element(by.CSS_SELECTOR, f"{row} .{name}").text)
+
+        assert await asyncio.to_thread(cell, "members") == "0"
+        record = {
+            "crm_id": "BROWSER1",
+            "email": "grace.browser@example.com",
+            "person": {"name": {"first": "Grace", "last": "Hopper"}},
+            "consents": {"marketing": {"email": "y", "sms": "n", "any": "y"}},
+        }
+        await adm.jetstream().publish("cdp.ingest.crm", json.dumps(record).encode())
+        await _until(lambda: cell("members") == "1" and cell("live-entered") == "1", 30)
+        login = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "eventType": "app.login",
+            "ecid": "browser-cookie",
+            "email": "grace.browser@example.com",
+            "device": {"type": "mobile", "os": "iOS"},
+        }
+        await adm.jetstream().publish("cdp.ingest.web", json.dumps(login).encode())
+        await asyncio.to_thread(_screenshot, driver, "console-audiences")
+
+        await asyncio.to_thread(driver.get, f"{base}/profiles")
+
+        def search() -> None:
+            box = driver.find_element(by.ID, "identity")
+            box.send_keys("email:grace.browser@example.com")
+            box.submit()
+
+        await asyncio.to_thread(search)
+
+        def graph_drawn() -> bool:
+            found = driver.find_elements(by.CSS_SELECTOR, "#graph svg.graph")
+            drawn = str(found[0].get_attribute("innerHTML")) if found else ""
+            return "email:grace.browser@example.com" in drawn and "ecid:browser-cookie" in drawn
+
+        async def reload_until_drawn() -> None:
+            for _ in range(60):  # the login may land after the first look-up: look again
+                if await asyncio.to_thread(graph_drawn):
+                    return
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(driver.refresh)
+            raise AssertionError("the profile's graph never showed the device")
+
+        await reload_until_drawn()
+        page = await asyncio.to_thread(lambda: str(driver.page_source))
+        assert "BROWSER1" in page and "Grace" in page
+        await asyncio.to_thread(_screenshot, driver, "console-profile")
+
+        await asyncio.to_thread(driver.get, f"{base}/destinations")
+
+        def left_out_shown() -> bool:
+            driver.refresh()
+            return "missing identity: 1" in str(driver.page_source)
+
+        await _until(left_out_shown, 30)
+        await asyncio.to_thread(_screenshot, driver, "console-destinations")
+    finally:
+        await asyncio.to_thread(driver.quit)
+        await adm.close()
