@@ -1114,6 +1114,12 @@ def journeys(prefix: str, now: float) -> st.SearchStrategy[Journey]:
     return build()
 
 
+def small_journey(prefix: str, now: float, people: int, seed: int) -> Journey:
+    """A small journey (the sizes `journeys` draws with) from a seed: the same for the same
+    arguments, whatever else ran before."""
+    return _generate(_RandomChooser(seed), prefix, now, people, _SMALL)
+
+
 def big_journey(prefix: str, now: float, people: int, seed: int) -> Journey:
     """A large realistic journey (for 2,000 people: over 10,000 events), the same for the same
     arguments."""

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import phonenumbers
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import given, settings
 
 from tests.journeys import (
     DAY,
@@ -37,6 +37,7 @@ from tests.journeys import (
     rebase,
     record_keys,
     runs,
+    small_journey,
 )
 
 NOW = 1_780_000_000.0
@@ -674,11 +675,12 @@ def check_journey(j: Journey) -> ModelState:
 @settings(max_examples=200, deadline=None)
 @given(journeys(PREFIX, NOW))
 def test_generated_journeys_are_well_formed(j: Journey) -> None:
-    """Generated small journeys hold 2 to 4 people and at most 30 steps of valid records with
-    prefixed identities and ids, distinct updated_at values and event times away from the
-    segment windows' edges; the model places each event and identity at most once."""
+    """Generated small journeys name at most 4 people (a journey of anonymous visitors
+    only names none) in at most 30 steps of valid records with prefixed identities and ids,
+    distinct updated_at values and event times away from the segment windows' edges; the
+    model places each event and identity at most once."""
     assert 1 <= len(j.steps) <= 30
-    assert len(people_of(j)) >= 1 and people_of(j) <= {1, 2, 3, 4}
+    assert people_of(j) <= {1, 2, 3, 4}
     check_journey(j)
 
 
@@ -705,18 +707,16 @@ def shapes(j: Journey) -> Counter[str]:
 
 
 def test_generator_exercises_every_rule() -> None:
-    """Over a few hundred generated journeys the model merges, moves (cookies with events),
-    refuses, splits, deletes and keeps late rows from overwriting, each at least once, and the
-    journeys hold odd-cased emails, logins before the CRM row and records after a delete."""
+    """Over a few hundred small journeys (the sizes the hypothesis strategy draws with, from
+    fixed seeds, so that the count does not depend on what ran before) the model merges,
+    moves (cookies with events), refuses, splits, deletes and keeps late rows from
+    overwriting, each at least once, and the journeys hold odd-cased emails, logins before
+    the CRM row and records after a delete."""
     total: Counter[str] = Counter()
-
-    @settings(max_examples=300, derandomize=True, database=None, phases=[Phase.generate])
-    @given(journeys(PREFIX, NOW))
-    def tally(j: Journey) -> None:
+    for seed in range(300):
+        j = small_journey(PREFIX, NOW, 2 + seed % 3, seed)
         total.update(coverage(j))
         total.update(shapes(j))
-
-    tally()
     for name in ("merges", "moves", "moves_with_events", "refusals", "splits", "deletes"):
         assert total[name] > 0, f"no {name} in {dict(total)}"
     for name in ("late_rows", "odd_email", "login_before_crm_row", "record_after_its_delete"):
