@@ -59,7 +59,7 @@ async def test_every_durable_is_granted_to_its_maker_and_every_grant_is_used(
     assert unused == set(), "granted durables that no service makes"
 
 
-def test_every_console_request_is_one_a_service_serves() -> None:
+async def test_every_console_request_is_one_a_service_serves() -> None:
     """The console's grants name requests some service answers: a grant nobody serves is a
     typo the console would only find as a timeout."""
     served = {f"cdp.admin.{name}." for name in SERVICES}
