@@ -162,6 +162,7 @@ async def test_the_console_shows_services_audiences_profiles_destinations_and_ba
         for name in SERVICES:
             assert f'data-service="{name}"' in page
         assert page.count('<span class="ok">ready</span>') == len(SERVICES)
+        assert '<strong id="ingest-rate">-</strong>' in page, "no rate before a second look"
 
         # Audiences: the live stream sends the count change of a segment being realized.
         live = await console.get("/audiences/live")
@@ -213,6 +214,15 @@ async def test_the_console_shows_services_audiences_profiles_destinations_and_ba
         assert "CONSOLE1" in svg and "<line" in svg
         bad_query = await _text(console, "/profiles?identity=no-namespace")
         assert "expected &lt;namespace&gt;:&lt;value&gt;" in bad_query
+
+        # Overview again: the records streamed since its first look make an ingest rate.
+        async def rate_shown() -> bool:
+            found = re.search(
+                r'<strong id="ingest-rate">([0-9.]+)</strong>', await _text(console, "/")
+            )
+            return found is not None and float(found.group(1)) > 0
+
+        await eventually(rate_shown, timeout=20)
 
         # Destinations: the configured webhook with its counts; the member has no phone,
         # so the destination that sends phones leaves her out, by that reason; a file

@@ -123,6 +123,7 @@ def make_app(source: Source, token: str | None) -> web.Application:
     )
     app[views.SOURCE] = source
     app[views.AUTH] = auth
+    app[views.RATE] = views.IngestRate()
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(HERE / "templates"),

@@ -43,6 +43,29 @@ log = structlog.get_logger(component="console")
 SOURCE: web.AppKey[Source] = web.AppKey("source", Source)
 AUTH: web.AppKey[Auth] = web.AppKey("auth", Auth)
 
+
+class IngestRate:
+    """Records per second the ingest service applied from `CDP_INGEST` (the streaming doors,
+    NATS and HTTP), from its consumer's offset at two overview refreshes at least
+    `MIN_SPAN` seconds apart."""
+
+    MIN_SPAN = 1.0
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int] | None = None
+        self.rate: float | None = None
+
+    def sample(self, at: float, offset: int) -> float | None:
+        if self.last is None or offset < self.last[1]:  # first look, or the stream was reset
+            self.last = (at, offset)
+        elif at - self.last[0] >= self.MIN_SPAN:
+            self.rate = (offset - self.last[1]) / (at - self.last[0])
+            self.last = (at, offset)
+        return self.rate
+
+
+RATE: web.AppKey[IngestRate] = web.AppKey("ingest_rate", IngestRate)
+
 _IDENTITY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}:\S.{0,319}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_EXPRESSION = 4000
@@ -86,7 +109,16 @@ async def _overview(request: web.Request) -> dict[str, Any]:
     )[:10]
     hour_ago = time.time() - 3600
     recent = [b for b in (batches.batches if batches else []) if b.created_at >= hour_ago]
+    doors = [
+        c.offset
+        for name, got, _ in statuses
+        if name == "ingest" and got
+        for c in got.consumers
+        if c.stream == subjects.STREAM_INGEST.name
+    ]
+    rate = request.app[RATE].sample(time.monotonic(), doors[0]) if doors else None
     return {
+        "ingest_rate": rate,
         "services": [
             {
                 "name": name,
