@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client
+from typer.testing import CliRunner
 
 from ops.cli.apply import apply_objects, load_file
+from ops.cli.main import app
 from ops.natsd import NatsServer
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
@@ -322,7 +324,10 @@ async def _true(value: bool) -> bool:
 
 
 async def test_the_destination_list_shows_exclusions_by_reason_and_export_files(
-    platform: dict[str, Service], nc: Client, monkeypatch: pytest.MonkeyPatch
+    platform: dict[str, Service],
+    nc: Client,
+    nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await destination(
         nc,
@@ -375,3 +380,14 @@ async def test_the_destination_list_shows_exclusions_by_reason_and_export_files(
     size = await asyncio.to_thread(os.path.getsize, written)
     assert [(f.name, f.rows, f.bytes) for f in listed.files] == [(written.name, 2, size)]
     assert listed.excluded == {}
+    # `cdp destinations` shows the reasons and the latest file.
+    env = {"CDP_NATS_URL": nats_server.url, "COLUMNS": "240"}
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["destinations"], env=env)
+    assert shown.exit_code == 0, shown.output
+    rows = {
+        cells[1].strip(): [c.strip() for c in cells[1:-1]]
+        for cells in (line.split("│") for line in shown.output.splitlines())
+        if len(cells) > 2
+    }
+    assert rows["phones"][6] == "2 (missing identity 2)"
+    assert f"optin-file: latest file {written.name} (2 rows, {size:,} bytes" in shown.output

@@ -719,7 +719,8 @@ app.add_typer(destinations_app, name="destinations")
 
 @destinations_app.callback(invoke_without_command=True)
 def destinations(ctx: typer.Context, nats_url: NatsOption = None) -> None:
-    """Each destination's status, last delivery, and counts delivered, failed and skipped."""
+    """Each destination's status, last delivery, counts delivered, failed and skipped (with
+    the reasons profiles were left out), and a file destination's latest export file."""
     if ctx.invoked_subcommand is not None:
         return
 
@@ -751,11 +752,26 @@ def destinations(ctx: typer.Context, nats_url: NatsOption = None) -> None:
             str(d.queued),
             str(d.delivered),
             str(d.failed),
-            str(d.skipped),
+            _skipped(d.skipped, d.excluded),
             str(d.dead_letters),
             _when(d.last_delivery),
         )
     console.print(table)
+    for d in result.destinations:
+        if d.files:
+            f = d.files[0]
+            console.print(
+                f"{d.name}: latest file {f.name} ({f.rows:,} rows, {f.bytes:,} bytes, "
+                f"{_when(f.created_at)}), {len(d.files)} listed"
+            )
+
+
+def _skipped(total: int, by_reason: dict[str, int]) -> str:
+    """`3 (missing identity 2, no consent 1)`: profiles left out, and why."""
+    reasons = ", ".join(
+        f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(by_reason.items()) if n
+    )
+    return f"{total} ({reasons})" if reasons else str(total)
 
 
 @destinations_app.command("dlq")
