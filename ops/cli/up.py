@@ -58,11 +58,7 @@ async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
             console.print(f"[red]cannot start nats-server: {exc}[/]", soft_wrap=True)
             return 1
         web = await _start_console(platform, console)
-        try:
-            return await _serve(platform, started, stop, console)
-        finally:
-            if web is not None:
-                await web.stop()
+        return await _serve(platform, started, stop, console, web)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -83,7 +79,13 @@ async def _start_console(platform: Platform, console: Console) -> WebConsole | N
     return web
 
 
-async def _serve(platform: Platform, started: float, stop: asyncio.Event, console: Console) -> int:
+async def _serve(
+    platform: Platform,
+    started: float,
+    stop: asyncio.Event,
+    console: Console,
+    web: WebConsole | None,
+) -> int:
     """Print where things are, wait until ready (or Ctrl-C), then until Ctrl-C; stop."""
     if platform.embedded:
         console.print(
@@ -119,7 +121,11 @@ async def _serve(platform: Platform, started: float, stop: asyncio.Event, consol
         await stopped
     finally:
         console.print("stopping…")
-        codes = await platform.stop()
+        try:
+            if web is not None:  # before nats-server goes: its connection drains while it can
+                await web.stop()
+        finally:
+            codes = await platform.stop()
         bad = {n: c for n, c in codes.items() if c not in (0, None)}
         if bad:
             console.print(f"[red]services exited with errors: {bad}[/]")

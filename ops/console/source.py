@@ -49,6 +49,10 @@ def credentials(
     return (local if local.exists() else None), inbox_prefix(account)
 
 
+DRAIN_TIMEOUT_S = 5.0
+"""How long stopping waits for the connection to drain before closing it."""
+
+
 class Source:
     """One NATS connection, opened by `start()` and closed by `stop()`."""
 
@@ -81,10 +85,13 @@ class Source:
 
     async def stop(self) -> None:
         self.feed.close()
-        if self.nc is not None:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await self.nc.drain()
-            self.nc = None
+        nc, self.nc = self.nc, None
+        if nc is not None:
+            # Bounded: a server already gone would keep a drain waiting for a reconnect.
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT_S)
+            if not nc.is_closed:
+                await nc.close()
 
     async def ask(
         self, subject: str, payload: msgspec.Struct, result: type[T], timeout: float = 5.0
