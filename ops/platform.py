@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-import secrets as token_source
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from ops.security import (
     ensure_credentials,
     seed_path,
     server_authorization,
+    token_file,
 )
 from ops.supervisor import ProcessSpec, Supervisor
 from shared.config import SERVICES, load_settings, port_variable
@@ -87,16 +87,7 @@ def service_class(name: str) -> type[Service]:
 def profile_token(secrets: Path) -> tuple[str, Path | None]:
     """The bearer token of `GET /v1/profiles`: CDP_PROFILE_TOKEN when given, else the one in
     `<secrets>/profile.token`, written (0600) at first start."""
-    given = os.environ.get("CDP_PROFILE_TOKEN")
-    if given:
-        return given, None
-    path = secrets / PROFILE_TOKEN_FILE
-    if not path.exists():
-        secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token_source.token_urlsafe(32) + "\n")
-    return path.read_text().strip(), path
+    return token_file(secrets, PROFILE_TOKEN_FILE, "CDP_PROFILE_TOKEN")
 
 
 def probe_host(bind: str) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets as token_source
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -116,6 +117,27 @@ def _account_of(seed: Path, secrets: Path) -> str | None:
         except (OSError, nkeys.NkeysError, ValueError):
             continue
     return None
+
+
+def token_file(
+    secrets_dir: Path, name: str, variable: str, env: Mapping[str, str] | None = None
+) -> tuple[str, Path | None]:
+    """A bearer or login token: `variable` when set (no file), else the one in
+    `<secrets>/<name>`, written (0600, in a 0700 folder) the first time it is asked for; a
+    second process asking at the same moment reads the first one's."""
+    given = (os.environ if env is None else env).get(variable)
+    if given:
+        return given, None
+    path = secrets_dir / name
+    if not path.exists():
+        secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip(), path
+        with os.fdopen(fd, "w") as f:
+            f.write(token_source.token_urlsafe(32) + "\n")
+    return path.read_text().strip(), path
 
 
 class SecurityError(CdpError):

@@ -23,6 +23,7 @@ from aiohttp import web
 from ops.console import views
 from ops.console.auth import Auth, Handler, console_token, is_loopback, middleware
 from ops.console.source import Source, credentials
+from ops.platform import probe_host
 from shared.log import redact_text
 
 HERE = Path(__file__).resolve().parent
@@ -179,8 +180,7 @@ class Console:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
-        return f"http://{host}:{self.port}"
+        return f"http://{probe_host(self.bind)}:{self.port}"
 
     async def start(self) -> None:
         await self.source.start()

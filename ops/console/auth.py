@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import os
-import secrets as token_source
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+
+from ops.security import token_file
 
 TOKEN_FILE = "console.token"
 COOKIE = "cdp_console"
@@ -29,19 +29,7 @@ _OPEN_PATHS = ("/login", "/static/", "/healthz")
 def console_token(secrets_dir: Path, env: dict[str, str] | None = None) -> tuple[str, Path | None]:
     """CDP_CONSOLE_TOKEN when given, else the one in `<secrets>/console.token`, written
     (0600) the first time it is asked for."""
-    given = (os.environ if env is None else env).get("CDP_CONSOLE_TOKEN")
-    if given:
-        return given, None
-    path = secrets_dir / TOKEN_FILE
-    if not path.exists():
-        secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_text().strip(), path
-        with os.fdopen(fd, "w") as f:
-            f.write(token_source.token_urlsafe(32) + "\n")
-    return path.read_text().strip(), path
+    return token_file(secrets_dir, TOKEN_FILE, "CDP_CONSOLE_TOKEN", env)
 
 
 def is_loopback(host: str) -> bool:

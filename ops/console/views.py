@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 import aiohttp_jinja2
-import msgspec
 import structlog
 from aiohttp import web
 
+from ops.cli.people import IdentityQuery, ProfileQuery
 from ops.console.auth import Auth
 from ops.console.drawing import bars, graph_layout, when
 from ops.console.source import Source
@@ -21,6 +21,7 @@ from shared import subjects
 from shared.admin import (
     BatchListResult,
     DeadLetters,
+    DestinationInfo,
     DestinationList,
     DestinationQuery,
     ErrorsQuery,
@@ -236,8 +237,10 @@ async def profiles(request: web.Request) -> web.StreamResponse:
 async def _profile(request: web.Request, identity: str) -> dict[str, Any]:
     src = _source(request)
     (view, error), (graph, graph_error), (policies, _) = await asyncio.gather(
-        src.ask_or_error(subjects.PROFILE_LOOKUP, _Lookup(identity), dict[str, Any]),
-        src.ask_or_error(subjects.admin("identity", "lookup"), _Graph(identity), dict[str, Any]),
+        src.ask_or_error(subjects.PROFILE_LOOKUP, ProfileQuery(identity), dict[str, Any]),
+        src.ask_or_error(
+            subjects.admin("identity", "lookup"), IdentityQuery(identity), dict[str, Any]
+        ),
         src.ask_or_error(subjects.admin("profile", "get"), GetRequest("merge_policy"), GetResult),
     )
     by_policy: list[dict[str, Any]] = []
@@ -247,7 +250,7 @@ async def _profile(request: web.Request, identity: str) -> dict[str, Any]:
         looked = await asyncio.gather(
             *(
                 src.ask_or_error(
-                    subjects.PROFILE_LOOKUP, _Lookup(identity, merge_policy=n, events=0), dict
+                    subjects.PROFILE_LOOKUP, ProfileQuery(identity, merge_policy=n, events=0), dict
                 )
                 for n in others
             )
@@ -283,15 +286,20 @@ async def destinations(request: web.Request) -> web.StreamResponse:
     found, error = await src.ask_or_error(
         subjects.admin("destination", "list"), ListRequest(), DestinationList
     )
-    rows = []
-    for d in found.destinations if found else []:
-        dlq: DeadLetters | None = None
-        dlq_error = None
-        if d.dead_letters:
-            dlq, dlq_error = await src.ask_or_error(
-                subjects.admin("destination", "dlq"), DestinationQuery(d.name, 20), DeadLetters
-            )
-        rows.append({"info": d, "dlq": dlq.items if dlq else [], "dlq_error": dlq_error})
+    listed = found.destinations if found else []
+
+    async def dead_letters(d: DestinationInfo) -> tuple[DeadLetters | None, str | None]:
+        if not d.dead_letters:
+            return None, None
+        return await src.ask_or_error(
+            subjects.admin("destination", "dlq"), DestinationQuery(d.name, 20), DeadLetters
+        )
+
+    letters = await asyncio.gather(*(dead_letters(d) for d in listed))
+    rows = [
+        {"info": d, "dlq": dlq.items if dlq else [], "dlq_error": dlq_error}
+        for d, (dlq, dlq_error) in zip(listed, letters, strict=True)
+    ]
     context = {
         **_common(request, "destinations"),
         "destinations": rows,
@@ -345,14 +353,3 @@ async def batches(request: web.Request) -> web.StreamResponse:
         "rejected_error": rejected_error,
     }
     return aiohttp_jinja2.render_template("batches.html", request, context)
-
-
-# -- requests of the profile and identity services ----------------------------------------
-class _Lookup(msgspec.Struct, omit_defaults=True):
-    identity: str
-    merge_policy: str | None = None
-    events: int = 20
-
-
-class _Graph(msgspec.Struct):
-    identity: str
