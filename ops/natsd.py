@@ -12,10 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
 
 from shared.errors import CdpError
 from shared.runtime.tasks import cancel
@@ -73,8 +76,18 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
+class Routes(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's place in a cluster: the cluster's name, the port it takes routes on, and
+    the route URLs of the other nodes (`nats://host:port`)."""
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+
+
 class NatsServer:
-    """One nats-server process with JetStream storing under `store_dir`."""
+    """One nats-server process with JetStream storing under `store_dir` (with `routes`, a
+    node of a cluster)."""
 
     def __init__(
         self,
@@ -86,8 +99,12 @@ class NatsServer:
         extra_args: tuple[str, ...] = (),
         authorization: str | None = None,
         monitor_port: int | None = None,
+        server_name: str = "cdp",
+        routes: Routes | None = None,
     ) -> None:
         self.store_dir = store_dir
+        self.server_name = server_name
+        self.routes = routes
         self.monitor_port = monitor_port
         """nats-server's monitoring port (on `host`), for `jetstream_enabled`; none: off."""
         self.port = port
@@ -103,7 +120,12 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     async def start(self, timeout: float = 10.0) -> None:
-        for port, what in ((self.port, "NATS"), (self.monitor_port, "NATS monitoring")):
+        route_port = self.routes.port if self.routes else None
+        for port, what in (
+            (self.port, "NATS"),
+            (self.monitor_port, "NATS monitoring"),
+            (route_port, "NATS cluster routes"),
+        ):
             if port and port_taken(self.host, port):
                 # nats-server would fail, and whatever listens there would look like it.
                 raise NatsServerError(
@@ -128,8 +150,9 @@ class NatsServer:
             "--port",
             str(self.port),
             "--server_name",
-            "cdp",
+            self.server_name,
             *(("--http_port", str(self.monitor_port)) if self.monitor_port else ()),
+            *(self._cluster_args() if self.routes else ()),
             *self.extra_args,
         ]
         # Start-up only: a blocking open and spawn are fine here.
@@ -146,6 +169,31 @@ class NatsServer:
             if self.log_file and not isinstance(out, int):
                 out.close()
         await self._wait_listening(timeout)
+
+    def _cluster_args(self) -> tuple[str, ...]:
+        assert self.routes is not None
+        return (
+            "--cluster_name",
+            self.routes.name,
+            "--cluster",
+            f"nats://{self.host}:{self.routes.port}",
+            "--routes",
+            ",".join(self.routes.routes),
+        )
+
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        """Whether nats-server's monitoring `/healthz` answers 200: listening, and on a
+        cluster, JetStream's meta layer current (a leader is known)."""
+        if self.monitor_port is None:
+            raise NatsServerError("no monitoring port configured")
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                session.get(f"http://{self.host}:{self.monitor_port}/healthz") as resp,
+            ):
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
 
     async def _wait_listening(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -213,6 +261,152 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+class NatsCluster:
+    """`size` nats-server nodes on one host, each with its own client, route and
+    monitoring port, JetStream folder (`<store_dir>/<name>-<n>`) and server name, routed
+    to each other: one JetStream cluster. A client given every URL (`url`, comma-separated,
+    or `urls`) moves to another node when its own goes.
+
+    `ports` and `route_ports`: the nodes' client and route ports (none: free ones)."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        size: int = 3,
+        *,
+        name: str = "cdp",
+        host: str = "127.0.0.1",
+        ports: Sequence[int] | None = None,
+        route_ports: Sequence[int] | None = None,
+        log_dir: Path | None = None,
+        authorization: str | None = None,
+    ) -> None:
+        if size < 1:
+            raise NatsServerError(f"a cluster has at least one node, not {size}")
+        ports = list(ports) if ports is not None else [free_port(host) for _ in range(size)]
+        route_ports = (
+            list(route_ports) if route_ports is not None else [free_port(host) for _ in range(size)]
+        )
+        if len(ports) != size or len(route_ports) != size:
+            raise NatsServerError(f"{size} nodes need {size} client ports and route ports")
+        self.name = name
+        self.store_dir = store_dir
+        every_route = [f"nats://{host}:{p}" for p in route_ports]
+        self.nodes: list[NatsServer] = [
+            NatsServer(
+                store_dir / f"{name}-{i + 1}",
+                port=ports[i],
+                host=host,
+                log_file=log_dir / f"nats-{i + 1}.log" if log_dir else None,
+                authorization=authorization,
+                monitor_port=free_port(host),
+                server_name=f"{name}-{i + 1}",
+                routes=Routes(
+                    name=name,
+                    port=route_ports[i],
+                    routes=tuple(r for j, r in enumerate(every_route) if j != i),
+                ),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (as CDP_NATS_URL takes them)."""
+        return ",".join(self.urls)
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node called `server_name` (as JetStream names a stream's leader)."""
+        for node in self.nodes:
+            if node.server_name == server_name:
+                return node
+        raise NatsServerError(f"no node named {server_name!r} in cluster {self.name}")
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start every node, then wait until each is healthy (JetStream has a leader).
+        Stops what it started before raising."""
+        try:
+            await asyncio.gather(*(node.start() for node in self.nodes))
+            await self.wait_healthy(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every running node answers 200 on /healthz (NatsServerError after
+        `timeout`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            running = [n for n in self.nodes if n.proc is not None]
+            states = await asyncio.gather(*(n.healthy() for n in running))
+            if all(states):
+                return
+            if loop.time() > deadline:
+                sick = [n.server_name for n, ok in zip(running, states, strict=True) if not ok]
+                raise NatsServerError(f"cluster nodes not healthy in {timeout}s: {sick}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Stop every node (idempotent)."""
+        await asyncio.gather(*(node.stop() for node in self.nodes))
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+class Replica(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    current: bool
+    lag: int
+    offline: bool
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    stream: str
+    leader: str
+    """The server name of the node that orders the stream's writes."""
+    last_seq: int
+    replicas: tuple[Replica, ...]
+    """The other nodes keeping a copy: current (caught up) or lagging, online or not."""
+
+
+async def stream_placement(js: JetStreamContext, names: Sequence[str]) -> list[Placement]:
+    """Where each stream lives on a cluster: its leader and each replica's state (a stream
+    that does not exist, or one server without a cluster, gives no placement)."""
+    out = []
+    for name in names:
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            continue
+        cluster = info.cluster
+        if cluster is None or not cluster.leader:
+            continue
+        out.append(
+            Placement(
+                stream=name,
+                leader=cluster.leader,
+                last_seq=info.state.last_seq,
+                replicas=tuple(
+                    Replica(
+                        name=r.name or "",
+                        current=bool(r.current),
+                        lag=r.lag or 0,
+                        offline=bool(r.offline),
+                    )
+                    for r in (cluster.replicas or [])
+                ),
+            )
+        )
+    return out
 
 
 class NatsWatchdog:

@@ -5,8 +5,10 @@
     async with Platform(data_dir, nats_url=url, in_process=True) as p:
         p.services["profile"]                     # the service objects, in this process
 
-`start()` starts nats-server (unless `nats_url` names one) with the credentials of every
-key when `secure`, creates the streams and the batch-file bucket with the admin key,
+`start()` starts nats-server (unless `nats_url` names one; with `cluster=3`, three nodes
+routed to each other) with the credentials of every key when `secure`, creates the
+streams and the batch-file bucket with the admin key (on a cluster, kept by `replicas`
+nodes),
 starts the services (as OS processes under the supervisor, or in this process), and waits
 until every one answers 200 on /readyz. `stop()` stops them in reverse, then nats-server;
 it is idempotent, and `start()` stops what it started before raising.
@@ -28,7 +30,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 
-from ops.natsd import NatsServer, NatsWatchdog, free_port, port_taken
+from ops.natsd import NatsCluster, NatsServer, NatsWatchdog, free_port, port_taken
 from ops.security import (
     ADMIN,
     activation_subjects,
@@ -39,7 +41,8 @@ from ops.security import (
     token_file,
 )
 from ops.supervisor import ProcessSpec, Supervisor
-from shared.config import SERVICES, load_settings, port_variable
+from shared.config import SERVICES, load_settings, nats_servers, port_variable
+from shared.config import replicas as replicas_setting
 from shared.errors import CdpError
 from shared.runtime import Service
 from shared.streams import ensure_streams
@@ -136,13 +139,18 @@ async def wait_ready(urls: Mapping[str, str], timeout: float) -> dict[str, tuple
 
 
 def ports_taken(
-    nats_port: int | None, env: Mapping[str, str] | None = None, services: Sequence[str] = SERVICES
+    nats_port: int | Sequence[int] | None,
+    env: Mapping[str, str] | None = None,
+    services: Sequence[str] = SERVICES,
 ) -> list[str]:
-    """What the platform would listen on that another process holds: its NATS port (None:
-    an external server) and every service's HTTP port (0: any)."""
+    """What the platform would listen on that another process holds: its NATS ports (None:
+    an external server; several: the nodes of a cluster, client and route ports) and every
+    service's HTTP port (0: any)."""
     wanted: list[tuple[str, int, str]] = []
-    if nats_port is not None:
+    if isinstance(nats_port, int):
         wanted.append(("127.0.0.1", nats_port, "NATS"))
+    elif nats_port is not None:
+        wanted += [("127.0.0.1", p, "NATS") for p in nats_port]
     for name in services:
         settings = load_settings(name, env)
         if settings.port:
@@ -155,9 +163,14 @@ def ports_taken(
 class Platform:
     """nats-server, the streams and the services, up until `stop()`.
 
-    - `nats_url`: a running server to use (none: start one on `nats_port`, or a free port,
-      storing under `<data_dir>/nats`); `setup_seed`: the seed file (and inbox prefix) that
-      creates the streams on a given server.
+    - `nats_url`: a running server to use (several, comma-separated: a cluster's nodes;
+      none: start one on `nats_port`, or a free port, storing under `<data_dir>/nats`);
+      `setup_seed`: the seed file (and inbox prefix) that creates the streams on a given
+      server.
+    - `cluster`: start that many nodes instead, routed to each other (client ports from
+      `nats_port` up, route ports from `route_port` up, or free ones; JetStream under
+      `<data_dir>/nats-cluster/cdp-<n>`); `replicas`: how many nodes keep each stream and
+      bucket (default: CDP_REPLICAS for a given server, else the cluster's size, 3 at most).
     - `secure`: as `cdp up` runs it: an embedded server admits only the keys of
       `<data_dir>/secrets` (made if missing), each service connecting with its own; the
       profile lookup over HTTP takes the bearer token of `profile_token`.
@@ -186,9 +199,14 @@ class Platform:
         backoff_initial: float = 0.5,
         ready_timeout: float = 60.0,
         streams: Sequence[StreamSpec] = ALL_STREAMS,
+        cluster: int = 1,
+        route_port: int | None = None,
+        replicas: int | None = None,
     ) -> None:
         if settings and not in_process:
             raise PlatformError("settings replace fields of in-process services only")
+        if cluster < 1 or (cluster > 1 and nats_url):
+            raise PlatformError("a cluster of at least one node, and only an embedded one")
         self.data_dir = data_dir.resolve()
         self.logs = self.data_dir / "logs"
         self.secrets = self.data_dir / "secrets"
@@ -208,9 +226,30 @@ class Platform:
         self._on_event = on_event
         self._backoff_initial = backoff_initial
         self.nats_port = None if nats_url else (nats_port or free_port())
+        self.cluster_size = cluster
+        self.nats_ports: list[int] = []
+        """The client ports of the embedded nodes."""
+        self.route_ports: list[int] = []
+        if self.nats_port is not None:
+            self.nats_ports = [self.nats_port] + [
+                nats_port + i if nats_port else free_port() for i in range(1, cluster)
+            ]
+            if cluster > 1:
+                self.route_ports = [
+                    route_port + i if route_port else free_port() for i in range(cluster)
+                ]
+        if replicas is None:
+            replicas = replicas_setting({**os.environ, **self.env}) if nats_url else min(cluster, 3)
+        if self.embedded and replicas > cluster:
+            raise PlatformError(f"{replicas} replicas need as many nodes, not {cluster}")
+        self.replicas = replicas
+        """How many nodes keep a copy of each stream and bucket."""
         self.server: NatsServer | None = None
-        """The embedded nats-server (none: `nats_url` was given, or not started)."""
+        """The embedded nats-server (none: `nats_url` was given, a cluster, or not started)."""
+        self.cluster: NatsCluster | None = None
+        """The embedded cluster's nodes (with `cluster` > 1, once started)."""
         self.watchdog: NatsWatchdog | None = None
+        self.watchdogs: list[NatsWatchdog] = []
         self._supervisor: Supervisor | None = None
         self.services: dict[str, Service] = {}
         """The service objects (in process), by name; a test may put a fresh one in place."""
@@ -228,9 +267,17 @@ class Platform:
     # -- what callers need ------------------------------------------------------------
     @property
     def nats_url(self) -> str:
+        """The NATS server's URL, or the nodes' (comma-separated), as CDP_NATS_URL holds it."""
         if self._given_url is not None:
             return self._given_url
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return ",".join(f"nats://127.0.0.1:{port}" for port in self.nats_ports)
+
+    @property
+    def nodes(self) -> list[NatsServer]:
+        """The embedded nats-server processes: the one server, or the cluster's nodes."""
+        if self.cluster is not None:
+            return list(self.cluster.nodes)
+        return [self.server] if self.server is not None else []
 
     @property
     def embedded(self) -> bool:
@@ -252,7 +299,7 @@ class Platform:
         """A NATS connection with the admin's credentials."""
         seed, prefix = self.admin_credentials()
         return await nats.connect(
-            self.nats_url,
+            nats_servers(self.nats_url),
             name=name,
             connect_timeout=5,
             inbox_prefix=prefix,
@@ -278,6 +325,7 @@ class Platform:
         out = {
             "CDP_DATA_DIR": str(self.data_dir),
             "CDP_NATS_URL": self.nats_url,
+            "CDP_REPLICAS": str(self.replicas),
             "CDP_LOG_FORMAT": os.environ.get("CDP_LOG_FORMAT", "json"),
             **{port_variable(n): str(p) for n, p in self.ports.items()},
             **self.env,
@@ -307,7 +355,9 @@ class Platform:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.in_process:
             taken = ports_taken(
-                self.nats_port, {**os.environ, **self._merged_env()}, services=self.names
+                [*self.nats_ports, *self.route_ports] if self.embedded else None,
+                {**os.environ, **self._merged_env()},
+                services=self.names,
             )
             if taken:
                 raise PortsTaken(taken)
@@ -336,6 +386,22 @@ class Platform:
             authorization = server_authorization(keys, activation_subjects())
         self.logs.mkdir(parents=True, exist_ok=True)
         assert self.nats_port is not None
+        if self.cluster_size > 1:
+            self.cluster = NatsCluster(
+                self.data_dir / "nats-cluster",
+                self.cluster_size,
+                ports=self.nats_ports,
+                route_ports=self.route_ports,
+                log_dir=self.logs,
+                authorization=authorization,
+            )
+            await self.cluster.start()
+            if self._watch_nats is not None:
+                for node in self.cluster.nodes:
+                    watchdog = NatsWatchdog(node, self._node_events(node.server_name))
+                    watchdog.start()
+                    self.watchdogs.append(watchdog)
+            return
         self.server = NatsServer(
             self.data_dir / "nats",
             port=self.nats_port,
@@ -347,13 +413,19 @@ class Platform:
         if self._watch_nats is not None:
             self.watchdog = NatsWatchdog(self.server, self._watch_nats)
             self.watchdog.start()
+            self.watchdogs.append(self.watchdog)
+
+    def _node_events(self, node: str) -> Callable[[str], None]:
+        report = self._watch_nats
+        assert report is not None
+        return lambda what: report(f"{node}: {what}")
 
     async def _setup(self) -> None:
         """The streams and the batch-file bucket (`cdp setup`), with the admin key; the
         profile lookup's bearer token."""
         nc = await self.connect("cdp-setup")
         try:
-            await ensure_streams(nc.jetstream(), self.streams)
+            await ensure_streams(nc.jetstream(), self.streams, replicas=self.replicas)
         finally:
             await nc.close()
         if self.secure:
@@ -419,6 +491,9 @@ class Platform:
             out = {n: self._supervisor.pid(n) for n in self.names}
         if self.server is not None and self.server.proc is not None:
             out["nats-server"] = self.server.proc.pid
+        if self.cluster is not None:
+            for node in self.cluster.nodes:
+                out[node.server_name] = node.proc.pid if node.proc is not None else None
         return out
 
     async def stop(self) -> dict[str, int | None]:
@@ -433,11 +508,11 @@ class Platform:
             for name, svc in reversed(list(self.services.items())):
                 await svc.stop()
                 self.codes[name] = svc.exit_code
-            if self.watchdog is not None:
-                await self.watchdog.stop()
-            if self.server is not None:
-                await self.server.stop()
+            for watchdog in self.watchdogs:
+                await watchdog.stop()
+            for node in self.nodes:
+                await node.stop()
         finally:
-            if self.server is not None:
-                self.server.kill()  # interrupted while stopping: leave no nats-server behind
+            for node in self.nodes:
+                node.kill()  # interrupted while stopping: leave no nats-server behind
         return self.codes

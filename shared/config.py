@@ -29,6 +29,16 @@ DEFAULT_PORTS: dict[str, int] = {
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
+MAX_REPLICAS = 5
+"""The most copies JetStream keeps of a stream."""
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers of `CDP_NATS_URL`: one URL, or several separated by commas (the nodes
+    of a cluster: a client connects to one and moves to another when it goes)."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    return servers or [DEFAULT_NATS_URL]
+
 
 class ConfigError(ValueError):
     """An environment variable holds a value the platform cannot use."""
@@ -55,6 +65,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Most payload bytes a consumer's step takes from a fetch: a fetch of many messages
     of many records each is applied in several steps (bounded memory), in order."""
     partitions: int = 8
+    replicas: int = 1
+    """Copies of each stream and bucket on a JetStream cluster (`CDP_REPLICAS`)."""
     ack_wait: float = 30.0
     nats_nkey: Path | None = None
     """The NKey seed file this service authenticates with (none: no authentication)."""
@@ -143,6 +155,16 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(name, raw, "true or false")
 
 
+def replicas(env: Mapping[str, str] | None = None) -> int:
+    """`CDP_REPLICAS`: how many servers of a JetStream cluster keep a copy of each stream
+    and bucket (1, the default: a single server; 3 on a three-node cluster)."""
+    env = os.environ if env is None else env
+    value = _int(env, "CDP_REPLICAS", 1, minimum=1)
+    if value > MAX_REPLICAS:
+        raise ConfigError("CDP_REPLICAS", env["CDP_REPLICAS"], f"at most {MAX_REPLICAS}")
+    return value
+
+
 def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings of `service` from `env` (the process environment by default)."""
     env = os.environ if env is None else env
@@ -160,6 +182,7 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         fetch_batch=_int(env, "CDP_FETCH_BATCH", 256, minimum=1),
         step_max_bytes=_int(env, "CDP_STEP_MAX_BYTES", 4 * 1024 * 1024, minimum=1),
         partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
+        replicas=replicas(env),
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,

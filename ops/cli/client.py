@@ -11,7 +11,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from ops.security import cli_credentials
-from shared.config import DEFAULT_NATS_URL
+from shared.config import DEFAULT_NATS_URL, nats_servers
 from shared.errors import CdpError
 
 
@@ -40,7 +40,7 @@ async def connect(url: str | None = None) -> AsyncIterator[Client]:
 
     try:
         nc = await nats.connect(
-            target,
+            nats_servers(target),
             name="cdp-cli",
             connect_timeout=3,
             max_reconnect_attempts=0,

@@ -23,6 +23,7 @@ from nats.aio.subscription import Subscription
 from ops.security import ADMIN, CONSOLE, seed_path
 from shared import admin, subjects
 from shared.admin import AdminFailure
+from shared.config import nats_servers
 from shared.messages import MembershipEvent
 from shared.subjects import inbox_prefix
 
@@ -73,7 +74,7 @@ class Source:
             log.warning("nats error", error=str(exc)[:200])
 
         self.nc = await nats.connect(
-            self.url,
+            nats_servers(self.url),
             name="cdp-console",
             connect_timeout=5,
             inbox_prefix=self.prefix,

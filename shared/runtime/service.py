@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared import admin, subjects
-from shared.config import Settings, load_settings
+from shared.config import Settings, load_settings, nats_servers
 from shared.db import Migration, open_db
 from shared.errors import StartupError
 from shared.health import HealthServer
@@ -195,7 +195,7 @@ class Service:
         while True:
             try:
                 return await nats.connect(
-                    self.settings.nats_url,
+                    nats_servers(self.settings.nats_url),
                     name=f"cdp-{self.name}",
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
