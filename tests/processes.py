@@ -87,10 +87,14 @@ class CdpUp:
         nats_port: int,
         env: dict[str, str] | None = None,
         without: tuple[str, ...] = (),
+        *,
+        args: tuple[str, ...] = (),
     ) -> None:
         """`env` is added to this process's environment, less `without` (and less the
-        NATS address and key: `cdp up` starts its own server)."""
+        NATS address and key: `cdp up` starts its own server); `args` are more options
+        of `cdp up`."""
         self.data_dir = data_dir
+        self.args = args
         self.ports = ports
         self.nats_port = nats_port
         self.marker = f"CDP_TEST_RUN={data_dir}"
@@ -130,6 +134,7 @@ class CdpUp:
             str(self.data_dir),
             "--nats-port",
             str(self.nats_port),
+            *self.args,
             env=self.env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

@@ -19,13 +19,16 @@ import pytest
 from nats.aio.client import Client
 
 from ops.cli.apply import apply_objects, load_file
-from ops.natsd import NatsCluster, NatsServer, stream_placement
+from ops.natsd import NatsCluster, NatsServer, free_port, port_taken, stream_placement
 from ops.platform import Platform
 from shared import subjects
+from shared.config import SERVICES as ALL_SERVICES
 from shared.config import nats_servers
 from shared.resources import OWNERS
 from shared.subjects import ALL_STREAMS
 from tests.helpers import RETAIL_CONFIG, eventually
+from tests.processes import CdpUp
+from tests.test_cli_up import nats_server_pids
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -262,3 +265,55 @@ async def test_the_leader_of_the_ingest_stream_dies_and_nothing_is_lost(tmp_path
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports."""
+    while True:
+        first = free_port()
+        if first + count < 65536 and not any(
+            port_taken("127.0.0.1", first + i) for i in range(count)
+        ):
+            return first
+
+
+@pytest.mark.timeout(90)
+async def test_up_with_a_cluster_starts_three_nodes_and_says_where_streams_live(
+    tmp_path: Path,
+) -> None:
+    """`cdp up --cluster 3`: three nats-server nodes, the services ready on them, every
+    node's URL printed and which node leads each stream, each stream kept by all three."""
+    ports = {name: free_port() for name in ALL_SERVICES}
+    nats_port = free_ports(3)
+    up = CdpUp(
+        tmp_path / "var",
+        ports,
+        nats_port,
+        args=("--cluster", "3", "--cluster-port", str(free_ports(3))),
+    )
+    await up.start()
+    try:
+        await up.wait_ready(timeout=40)
+        await eventually(lambda: up.printed("Ctrl-C to stop"), timeout=20)
+        urls = [f"nats://127.0.0.1:{nats_port + i}" for i in range(3)]
+        for i, url in enumerate(urls):
+            assert f"cdp-{i + 1} on {url}" in up.text, up.text
+        assert f"CDP_NATS_URL={','.join(urls)}" in up.text, up.text
+        assert "streams on the cluster" in up.text, up.text
+        assert len(nats_server_pids(up.marker)) == 3
+        seed = tmp_path / "var" / "secrets" / "admin.nk"
+        nc = await nats.connect(urls, nkeys_seed=str(seed), inbox_prefix="_INBOX_admin")
+        try:
+            names = [s.name for s in ALL_STREAMS]
+            placements = await stream_placement(nc.jetstream(), names)
+        finally:
+            await nc.close()
+        assert [p.stream for p in placements] == names
+        for p in placements:
+            assert f"{p.stream}" in up.text
+            assert len(p.replicas) == 2 and all(r.current for r in p.replicas), p
+        code = await up.interrupt()
+    finally:
+        await up.close()
+    assert code == 0, up.text
+    assert nats_server_pids(up.marker) == [], "nats-server nodes left running after Ctrl-C"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,8 +28,8 @@ from ops.cli.check import CheckReport, wait_landed
 from ops.cli.check import check as run_check
 from ops.cli.client import ClientError, connect
 from ops.cli.ingest import file_format, run_batch
-from ops.cli.up import run_up
-from ops.natsd import server_config
+from ops.cli.up import placement_table, run_up
+from ops.natsd import Placement, server_config, stream_placement
 from ops.platform import health_urls, readiness
 from ops.security import (
     CONSOLE,
@@ -64,7 +65,8 @@ from shared.admin import (
     ServiceStatus,
     StatusRequest,
 )
-from shared.config import SERVICES
+from shared.config import SERVICES, ConfigError
+from shared.config import replicas as replicas_setting
 from shared.log import configure_logging
 from shared.resources import KINDS, OWNERS, PLURALS
 from shared.streams import ensure_streams
@@ -101,11 +103,28 @@ def up(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="Where SQLite files, JetStream data and logs live.")
     ] = Path("var"),
-    nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    nats_port: Annotated[
+        int, typer.Option(help="Port of the embedded nats-server (a cluster's: from it up).")
+    ] = 4222,
+    cluster: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Start this many nats-server nodes routed to each other (a JetStream "
+            "cluster; streams kept by CDP_REPLICAS of them, default 3 at most).",
+        ),
+    ] = 1,
+    cluster_port: Annotated[
+        int, typer.Option(help="Route port of a cluster's first node (the others: from it up).")
+    ] = 6222,
 ) -> None:
     """Start nats-server (unless CDP_NATS_URL is set) and the six services; Ctrl-C stops all."""
     configure_logging("warning", "console")
-    raise typer.Exit(asyncio.run(run_up(data_dir, nats_port, console)))
+    raise typer.Exit(
+        asyncio.run(
+            run_up(data_dir, nats_port, console, cluster=cluster, cluster_port=cluster_port)
+        )
+    )
 
 
 @app.command()
@@ -158,15 +177,22 @@ def secrets(
 @app.command()
 def setup(nats_url: NatsOption = None) -> None:
     """Create or update the JetStream streams and the batch-file bucket, with the admin
-    key. `cdp up` does this itself; compose.yaml runs it once after nats-server is healthy.
-    Services never create streams: without them they wait, not ready."""
+    key, each kept by CDP_REPLICAS servers of a cluster (1 by default; a stream kept by
+    another number is changed in place). `cdp up` does this itself; compose.yaml runs it
+    once after nats-server is healthy. Services never create streams: without them they
+    wait, not ready."""
+    try:
+        copies = replicas_setting()
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
 
     async def go() -> None:
         async with connect(nats_url) as nc:
-            await ensure_streams(nc.jetstream())
+            await ensure_streams(nc.jetstream(), replicas=copies)
 
     run(go)
-    console.print("streams ready")
+    console.print(f"streams ready ({copies} {'copy' if copies == 1 else 'copies'} of each)")
 
 
 @app.command()
@@ -372,9 +398,15 @@ def status(
 ) -> None:
     """Each service's backlog: what its consumers have not applied, its unpublished outbox."""
 
+    placements: list[Placement] = []
+
     async def go() -> list[ServiceStatus | str]:
         out: list[ServiceStatus | str] = []
         async with connect(nats_url) as nc:
+            # Where streams live is extra: the services' state is what status shows.
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                names = [s.name for s in subjects.ALL_STREAMS]
+                placements.extend(await stream_placement(nc.jetstream(), names))
             for name in SERVICES:
                 try:
                     out.append(
@@ -432,6 +464,8 @@ def status(
                 str(c.offset) if c.error is None else f"[red]{c.error}[/]",
             )
     console.print(table)
+    if placements:  # on a cluster: which node leads each stream
+        console.print(placement_table(placements))
     raise typer.Exit(1 if down else 0)
 
 

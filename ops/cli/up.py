@@ -1,5 +1,7 @@
 """`cdp up`: the embedded default. Brings the platform up (ops.platform: nats-server unless
-CDP_NATS_URL names one, the streams, the six services under the supervisor) and the web
+CDP_NATS_URL names one; with --cluster 3, three nodes routed to each other on loopback),
+the streams (kept by CDP_REPLICAS nodes, or the cluster's size up to 3), the six
+services under the supervisor) and the web
 console (read-only, in this process), waits for every /readyz, prints the endpoints, and
 stops everything cleanly on Ctrl-C or SIGTERM."""
 
@@ -16,28 +18,71 @@ from rich.console import Console
 from rich.table import Table
 
 from ops.console.app import Console as WebConsole
-from ops.natsd import NatsServerError
-from ops.platform import Platform, PortsTaken
+from ops.natsd import NatsServerError, Placement, stream_placement
+from ops.platform import Platform, PlatformError, PortsTaken
 from ops.security import ADMIN, CLIENT, cli_credentials
-from shared.config import SERVICES, load_settings
-from shared.subjects import inbox_prefix
+from shared.config import SERVICES, ConfigError, load_settings
+from shared.config import replicas as replicas_setting
+from shared.subjects import ALL_STREAMS, inbox_prefix
 
 
-async def run_up(data_dir: Path, nats_port: int, console: Console) -> int:
+def placement_table(placements: list[Placement]) -> Table:
+    """Which node leads each stream, and how current the other copies are."""
+    table = Table(title="streams on the cluster")
+    table.add_column("stream")
+    table.add_column("leader")
+    table.add_column("last seq")
+    table.add_column("other copies")
+    for p in placements:
+        copies = ", ".join(
+            f"{r.name} "
+            + (
+                "[red]offline[/]"
+                if r.offline
+                else "current"
+                if r.current and not r.lag
+                else f"[yellow]{r.lag} behind[/]"
+            )
+            for r in p.replicas
+        )
+        table.add_row(p.stream, p.leader, str(p.last_seq), copies or "-")
+    return table
+
+
+async def run_up(
+    data_dir: Path,
+    nats_port: int,
+    console: Console,
+    *,
+    cluster: int = 1,
+    cluster_port: int = 6222,
+) -> int:
     started = time.monotonic()
     external = os.environ.get("CDP_NATS_URL")
-    platform = Platform(
-        data_dir,
-        nats_url=external or None,
-        nats_port=nats_port,
-        setup_seed=cli_credentials() if external else None,
-        secure=True,
-        ports={name: load_settings(name).port for name in SERVICES},
-        watch_nats=lambda what: console.print(f"[yellow]nats-server[/] {what}", soft_wrap=True),
-        on_event=lambda name, what: (
-            None if what == "started" else console.print(f"[yellow]{name}[/] {what}")
-        ),
-    )
+    if external and cluster > 1:
+        console.print("[red]--cluster starts its own nodes: unset CDP_NATS_URL[/]")
+        return 1
+    try:
+        given = os.environ.get("CDP_REPLICAS")
+        copies = replicas_setting() if given or external else min(cluster, 3)
+        platform = Platform(
+            data_dir,
+            nats_url=external or None,
+            nats_port=nats_port,
+            cluster=cluster,
+            route_port=cluster_port,
+            replicas=copies,
+            setup_seed=cli_credentials() if external else None,
+            secure=True,
+            ports={name: load_settings(name).port for name in SERVICES},
+            watch_nats=lambda what: console.print(f"[yellow]nats-server[/] {what}", soft_wrap=True),
+            on_event=lambda name, what: (
+                None if what == "started" else console.print(f"[yellow]{name}[/] {what}")
+            ),
+        )
+    except (ConfigError, PlatformError) as exc:
+        console.print(f"[red]cannot start: {exc}[/]", soft_wrap=True)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,6 +124,20 @@ async def _start_console(platform: Platform, console: Console) -> WebConsole | N
     return web
 
 
+async def _print_placement(platform: Platform, console: Console) -> None:
+    try:
+        nc = await platform.connect("cdp-up")
+    except (nats.errors.Error, OSError):
+        return
+    try:
+        placements = await stream_placement(nc.jetstream(), [s.name for s in ALL_STREAMS])
+    except (nats.errors.Error, TimeoutError):
+        return
+    finally:
+        await nc.close()
+    console.print(placement_table(placements))
+
+
 async def _serve(
     platform: Platform,
     started: float,
@@ -87,10 +146,24 @@ async def _serve(
     web: WebConsole | None,
 ) -> int:
     """Print where things are, wait until ready (or Ctrl-C), then until Ctrl-C; stop."""
-    if platform.embedded:
+    if platform.cluster is not None:
         console.print(
-            f"nats-server with JetStream on [bold]{platform.nats_url}[/] (data in "
-            f"{platform.data_dir / 'nats'}); credentials in {platform.secrets}: {CLIENT}.nk "
+            f"{len(platform.cluster.nodes)} nats-server nodes (cluster "
+            f"{platform.cluster.name}) with JetStream, each stream kept by "
+            f"{platform.replicas}; data in {platform.cluster.store_dir}",
+            soft_wrap=True,
+        )
+        for node in platform.cluster.nodes:
+            console.print(f"  {node.server_name} on [bold]{node.url}[/]", soft_wrap=True)
+        console.print(f"clients give every node: CDP_NATS_URL={platform.nats_url}", soft_wrap=True)
+    if platform.embedded:
+        if platform.cluster is None:
+            console.print(
+                f"nats-server with JetStream on [bold]{platform.nats_url}[/] (data in "
+                f"{platform.data_dir / 'nats'})"
+            )
+        console.print(
+            f"credentials in {platform.secrets}: {CLIENT}.nk "
             f"for applications (inbox_prefix {inbox_prefix(CLIENT)}), {ADMIN}.nk for operators"
         )
     else:
@@ -115,6 +188,8 @@ async def _serve(
                     "[green]ready[/]" if ok else f"[red]{why}[/]",
                 )
             console.print(table)
+            if platform.cluster is not None:
+                await _print_placement(platform, console)
             console.print(f"logs in {platform.logs}; press Ctrl-C to stop", soft_wrap=True)
         else:
             waiting.cancel()
