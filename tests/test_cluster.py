@@ -17,20 +17,22 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
 
 from ops.cli.apply import apply_objects, load_file
 from ops.natsd import NatsCluster, NatsServer, free_port, port_taken, stream_placement
 from ops.platform import Platform
 from shared import subjects
 from shared.config import SERVICES as ALL_SERVICES
-from shared.config import nats_servers
+from shared.config import ConfigError, load_settings, nats_servers
 from shared.resources import OWNERS
+from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS
 from tests.helpers import RETAIL_CONFIG, eventually
 from tests.processes import CdpUp
 from tests.test_cli_up import nats_server_pids
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 SERVICES = ("ingest", "identity", "profile")
 """What turns records into profiles: enough to see every record land once."""
@@ -177,6 +179,7 @@ async def hand_over(nc: Client, stream: str, to: str) -> bool:
     return await leader(nc, stream) == to
 
 
+@pytest.mark.asyncio
 @pytest.mark.timeout(150)
 async def test_the_leader_of_the_ingest_stream_dies_and_nothing_is_lost(tmp_path: Path) -> None:
     batch = records(time.time())
@@ -277,6 +280,7 @@ def free_ports(count: int) -> int:
             return first
 
 
+@pytest.mark.asyncio
 @pytest.mark.timeout(90)
 async def test_up_with_a_cluster_starts_three_nodes_and_says_where_streams_live(
     tmp_path: Path,
@@ -317,3 +321,47 @@ async def test_up_with_a_cluster_starts_three_nodes_and_says_where_streams_live(
         await up.close()
     assert code == 0, up.text
     assert nats_server_pids(up.marker) == [], "nats-server nodes left running after Ctrl-C"
+
+
+def test_the_nats_address_names_one_server_or_every_node_of_a_cluster() -> None:
+    assert nats_servers("nats://a:4222") == ["nats://a:4222"]
+    assert nats_servers(" nats://a:4222, nats://b:4222,,nats://c:4222 ") == [
+        "nats://a:4222",
+        "nats://b:4222",
+        "nats://c:4222",
+    ]
+    assert load_settings("ingest", {}).replicas == 1
+    assert load_settings("ingest", {"CDP_REPLICAS": "3"}).replicas == 3
+    for wrong in ("0", "6", "three"):
+        with pytest.raises(ConfigError):
+            load_settings("ingest", {"CDP_REPLICAS": wrong})
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_streams_and_buckets_take_another_number_of_copies_in_place(tmp_path: Path) -> None:
+    """Set up on one copy, then on three (`cdp setup` with CDP_REPLICAS=3 on a cluster):
+    the stream, the object store and a key-value bucket are kept by three nodes, with the
+    messages they held."""
+    cluster = NatsCluster(tmp_path / "nats", 3)
+    await cluster.start()
+    try:
+        nc = await nats.connect(cluster.urls)
+        try:
+            js = nc.jetstream()
+            kv = KeyValueConfig(bucket="cdp-test-kv", history=1)
+            streams = [subjects.STREAM_INGEST]
+            await ensure_streams(js, streams, replicas=1, key_values=[kv])
+            await js.publish(subjects.ingest("crm"), b"{}")
+            await (await js.key_value(kv.bucket)).put("k", b"v")
+            for copies in (3, 1):  # up, then back down
+                await ensure_streams(js, streams, replicas=copies, key_values=[kv])
+                for name in ("CDP_INGEST", f"OBJ_{subjects.BATCH_BUCKET}", "KV_cdp-test-kv"):
+                    info = await js.stream_info(name)
+                    assert info.config.num_replicas == copies, name
+                assert (await js.stream_info("CDP_INGEST")).state.messages == 1
+                assert (await (await js.key_value(kv.bucket)).get("k")).value == b"v"
+        finally:
+            await nc.close()
+    finally:
+        await cluster.stop()
