@@ -20,12 +20,13 @@ import yaml
 from typer.testing import CliRunner
 
 from ops.cli.main import app as cli_app
-from shared.config import DEFAULT_PORTS, SERVICES, port_variable
+from shared.config import DEFAULT_PORTS, SERVICES, nats_servers, port_variable, replicas
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+README = ROOT / "README.md"
 NATS = "nats"
 LOOPBACK = "127.0.0.1"
 CDP_VARIABLE = re.compile(r"CDP_[A-Z_]+")
@@ -387,3 +388,109 @@ def test_the_console_runs_with_its_own_read_only_key_and_asks_for_a_login() -> N
     assert _volume_mounts(CONSOLE).get(data) in (_compose().get("volumes") or {})
     depends_on = _service(CONSOLE).get("depends_on") or {}
     assert depends_on[NATS]["condition"] == "service_healthy"
+
+
+# -- the cluster profile (compose.cluster.yaml, laid over compose.yaml) ------------------------
+CLUSTER = ROOT / "compose.cluster.yaml"
+NODES = (NATS, "nats-2", "nats-3")
+
+
+@functools.cache
+def _overlay() -> dict[str, Any]:
+    data = yaml.safe_load(CLUSTER.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "compose.cluster.yaml is not a mapping"
+    return data
+
+
+def _by_target(entries: list[Any]) -> dict[str, Any]:
+    return {str(e).split(":")[1] if ":" in str(e) else str(e): e for e in entries}
+
+
+def _laid_over(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A service of compose.yaml with the overlay's as `docker compose -f a -f b` merges
+    them: mappings (environment, depends_on) by key, volumes by container path, ports
+    added, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if key in ("environment", "depends_on", "healthcheck") and isinstance(base.get(key), dict):
+            out[key] = {**base[key], **value}
+        elif key == "volumes":
+            out[key] = list({**_by_target(base.get(key, [])), **_by_target(value)}.values())
+        elif key == "ports":
+            out[key] = [*base.get(key, []), *value]
+        else:
+            out[key] = value
+    return out
+
+
+def _cluster_service(name: str) -> dict[str, Any]:
+    over = (_overlay().get("services") or {}).get(name)
+    base = _services().get(name)
+    assert isinstance(over, dict) or isinstance(base, dict), f"no service {name!r}"
+    if not isinstance(over, dict):
+        assert isinstance(base, dict)
+        return base
+    return _laid_over(base, over) if isinstance(base, dict) else over
+
+
+def _flag(command: list[str], flag: str) -> str:
+    assert flag in command, f"{flag} not in {command}"
+    return command[command.index(flag) + 1]
+
+
+def test_the_cluster_overlay_changes_only_services_of_compose_yaml_and_adds_nodes() -> None:
+    added = set(_overlay()["services"]) - set(_services())
+    assert added == set(NODES[1:]), added
+    assert CLUSTER.name in README.read_text(encoding="utf-8"), "the README does not say how"
+
+
+def test_the_cluster_runs_three_nodes_of_one_cluster_with_the_same_accounts() -> None:
+    declared = {**(_compose().get("volumes") or {}), **(_overlay().get("volumes") or {})}
+    single = _command(NATS)
+    stores, names, hosts = set(), set(), set()
+    for node in NODES:
+        service = _cluster_service(node)
+        command = [str(part) for part in service["command"]]
+        assert "-js" in command, node
+        assert _flag(command, "-c") == _flag(single, "-c"), f"{node}: other accounts"
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes") or []}
+        store = _flag(command, "-sd")
+        assert mounts.get(store) in declared, f"{node}: JetStream not on a declared volume"
+        assert mounts.get(str(Path(_flag(single, "-c")).parent)) == SECRETS, node
+        stores.add(mounts[store])
+        names.add(_flag(command, "--server_name"))
+        assert _flag(command, "--cluster_name") == "cdp", node
+        listen = urlparse(_flag(command, "--cluster"))
+        routes = [urlparse(r) for r in _flag(command, "--routes").split(",")]
+        assert {r.hostname for r in routes} == set(NODES) - {node}, f"{node}: routes {routes}"
+        assert {r.port for r in routes} == {listen.port}, node
+        assert service["depends_on"][SECRETS]["condition"] == "service_completed_successfully"
+        health = " ".join(service["healthcheck"]["test"])
+        assert "/healthz" in health and "js-enabled-only" not in health, node
+        for host_ip, host, _target in [
+            (h, p, t) for h, p, t in (str(e).rsplit(":", 2) for e in service.get("ports") or [])
+        ]:
+            assert host_ip == LOOPBACK, f"{node}: published on {host_ip}"
+            assert host not in hosts, f"{node}: host port {host} published twice"
+            hosts.add(host)
+    assert len(stores) == len(names) == len(NODES), (stores, names)
+
+
+def test_the_cluster_services_are_given_every_node_and_three_copies() -> None:
+    known = _variables_read_by_code()
+    mentioned = set(CDP_VARIABLE.findall(CLUSTER.read_text(encoding="utf-8")))
+    assert mentioned <= known, f"compose.cluster.yaml names {sorted(mentioned - known)}"
+    for name in (*SERVICES, "setup", CONSOLE):
+        env = _cluster_service(name)["environment"]
+        servers = [urlparse(u) for u in nats_servers(env["CDP_NATS_URL"])]
+        assert [u.hostname for u in servers] == list(NODES), f"{name}: {servers}"
+        assert {u.port for u in servers} == {4222}, name
+    setup = _cluster_service("setup")
+    assert replicas(setup["environment"]) == len(NODES)
+    for node in NODES:
+        assert setup["depends_on"][node]["condition"] == "service_healthy", node
+    for name in SERVICES:
+        assert replicas(_cluster_service(name)["environment"]) == len(NODES), name
+        assert _cluster_service(name)["depends_on"]["setup"]["condition"] == (
+            "service_completed_successfully"
+        )
