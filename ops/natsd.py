@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -195,6 +196,23 @@ class NatsServer:
         except (TimeoutError, aiohttp.ClientError):
             return False
 
+    async def meta_view(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """JetStream's cluster as this node sees it (`/jsz`'s `meta_cluster`: the leader,
+        and on the leader, each other node's state), or None (not answering)."""
+        if self.monitor_port is None:
+            raise NatsServerError("no monitoring port configured")
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                session.get(f"http://{self.host}:{self.monitor_port}/jsz") as resp,
+            ):
+                if resp.status != 200:
+                    return None
+                meta = (await resp.json(content_type=None)).get("meta_cluster")
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
     async def _wait_listening(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -339,19 +357,38 @@ class NatsCluster:
             raise
 
     async def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until every running node answers 200 on /healthz (NatsServerError after
-        `timeout`)."""
+        """Until every running node answers 200 on /healthz and JetStream's leader sees
+        each of them current (else a stream placed now may find a node "offline");
+        NatsServerError after `timeout`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             running = [n for n in self.nodes if n.proc is not None]
             states = await asyncio.gather(*(n.healthy() for n in running))
-            if all(states):
-                return
+            sick = [n.server_name for n, ok in zip(running, states, strict=True) if not ok]
+            if not sick:
+                sick = await self._not_followed(running)
+                if not sick:
+                    return
             if loop.time() > deadline:
-                sick = [n.server_name for n, ok in zip(running, states, strict=True) if not ok]
                 raise NatsServerError(f"cluster nodes not healthy in {timeout}s: {sick}")
             await asyncio.sleep(0.1)
+
+    async def _not_followed(self, running: list[NatsServer]) -> list[str]:
+        """The running nodes JetStream's leader does not see as current (all of them when
+        no leader answers)."""
+        names = {n.server_name for n in running}
+        for node in running:
+            meta = await node.meta_view()
+            if meta is None or meta.get("leader") != node.server_name:
+                continue
+            seen = {
+                str(r.get("name"))
+                for r in meta.get("replicas") or []
+                if r.get("current") and not r.get("offline")
+            }
+            return sorted(names - seen - {node.server_name})
+        return sorted(names)
 
     async def stop(self) -> None:
         """Stop every node (idempotent)."""
