@@ -76,6 +76,14 @@ applications; profile and destination read it from the membership envelopes)."""
 PROBE_REPORT_PREFIX = "cdp.probe"
 BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
+INSTANCES_BUCKET = "cdp-instances"
+"""KV bucket of the live instances, key `<service>.<instance>`, kept by heartbeats; the
+bucket's max age is the time after which an instance that stopped heartbeating is gone."""
+LEASES_BUCKET = "cdp-leases"
+"""KV bucket of leases, one key per lease (`identity.writer`, `scheduler.active`); the
+bucket's max age is the lease time, and a key's revision is its holder's fencing token."""
+IDENTITY_WRITER_LEASE = "identity.writer"
+SCHEDULER_ACTIVE_LEASE = "scheduler.active"
 
 
 MAX_PAYLOAD = 8 * 1024 * 1024
