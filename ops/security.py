@@ -252,6 +252,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             consumes=((s.STREAM_JOBS, "scheduler"),),  # the done events of jobs
             publishes=(s.JOBS_ALL, s.config("schedule", "*")),  # job requests, its schedules
             serves=(s.admin("scheduler", ">"),),
+            reads_last=(s.STREAM_CONFIG,),  # the schedules, when a standby takes over
         ),
         "destination": _Uses(
             consumes=(
