@@ -56,6 +56,7 @@ def test_a_message_id_names_its_step() -> None:
     assert step_of("identity:31-40:2") == StepRef("identity", 31, 40)
     assert step_of("job-run:abc") is None and step_of(None) is None
     assert step_of("http:abc:0") is None
+    assert step_of("identity:40:3") == StepRef("identity", 40, 40), "an earlier version's id"
 
 
 @pytest.mark.asyncio

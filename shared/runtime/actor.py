@@ -120,13 +120,21 @@ class StepRef(msgspec.Struct, frozen=True):
 _STEP_ID = re.compile(r"^(?P<consumer>[^:]+):(?P<first>[0-9]+)-(?P<last>[0-9]+):[0-9]+$")
 
 
+_LEGACY_STEP_ID = re.compile(r"^(?P<consumer>[^:]+):(?P<last>[0-9]+):[0-9]+$")
+
+
 def step_of(msg_id: str | None) -> StepRef | None:
     """The step that emitted a message, from its Nats-Msg-Id (none: not a step's output,
-    e.g. an admin request's)."""
+    e.g. an admin request's). An id of an earlier version (`<consumer>:<last seq>:<n>`)
+    names only its last sequence: it reads as a step of that one message."""
     m = _STEP_ID.match(msg_id or "")
-    if m is None:
+    if m is not None:
+        return StepRef(m["consumer"], int(m["first"]), int(m["last"]))
+    legacy = _LEGACY_STEP_ID.match(msg_id or "")
+    if legacy is None:
         return None
-    return StepRef(m["consumer"], int(m["first"]), int(m["last"]))
+    last = int(legacy["last"])
+    return StepRef(legacy["consumer"], last, last)
 
 
 async def last_step(js: JetStreamContext, stream: str, consumer: str) -> StepRef | None:
