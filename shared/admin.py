@@ -676,3 +676,7 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     """Committed messages not yet published."""
     failed: int = 0
     """Messages that failed and were set aside (rt_failed)."""
+    instance: str | None = None
+    """Which instance answered (none: an older version)."""
+    role: str | None = None
+    """Its role among its service's instances (`writer`, `standby`, `active`), if it has one."""

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import ClassVar
 
 import aiosqlite
@@ -38,6 +38,7 @@ from shared.runtime.actor import (
     RUNTIME_MIGRATIONS,
     ConsumerRunner,
     ConsumerSpec,
+    StepRef,
     flush_outbox,
 )
 from shared.streams import missing_streams
@@ -71,6 +72,7 @@ class Service:
             settings.bind,
             settings.port,
             liveness=self.liveness,
+            details=self.details,
         )
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -90,6 +92,39 @@ class Service:
     # -- what subclasses provide ----------------------------------------------------
     def consumers(self) -> Sequence[ConsumerSpec]:
         return ()
+
+    @property
+    def role(self) -> str | None:
+        """This instance's role among its service's instances, if it has one."""
+        return None
+
+    def details(self) -> dict[str, str]:
+        """What /readyz adds to its answer: the instance, and its role if it has one."""
+        out = {"instance": self.settings.instance_id}
+        if (role := self.role) is not None:
+            out["role"] = role
+        return out
+
+    async def on_connected(self) -> bool:
+        """Called with NATS and SQLite ready, before the outbox a previous run left is
+        published; False: this instance must not publish it (a standby: the active one
+        redoes those steps). Decide a role here."""
+        return True
+
+    def standby_of(self, spec: ConsumerSpec) -> Callable[[], Awaitable[StepRef | None]] | None:
+        """For a standby instance: where the active instance is on this consumer's input
+        (the last step it published), so that the runner follows it silently; none: the
+        consumer runs as usual. A standby becomes active with `take_over`."""
+        return None
+
+    standby_poll: ClassVar[float] = 0.2
+    """How often a standby that caught up asks again where the active instance is."""
+
+    async def take_over(self, spec_name: str, last: StepRef | None) -> None:
+        """Make the standby runner of consumer `spec_name` active (see ConsumerRunner)."""
+        for runner in self.runners:
+            if runner.spec.name == spec_name:
+                runner.take_over(last)
 
     async def on_start(self) -> None:
         """Called with NATS and SQLite ready, before the consumers start."""
@@ -142,7 +177,8 @@ class Service:
         await self._wait_streams()
         self._phase = "starting: opening SQLite"
         self._db = await open_db(s.db_path, RUNTIME_MIGRATIONS + self.migrations)
-        await flush_outbox(self._js, self._db, self.log, lambda: self._stopping)
+        if await self.on_connected():
+            await flush_outbox(self._js, self._db, self.log, lambda: self._stopping)
         self._phase = "starting: service"
         await self.on_start()
         self._phase = "starting: consumers"
@@ -158,6 +194,9 @@ class Service:
                 ack_wait=s.ack_wait,
                 step_max_bytes=s.step_max_bytes,
             )
+            follow = self.standby_of(spec)
+            if follow is not None:
+                runner.follow(follow, self.standby_poll)
             await runner.prepare()
             self.runners.append(runner)
         for runner in self.runners:
@@ -239,6 +278,14 @@ class Service:
         self.exit_code = 1
         self._fatal.set()
 
+    def fail(self, reason: str) -> None:
+        """Stop the process with exit status 1 (it is restarted): it must not go on."""
+        self.log.error("stopping", reason=reason)
+        self._fatal_reason = reason
+        self._ready = False
+        self.exit_code = 1
+        self._fatal.set()
+
     def publish_failed(self, reason: str) -> None:
         """A publish was not acknowledged: readiness reports `reason` until one is, for
         PUBLISH_FAULT_S at most (with nothing to publish, nothing shows it still holds)."""
@@ -309,7 +356,7 @@ class Service:
             error = None
             if js is not None:
                 try:
-                    info = await js.consumer_info(spec.stream.name, spec.name, timeout=2)
+                    info = await js.consumer_info(spec.stream.name, spec.durable_name, timeout=2)
                     pending = int(info.num_pending or 0)
                     ack_pending = int(info.num_ack_pending or 0)
                 except Exception as exc:
@@ -337,6 +384,8 @@ class Service:
             consumers=consumers,
             outbox=outbox,
             failed=failed,
+            instance=self.settings.instance_id,
+            role=self.role,
         )
 
     async def readiness(self) -> str | None:
@@ -356,9 +405,9 @@ class Service:
             if runner.fault is not None:
                 return runner.fault
             try:
-                await js.consumer_info(spec.stream.name, spec.name, timeout=1)
+                await js.consumer_info(spec.stream.name, spec.durable_name, timeout=1)
             except NotFoundError as exc:
-                return f"consumer {spec.stream.name}/{spec.name}: {type(exc).__name__}"
+                return f"consumer {spec.stream.name}/{spec.durable_name}: {type(exc).__name__}"
             except Exception as exc:
                 # Nobody answers for JetStream: it disables itself when it cannot write.
                 return f"nats: JetStream storage full or unavailable ({type(exc).__name__})"
