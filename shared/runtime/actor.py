@@ -719,10 +719,10 @@ async def publish_outbox(
                     problem = asyncio.CancelledError()
                 else:
                     problem = fut.exception()
-                if problem is not None:
-                    if first_failed is None or i < first_failed:
-                        first_failed, error = i, problem
-                    break
+                # Every failure is looked at (a future whose error is never retrieved is
+                # reported by asyncio as an error); the first one decides the retry.
+                if problem is not None and (first_failed is None or i < first_failed):
+                    first_failed, error = i, problem
         stored = pending if first_failed is None else pending[:first_failed]
         if stored:
             async with write_lock(db):
