@@ -182,8 +182,16 @@ class ConsumerRunner:
         fetch_batch: int,
         ack_wait: float,
         step_max_bytes: int | None = None,
+        durable: str | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
+        """`durable`: the JetStream consumer's name when it differs from `spec.name` (the
+        name of the offset and of the outgoing message ids: a partition's, whoever holds
+        it). `guard` runs right before each commit and each publish; it raises to refuse
+        them (a partition whose lease is lost)."""
         self.spec = spec
+        self.durable = durable or spec.name
+        self._guard = guard
         self._service = service
         self._nc = nc
         self._js = js
@@ -209,6 +217,7 @@ class ConsumerRunner:
             self._log,
             self._committed,
             max_step_bytes=spec.max_step_bytes or step_max_bytes,
+            guard=guard,
         )
 
     @property
@@ -235,10 +244,10 @@ class ConsumerRunner:
             await self._puller.close()
         spec = self.spec
         with contextlib.suppress(NotFoundError):
-            await self._js.delete_consumer(spec.stream.name, spec.name)
+            await self._js.delete_consumer(spec.stream.name, self.durable)
         subjects = list(spec.filter_subjects)
         config = ConsumerConfig(
-            durable_name=spec.name,
+            durable_name=self.durable,
             description=spec.description or None,
             ack_policy=AckPolicy.ALL,
             ack_wait=self._ack_wait,
@@ -252,7 +261,7 @@ class ConsumerRunner:
         elif subjects:
             config.filter_subjects = subjects
         await self._js.add_consumer(spec.stream.name, config)
-        self._puller = Puller(self._nc, spec.stream.name, spec.name)
+        self._puller = Puller(self._nc, spec.stream.name, self.durable)
         await self._puller.start()
         self._expect_cseq = 1
         self._resync_needed = False
@@ -367,6 +376,8 @@ class ConsumerRunner:
         if applied.failed:
             self._metrics.failed.labels(*self._labels).inc(applied.failed)
         for out, notes in applied.rounds:
+            if out and self._guard is not None:
+                self._guard()
             if out:
                 await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
             if notes:
@@ -426,8 +437,14 @@ class Committer:
         committed: Callable[[int], None] | None = None,
         *,
         max_step_bytes: int | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.consumer = consumer
+        self.guard = guard
+        """Runs right before each commit; raises to refuse it (rolled back)."""
+        self.drop_outputs = False
+        """While set, steps commit without their outgoing messages: a partition's new
+        owner re-applying steps whose outputs its previous owner published already."""
         self.max_step_bytes = max_step_bytes
         self._committed = committed
         self.handler = handler
@@ -481,6 +498,7 @@ class Committer:
         out: list[Outgoing] = []
         if batch is not None:
             tx.extend(batch.tx)
+        if batch is not None and not self.drop_outputs:
             out = [
                 Outgoing(f"{self.consumer}:{last_seq}:{i}", subject, payload)
                 for i, (subject, payload) in enumerate(batch._out)
@@ -492,7 +510,7 @@ class Committer:
             ((self.consumer, d.seq, d.subject, d.data, err, now) for d, err in failed),
         )
         tx.add(_SET_OFFSET, (self.consumer, last_seq))
-        await apply(self.db, tx)
+        await apply(self.db, tx, before_commit=self.guard)
         if self._committed is not None:
             self._committed(last_seq)
         if batch is not None:
