@@ -4,17 +4,26 @@ gracefully, killed, and stopped until its leases expire."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosqlite
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from ops.natsd import NatsServer
+from ops.natsd import NatsServer, free_port
 from shared.runtime.actor import Committer, Delivery, Step
-from shared.runtime.partition_state import hold, open_partition_db, read_state
+from shared.runtime.coordination import LEASES_BUCKET, ensure_buckets
+from shared.runtime.partition_state import hold, open_partition_db, partition_path, read_state
+from shared.runtime.partitions import lease_key
 from shared.runtime.snapshots import (
     LeaseLost,
     SnapshotRefused,
@@ -22,10 +31,14 @@ from shared.runtime.snapshots import (
     ensure_snapshot_buckets,
     object_name,
 )
-from tests.actors.pcounter import PCounterActor
+from shared.streams import ensure_streams
+from shared.subjects import partition_of
+from tests.actors.pcounter import IN_STREAM, OUT_STREAM, PCounterActor, input_subject
+from tests.helpers import eventually
 
 pytestmark = [pytest.mark.asyncio]
 
+ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = PCounterActor.partition_migrations
 
 
@@ -134,6 +147,291 @@ async def test_a_snapshot_under_a_lower_token_or_a_lost_lease_is_refused(
     assert names == {indexed.object}, "the refused snapshot's object was left behind"
 
 
-def _count(path: Path, sql: str) -> int:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as conn:
-        return int(conn.execute(sql).fetchone()[0] or 0)
+async def test_a_commit_refused_by_its_guard_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The fence on commit: once the guard refuses, the step's writes, its outgoing
+    messages and its offset are rolled back together."""
+    path = tmp_path / "p02.db"
+    await _partition_file(path, 2, 3, range(1, 4))
+    db = await open_partition_db(path, MIGRATIONS)
+    held = True
+
+    def guard() -> None:
+        if not held:
+            raise LeaseLost("pcounter", 2, 3)
+
+    async def handler(step: Step) -> None:
+        for d in step.deliveries:
+            step.tx.add("INSERT INTO applied (id, key, seq) VALUES (?, ?, ?)", (d.seq, "k", d.seq))
+            step.emit("test.pout.2", b"x")
+
+    try:
+        committer = Committer("pcounter-p02", handler, db, guard=guard)
+        done = await committer.handle([Delivery("test.pcount.2", b"{}", 4)])
+        assert [len(out) for out, _ in done.rounds] == [1]
+        held = False
+        with pytest.raises(LeaseLost):
+            await committer.handle([Delivery("test.pcount.2", b"{}", 5)])
+        assert [r[0] for r in await _rows(db)] == [1, 2, 3, 4]
+        outbox = await db.execute_fetchall("SELECT count(*) FROM rt_outbox")
+        assert next(iter(outbox))[0] == 1  # the committed step's, not the refused one's
+    finally:
+        await db.close()
+    state = read_state(path)
+    assert state is not None and (state.token, state.applied_seq) == (3, 4)
+
+
+# -- several processes --------------------------------------------------------------------
+PARTITIONS = 8
+KEYS = 40
+TTL = 4.0
+"""Seconds an instance stays live and a lease held without a heartbeat (the buckets')."""
+
+
+class Instance:
+    """One pcounter process, its own data folder and log."""
+
+    def __init__(self, name: str, nats_url: str, tmp: Path) -> None:
+        self.name = name
+        self.dir = tmp / name
+        self.log = tmp / f"{name}.log"
+        self.env = {
+            **os.environ,
+            "CDP_NATS_URL": nats_url,
+            "CDP_DATA_DIR": str(self.dir),
+            "CDP_PCOUNTER_PORT": str(free_port()),
+            "CDP_INSTANCE": name,
+            "CDP_PARTITIONS": str(PARTITIONS),
+            "CDP_FETCH_BATCH": "40",
+            "CDP_SNAPSHOT_INTERVAL": "1",
+            "CDP_SNAPSHOT_EVERY": "150",
+            "CDP_LOG_FORMAT": "json",
+            "CDP_LOG_LEVEL": "info",
+            "PYTHONPATH": str(ROOT),
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tests.actors.pcounter",
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None and self.proc.returncode is None
+        os.kill(self.proc.pid, sig)
+
+    async def stop(self) -> int:
+        """SIGTERM, as an operator stops it: its exit status."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 30)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            await self.proc.wait()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+async def _setup(nc: Client) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, (IN_STREAM, OUT_STREAM), buckets=())
+    await ensure_snapshot_buckets(js)
+    await ensure_buckets(js, instance_ttl=TTL, lease_ttl=TTL)
+
+
+async def _owners(nc: Client) -> dict[int, tuple[str, int]]:
+    """Each held partition's holder and its lease's revision (the last renewal's)."""
+    kv = await nc.jetstream().key_value(LEASES_BUCKET)
+    out: dict[int, tuple[str, int]] = {}
+    for p in range(PARTITIONS):
+        try:
+            e = await kv.get(lease_key("pcounter", p))
+        except KeyNotFoundError:
+            continue
+        if e.value:
+            out[p] = (e.value.decode(), int(e.revision or 0))
+    return out
+
+
+class Producer:
+    """Publishes TOTAL numbered items over KEYS keys, each to its key's partition, at a
+    steady pace; remembers the last stream sequence of each partition."""
+
+    def __init__(self, nc: Client, total: int, seconds: float) -> None:
+        self.js = nc.jetstream()
+        self.total = total
+        self.pause = seconds / (total / 20)
+        self.sent = 0
+        self.last_seq: dict[int, int] = {}
+        self.totals: dict[str, int] = {}
+
+    async def run(self) -> None:
+        for i in range(self.total):
+            key = f"k{i % KEYS}"
+            p = partition_of(key, PARTITIONS)
+            ack = await self.js.publish(
+                input_subject(p), json.dumps({"id": i, "key": key, "n": 1 + i % 3}).encode()
+            )
+            self.last_seq[p] = ack.seq
+            self.totals[key] = self.totals.get(key, 0) + 1 + i % 3
+            self.sent = i + 1
+            if self.sent % 20 == 0:
+                await asyncio.sleep(self.pause)
+
+
+def _file(tmp: Path, owner: str, p: int) -> Path:
+    return partition_path(tmp / owner, "pcounter", p)
+
+
+async def _drained(nc: Client, tmp: Path, producer: Producer, live: set[str]) -> bool:
+    """Every partition held by a live instance, which has applied its last message."""
+    owners = await _owners(nc)
+    for p, last in producer.last_seq.items():
+        if p not in owners or owners[p][0] not in live:
+            return False
+        state = read_state(_file(tmp, owners[p][0], p))
+        if state is None or state.applied_seq != last:
+            return False
+    return True
+
+
+def _query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as c:
+        return [tuple(r) for r in c.execute(sql).fetchall()]
+
+
+async def _outputs(nc: Client, expected: int) -> list[int]:
+    """Every output in the output stream (ids), in order."""
+    js = nc.jetstream()
+    await eventually(lambda: _at_least(nc, OUT_STREAM.name, expected), timeout=30, interval=0.2)
+    sub = await js.subscribe("test.pout.*", ordered_consumer=True)
+    ids: list[int] = []
+    try:
+        total = (await js.stream_info(OUT_STREAM.name)).state.messages
+        while len(ids) < total:
+            msg = await sub.next_msg(timeout=5)
+            ids.append(int(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return ids
+
+
+async def _at_least(nc: Client, stream: str, n: int) -> bool:
+    return bool((await nc.jetstream().stream_info(stream)).state.messages >= n)
+
+
+async def _check_final(nc: Client, tmp: Path, producer: Producer) -> None:
+    owners = await _owners(nc)
+    totals: dict[str, int] = {}
+    applied: list[int] = []
+    for p in range(PARTITIONS):
+        if p not in owners:
+            continue
+        path = _file(tmp, owners[p][0], p)
+        for key, total in _query(path, "SELECT key, total FROM totals"):
+            assert isinstance(key, str) and isinstance(total, int)
+            assert key not in totals, f"{key} counted in two partitions"
+            totals[key] = total
+        applied += [int(r[0]) for r in _query(path, "SELECT id FROM applied")]  # type: ignore[call-overload]
+    assert len(applied) == len(set(applied)), "an input was applied twice"
+    assert sorted(applied) == list(range(producer.total)), "an input was lost"
+    assert totals == producer.totals
+    ids = await _outputs(nc, producer.total)
+    assert len(ids) == len(set(ids)), "an output was published twice"
+    assert sorted(ids) == list(range(producer.total)), "an output is missing"
+
+
+async def _holding(nc: Client, names: set[str], exactly: bool = False) -> bool:
+    """Every partition held, by instances among `names` (each of them, with `exactly`)."""
+    owners = await _owners(nc)
+    holders = {o for o, _ in owners.values()}
+    if len(owners) != PARTITIONS or not holders <= names:
+        return False
+    return not exactly or holders == names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_handover_join_leave_and_kill_apply_every_input_and_output_once(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    await _setup(nc)
+    a, b, c = (Instance(n, nats_server.url, tmp_path) for n in ("a", "b", "c"))
+    producer = Producer(nc, total=6000, seconds=20)
+    try:
+        await a.start()
+        await b.start()
+        await eventually(lambda: _holding(nc, {"a", "b"}, exactly=True), timeout=30)
+        running = asyncio.create_task(producer.run())
+
+        async def sent(n: int) -> bool:
+            return producer.sent >= n
+
+        await eventually(lambda: sent(1000), timeout=30)
+        await c.start()  # joins: takes its share from a and b
+        await eventually(lambda: _holding(nc, {"a", "b", "c"}, exactly=True), timeout=30)
+        await eventually(lambda: sent(3000), timeout=30)
+        assert await b.stop() == 0, b.text()[-3000:]  # leaves: hands its partitions over
+        await eventually(lambda: _holding(nc, {"a", "c"}, exactly=True), timeout=30)
+        await eventually(lambda: sent(4500), timeout=30)
+        await a.kill()  # crashes: its leases expire, c restores and replays
+        await running
+        await eventually(lambda: _drained(nc, tmp_path, producer, {"c"}), timeout=60, interval=0.2)
+        await _check_final(nc, tmp_path, producer)
+    finally:
+        for i in (a, b, c):
+            await i.kill()
+    assert "caught up with published outputs" in c.text() or "snapshot restored" in c.text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_a_stopped_owner_is_fenced_and_the_new_owner_wins(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    await _setup(nc)
+    a, b = (Instance(n, nats_server.url, tmp_path) for n in ("a", "b"))
+    producer = Producer(nc, total=4000, seconds=20)
+    try:
+        await a.start()
+        await b.start()
+        await eventually(lambda: _holding(nc, {"a", "b"}, exactly=True), timeout=30)
+        running = asyncio.create_task(producer.run())
+        await eventually(lambda: _true(producer.sent >= 800), timeout=30)
+        stale = {p: token for p, (o, token) in (await _owners(nc)).items() if o == "a"}
+        a.signal(signal.SIGSTOP)
+        await eventually(lambda: _holding(nc, {"b"}), timeout=30)
+        await eventually(lambda: _true(producer.sent >= 2000), timeout=30)
+        a.signal(signal.SIGCONT)
+        # It finds its leases gone: it drops those partitions, then takes its share again
+        # from b (restored from b's snapshots, under new tokens).
+        await eventually(lambda: _true(a.text().count("partition dropped") >= len(stale)))
+        await running
+        await eventually(
+            lambda: _drained(nc, tmp_path, producer, {"a", "b"}), timeout=60, interval=0.2
+        )
+        await _check_final(nc, tmp_path, producer)
+        js = nc.jetstream()
+        snaps = Snapshots(js, "pcounter")
+        await snaps.open()
+        for p, token in stale.items():
+            latest = await snaps.latest(p)
+            assert latest is not None and latest[0].token > token, (p, latest, token)
+    finally:
+        for i in (a, b):
+            await i.kill()
+
+
+async def _true(value: bool) -> bool:
+    return value

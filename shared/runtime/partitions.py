@@ -130,7 +130,9 @@ class HeldPartition:
         self._timer: asyncio.Task[None] | None = None
         self._lost = False
         self._closed = False
-        self.log = structlog.get_logger(service=service.name, partition=partition, token=self.token)
+        self.log = structlog.get_logger(
+            service=service.name, partition=partition, fencing=self.token
+        )
 
     # -- fencing --------------------------------------------------------------------
     def valid(self) -> bool:

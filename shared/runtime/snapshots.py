@@ -168,7 +168,7 @@ class Snapshots:
                 return current[0]  # nothing applied since the last one
             name = object_name(self.service, partition, token, seq)
             with copy.open("rb") as f:
-                await self.store.put(name, f)  # type: ignore[arg-type]
+                await self.store.put(name, f)
             entry = SnapshotEntry(name, seq, token, time.time())
             while True:
                 self._check(partition, token, valid, current)
@@ -189,7 +189,7 @@ class Snapshots:
         if current is not None and current[0].object != name:
             with contextlib.suppress(Exception):
                 await self.store.delete(current[0].object)
-        self._log.info("snapshot taken", partition=partition, seq=seq, token=token)
+        self._log.info("snapshot taken", partition=partition, seq=seq, fencing=token)
         return entry
 
     def _check(
@@ -217,7 +217,7 @@ class Snapshots:
             await asyncio.to_thread(os.replace, tmp, path)
         finally:
             tmp.unlink(missing_ok=True)  # noqa: ASYNC240
-        self._log.info("snapshot restored", object=entry.object, seq=entry.seq, token=entry.token)
+        self._log.info("snapshot restored", object=entry.object, seq=entry.seq, fencing=entry.token)
 
     async def delete_all(self, partition: int) -> None:
         """Drop a partition's index entry and its object (tests, a reset)."""
