@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ops.natsd import NatsServer, free_port
+from shared import admin, subjects
 from shared.runtime.actor import Committer, Delivery, Step
 from shared.runtime.coordination import LEASES_BUCKET, ensure_buckets
 from shared.runtime.partition_state import hold, open_partition_db, partition_path, read_state
@@ -389,6 +390,14 @@ async def test_handover_join_leave_and_kill_apply_every_input_and_output_once(
         await running
         await eventually(lambda: _drained(nc, tmp_path, producer, {"c"}), timeout=60, interval=0.2)
         await _check_final(nc, tmp_path, producer)
+        status = await admin.request(
+            nc, subjects.admin("pcounter", "status"), admin.StatusRequest(), admin.ServiceStatus
+        )
+        assert status.instance == "c"
+        assert [(p.partition, p.owner, p.pending) for p in status.partitions] == [
+            (p, "c", 0) for p in range(PARTITIONS)
+        ]
+        assert all(p.snapshot_seq is not None for p in status.partitions)
     finally:
         for i in (a, b, c):
             await i.kill()

@@ -548,6 +548,15 @@ class PartitionedService(Service):
         base.partitions = parts
         return base
 
+    async def readiness(self) -> str | None:
+        reason = await super().readiness()
+        if reason is not None:
+            return reason
+        for held in list(self.held.values()):
+            if held.runner is not None and held.runner.fault is not None:
+                return f"partition {held.partition}: {held.runner.fault}"
+        return None
+
     async def snapshot_all(self) -> list[SnapshotEntry]:
         """Snapshot every partition held now (an operator's request, tests)."""
         return [await h.snapshot() for h in list(self.held.values())]
