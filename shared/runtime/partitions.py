@@ -128,6 +128,7 @@ class HeldPartition:
         self.runner: ConsumerRunner | None = None
         self.last_snapshot: SnapshotEntry | None = None
         self._timer: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self._lost = False
         self._closed = False
         self.log = structlog.get_logger(
@@ -304,8 +305,12 @@ class HeldPartition:
         s = self.service.settings
         check = min(1.0, s.snapshot_interval)
         taken_at = time.monotonic()
-        while True:
-            await asyncio.sleep(check)
+        # Ends when `_stop` is set, not only when cancelled: a cancellation that lands in
+        # the NATS client's I/O may be swallowed there.
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), check)
+                return
             if not self.valid():
                 self.service.lost(self.partition, "lease no longer valid")
                 return
@@ -343,7 +348,7 @@ class HeldPartition:
         if self._closed:
             return
         self._closed = True
-        await cancel(self._timer)
+        await self._stop_timer()
         if self.runner is not None:
             await self.runner.stop()
         try:
@@ -365,12 +370,18 @@ class HeldPartition:
             return
         self._closed = True
         self.log.warning("partition dropped", reason=reason)
-        await cancel(self._timer)
+        await self._stop_timer()
         if self.runner is not None:
             await self.runner.stop()
         await self._close_db()
         await self.lease.release()  # only deletes the key if it is still this holding's
         await self._delete_consumer()
+
+    async def _stop_timer(self) -> None:
+        self._stop.set()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            await cancel(timer)
 
     async def _close_db(self) -> None:
         db, self.db = self.db, None
@@ -482,7 +493,11 @@ class PartitionedService(Service):
 
     def owned(self) -> set[int]:
         """The partitions the live set gives this instance."""
-        owners = assign(self.settings.partitions, self._live, self.name)
+        # A running instance counts itself live: a view of the live set that misses it
+        # (its own heartbeat late) must not make it hand everything over; the leases
+        # decide who holds what.
+        live = sorted({*self._live, self.instance})
+        owners = assign(self.settings.partitions, live, self.name)
         return {p for p, owner in owners.items() if owner == self.instance}
 
     async def _rebalance(self) -> bool:
