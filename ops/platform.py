@@ -42,6 +42,7 @@ from ops.supervisor import ProcessSpec, Supervisor
 from shared.config import SERVICES, load_settings, port_variable
 from shared.errors import CdpError
 from shared.runtime import Service
+from shared.runtime.coordination import bucket_ttls, ensure_buckets
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -354,6 +355,7 @@ class Platform:
         nc = await self.connect("cdp-setup")
         try:
             await ensure_streams(nc.jetstream(), self.streams)
+            await ensure_buckets(nc.jetstream(), *bucket_ttls({**os.environ, **self.env}))
         finally:
             await nc.close()
         if self.secure:

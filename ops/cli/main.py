@@ -67,6 +67,7 @@ from shared.admin import (
 from shared.config import SERVICES
 from shared.log import configure_logging
 from shared.resources import KINDS, OWNERS, PLURALS
+from shared.runtime.coordination import bucket_ttls, ensure_buckets
 from shared.streams import ensure_streams
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
@@ -164,6 +165,7 @@ def setup(nats_url: NatsOption = None) -> None:
     async def go() -> None:
         async with connect(nats_url) as nc:
             await ensure_streams(nc.jetstream())
+            await ensure_buckets(nc.jetstream(), *bucket_ttls(os.environ))
 
     run(go)
     console.print("streams ready")
