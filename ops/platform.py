@@ -43,6 +43,7 @@ from shared.config import SERVICES, load_settings, port_variable
 from shared.errors import CdpError
 from shared.runtime import Service
 from shared.runtime.coordination import bucket_ttls, ensure_buckets
+from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -356,6 +357,7 @@ class Platform:
         try:
             await ensure_streams(nc.jetstream(), self.streams)
             await ensure_buckets(nc.jetstream(), *bucket_ttls({**os.environ, **self.env}))
+            await ensure_snapshot_buckets(nc.jetstream())
         finally:
             await nc.close()
         if self.secure:

@@ -56,8 +56,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Most payload bytes a consumer's step takes from a fetch: a fetch of many messages
     of many records each is applied in several steps (bounded memory), in order."""
     partitions: int = 8
-    instance: str = ""
-    """This process's name among the instances of its service (none: host and pid)."""
     snapshot_interval: float = 60.0
     """Seconds between two snapshots of a partition that has applied something."""
     snapshot_every: int = 10_000
@@ -177,7 +175,6 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         fetch_batch=_int(env, "CDP_FETCH_BATCH", 256, minimum=1),
         step_max_bytes=_int(env, "CDP_STEP_MAX_BYTES", 4 * 1024 * 1024, minimum=1),
         partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
-        instance=env.get("CDP_INSTANCE", ""),
         snapshot_interval=_float(env, "CDP_SNAPSHOT_INTERVAL", 60.0),
         snapshot_every=_int(env, "CDP_SNAPSHOT_EVERY", 10_000, minimum=1),
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),

@@ -22,7 +22,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from ops.natsd import NatsServer, free_port
 from shared import admin, subjects
 from shared.runtime.actor import Committer, Delivery, Step
-from shared.runtime.coordination import LEASES_BUCKET, ensure_buckets
+from shared.runtime.coordination import ensure_buckets
 from shared.runtime.partition_state import hold, open_partition_db, partition_path, read_state
 from shared.runtime.partitions import lease_key
 from shared.runtime.snapshots import (
@@ -33,7 +33,7 @@ from shared.runtime.snapshots import (
     object_name,
 )
 from shared.streams import ensure_streams
-from shared.subjects import partition_of
+from shared.subjects import LEASES_BUCKET, partition_of
 from tests.actors.pcounter import IN_STREAM, OUT_STREAM, PCounterActor, input_subject
 from tests.helpers import eventually
 

@@ -40,9 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import socket
 import time
 from collections.abc import Awaitable
 from typing import Any, ClassVar
@@ -89,10 +86,6 @@ RETRY_S = 0.5
 
 def lease_key(service: str, partition: int) -> str:
     return f"{service}.p{partition:02d}"
-
-
-def default_instance() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}")
 
 
 def published_step(msg_id: str | None, step: str | None, consumer: str) -> tuple[int, int] | None:
@@ -429,7 +422,7 @@ class PartitionedService(Service):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.instance = self.settings.instance or default_instance()
+        self.instance = self.settings.instance_id
         self.held: dict[int, HeldPartition] = {}
         self._registry: Registry | None = None
         self._snapshots: Snapshots | None = None
@@ -514,6 +507,7 @@ class PartitionedService(Service):
                 self.js,
                 lease_key(self.name, p),
                 self.instance,
+                margin=self.settings.lease_margin,
                 on_lost=lambda p=p: self.lost(p, "lease lost"),  # type: ignore[misc]
             )
             if not await lease.try_acquire():
