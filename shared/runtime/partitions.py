@@ -57,8 +57,10 @@ from shared.runtime.actor import (
     ConsumerSpec,
     Delivery,
     Step,
+    StepRef,
     flush_outbox,
     publish_outbox,
+    step_of,
 )
 from shared.runtime.coordination import Lease, Registry, assign
 from shared.runtime.partition_state import (
@@ -79,30 +81,12 @@ from shared.runtime.snapshots import (
 from shared.runtime.tasks import cancel, cancel_all
 from shared.subjects import StreamSpec
 
-STEP_HEADER = "Cdp-Step"
 RETRY_S = 0.5
 """How often an instance tries again to take a partition whose lease someone holds."""
 
 
 def lease_key(service: str, partition: int) -> str:
     return f"{service}.p{partition:02d}"
-
-
-def published_step(msg_id: str | None, step: str | None, consumer: str) -> tuple[int, int] | None:
-    """(first, last) stream sequences of the step that published a message, from its
-    `Cdp-Step` header or its id `<consumer>:<first>-<last>:<i>`; None if it is not one of
-    `consumer`'s or its id does not name the step's first sequence."""
-    if msg_id is None:
-        return None
-    parts = msg_id.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != consumer:
-        return None
-    for text in (step, parts[1]):
-        if text and "-" in text:
-            first, _, last = text.partition("-")
-            if first.isdigit() and last.isdigit():
-                return int(first), int(last)
-    return None
 
 
 class HeldPartition:
@@ -163,13 +147,16 @@ class HeldPartition:
         await flush_outbox(svc.js, self.db, self.log, lambda: not self.valid())
         stream, subject = svc.partition_input(self.partition)
         await self._delete_stale_consumers(stream)
-        await self._catch_up(stream, subject, seq)
+        last = await self._last_published(seq)
+        if last is not None:
+            await self._catch_up(stream, subject, seq, last)
         spec = ConsumerSpec(
             self.consumer,
             stream,
             self._handler,
             filter_subjects=(subject,),
             description=f"{svc.name} partition {self.partition}",
+            durable=self.durable,
         )
         s = svc.settings
         self.runner = ConsumerRunner(
@@ -182,7 +169,6 @@ class HeldPartition:
             fetch_batch=s.fetch_batch,
             ack_wait=s.ack_wait,
             step_max_bytes=s.step_max_bytes,
-            durable=self.durable,
             guard=self.guard,
         )
         await self.runner.prepare()
@@ -208,36 +194,37 @@ class HeldPartition:
                 with contextlib.suppress(NotFoundError):
                     await js.delete_consumer(stream.name, name)
 
-    async def _catch_up(self, stream: StreamSpec, subject: str, applied: int) -> None:
-        """Re-apply, as its predecessor did, the steps whose outputs it published (see the
-        module's description); nothing to do if it published nothing past `applied`."""
-        svc = self.service
-        output = svc.partition_output(self.partition)
+    async def _last_published(self, applied: int) -> StepRef | None:
+        """The step whose outputs were published last on the partition's output subject,
+        if it lies past `applied` (see the module's description); else None."""
+        output = self.service.partition_output(self.partition)
         if output is None:
-            return
+            return None
         out_stream, out_subject = output
         try:
-            last = await svc.js.get_last_msg(out_stream.name, out_subject)
+            msg = await self.service.js.get_last_msg(out_stream.name, out_subject)
         except NotFoundError:
-            return
-        headers = last.headers or {}
-        step = published_step(headers.get("Nats-Msg-Id"), headers.get(STEP_HEADER), self.consumer)
-        if step is None:
-            self.log.info(
-                "last output names no step: no catch-up", msg_id=headers.get("Nats-Msg-Id")
-            )
-            return
-        first, last_seq = step
-        if last_seq <= applied:
-            return
-        if first <= applied:
+            return None
+        step = step_of((msg.headers or {}).get("Nats-Msg-Id"))
+        if step is None or step.consumer != self.consumer or step.last <= applied:
+            return None
+        if step.first <= applied:
             self.log.warning(
                 "snapshot inside a published step: its outputs may be published again",
                 applied=applied,
-                first=first,
-                last=last_seq,
+                step=f"{step.first}-{step.last}",
             )
-            return
+            return None
+        return step
+
+    async def _catch_up(
+        self, stream: StreamSpec, subject: str, applied: int, step: StepRef
+    ) -> None:
+        """Apply the partition's messages up to `step` silently (its predecessor published
+        their outputs), then `step` itself as one step, publishing: the same ids as its
+        predecessor's, which JetStream drops. The messages are read one by one by
+        sequence (the partition's subject has gaps: it shares its stream with others)."""
+        svc = self.service
         assert self.db is not None
         silent = Committer(
             self.consumer,
@@ -247,23 +234,23 @@ class HeldPartition:
             max_step_bytes=svc.settings.step_max_bytes,
             guard=self.guard,
         )
-        silent.drop_outputs = True
+        silent.silent = True
         exact = Committer(self.consumer, self._handler, self.db, self.log, guard=self.guard)
         before: list[Delivery] = []
         again: list[Delivery] = []
         replayed = 0
         seq = applied + 1
-        while seq <= last_seq:
+        while seq <= step.last:
             try:
                 msg = await svc.js.get_msg(stream.name, seq=seq, subject=subject, next=True)
             except NotFoundError:
                 break
-            if msg.seq is None or msg.seq > last_seq:
+            if msg.seq is None or msg.seq > step.last:
                 break
             seq = msg.seq + 1
             h = msg.headers or {}
             d = Delivery(msg.subject or subject, msg.data or b"", msg.seq, h.get("Nats-Msg-Id"))
-            if d.seq >= first:
+            if d.seq >= step.first:
                 again.append(d)
                 continue
             before.append(d)
@@ -275,7 +262,7 @@ class HeldPartition:
             await silent.handle(before)
             replayed += len(before)
         if again:
-            done = await exact.handle(again)
+            done = await exact.handle(again, one_step=True)
             for out, _notes in done.rounds:
                 if out:
                     self.guard()
@@ -283,7 +270,7 @@ class HeldPartition:
         self.log.info(
             "caught up with published outputs",
             silent=replayed,
-            step=f"{first}-{last_seq}",
+            step=f"{step.first}-{step.last}",
             again=len(again),
         )
 
