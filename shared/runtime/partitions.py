@@ -24,8 +24,9 @@ set changes:
 Fencing: every commit and every publish of a partition first checks that its lease is
 still valid (`Lease.valid()`, a local deadline before the server's expiry), and is refused
 with `LeaseLost` (rolled back) if not; the partition is then dropped at once, nothing more
-committed, its lease not released (it is not its own any more). A snapshot is refused the
-same way, and the snapshot index refuses a token lower than the one it holds.
+committed or published (its lease key is deleted only if the server still has it as this
+holding's revision). A snapshot is refused the same way, and the snapshot index refuses a
+token lower than the one it holds.
 
 Catch-up after a crash: outputs carry deterministic ids `<consumer>:<first>-<last>:<i>`
 (the partition's consumer and the stream sequences of the step that emitted them). The new
