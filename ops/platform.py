@@ -46,6 +46,7 @@ from shared.config import replicas as replicas_setting
 from shared.errors import CdpError
 from shared.runtime import Service
 from shared.runtime.coordination import bucket_ttls, ensure_buckets
+from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -430,6 +431,7 @@ class Platform:
             await ensure_buckets(
                 nc.jetstream(), *bucket_ttls({**os.environ, **self.env}), replicas=self.replicas
             )
+            await ensure_snapshot_buckets(nc.jetstream(), replicas=self.replicas)
         finally:
             await nc.close()
         if self.secure:

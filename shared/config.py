@@ -68,6 +68,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     partitions: int = 8
     replicas: int = 1
     """Copies of each stream and bucket on a JetStream cluster (`CDP_REPLICAS`)."""
+    snapshot_interval: float = 60.0
+    """Seconds between two snapshots of a partition that has applied something."""
+    snapshot_every: int = 10_000
+    """A partition is also snapshotted once it has applied this many messages since."""
     ack_wait: float = 30.0
     nats_nkey: Path | None = None
     """The NKey seed file this service authenticates with (none: no authentication)."""
@@ -194,6 +198,8 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         step_max_bytes=_int(env, "CDP_STEP_MAX_BYTES", 4 * 1024 * 1024, minimum=1),
         partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
         replicas=replicas(env),
+        snapshot_interval=_float(env, "CDP_SNAPSHOT_INTERVAL", 60.0),
+        snapshot_every=_int(env, "CDP_SNAPSHOT_EVERY", 10_000, minimum=1),
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,

@@ -90,6 +90,11 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 """Above NATS' 1 MB default, so that an oversize record reaches ingest and is rejected
 there with a reason (the ingest limit is 1 MB) instead of failing at the client."""
 
+SNAPSHOT_BUCKET = "cdp-snapshots"
+"""Object store bucket of partition snapshots: `<service>/<partition>/<token>-<seq>`."""
+SNAPSHOT_INDEX_BUCKET = "cdp-snapshot-index"
+"""KV bucket naming each partition's latest snapshot: `<service>.<partition>`."""
+
 
 def inbox_prefix(account: str) -> str:
     """The reply-subject root of a key's connections: `_INBOX_<name>` for every key, an

@@ -70,6 +70,7 @@ from shared.config import replicas as replicas_setting
 from shared.log import configure_logging
 from shared.resources import KINDS, OWNERS, PLURALS
 from shared.runtime.coordination import bucket_ttls, ensure_buckets
+from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
@@ -177,11 +178,12 @@ def secrets(
 
 @app.command()
 def setup(nats_url: NatsOption = None) -> None:
-    """Create or update the JetStream streams and the batch-file bucket, with the admin
-    key, each kept by CDP_REPLICAS servers of a cluster (1 by default; a stream kept by
-    another number is changed in place). `cdp up` does this itself; compose.yaml runs it
-    once after nats-server is healthy. Services never create streams: without them they
-    wait, not ready."""
+    """Create or update the JetStream streams and the buckets (batch files, the instance
+    registry and leases, partition snapshots), with the admin key, each kept by
+    CDP_REPLICAS servers of a cluster (1 by default; a stream kept by another number is
+    changed in place). `cdp up` does this itself; compose.yaml runs it once after
+    nats-server is healthy. Services never create streams: without them they wait, not
+    ready."""
     try:
         copies = replicas_setting()
     except ConfigError as exc:
@@ -192,6 +194,7 @@ def setup(nats_url: NatsOption = None) -> None:
         async with connect(nats_url) as nc:
             await ensure_streams(nc.jetstream(), replicas=copies)
             await ensure_buckets(nc.jetstream(), *bucket_ttls(os.environ), replicas=copies)
+            await ensure_snapshot_buckets(nc.jetstream(), replicas=copies)
 
     run(go)
     console.print(f"streams ready ({copies} {'copy' if copies == 1 else 'copies'} of each)")

@@ -243,8 +243,12 @@ class ConsumerRunner:
         fetch_batch: int,
         ack_wait: float,
         step_max_bytes: int | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
+        """`guard` runs right before each commit and each publish; it raises to refuse
+        them (a partition whose lease is lost)."""
         self.spec = spec
+        self._guard = guard
         self._service = service
         self._nc = nc
         self._js = js
@@ -275,6 +279,7 @@ class ConsumerRunner:
             self._log,
             self._committed,
             max_step_bytes=spec.max_step_bytes or step_max_bytes,
+            guard=guard,
         )
 
     @property
@@ -506,6 +511,8 @@ class ConsumerRunner:
         if applied.failed:
             self._metrics.failed.labels(*self._labels).inc(applied.failed)
         for out, notes in applied.rounds:
+            if out and self._guard is not None:
+                self._guard()
             if out:
                 await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
             if notes:
@@ -565,8 +572,11 @@ class Committer:
         committed: Callable[[int], None] | None = None,
         *,
         max_step_bytes: int | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.consumer = consumer
+        self.guard = guard
+        """Runs right before each commit; raises to refuse it (rolled back)."""
         self.max_step_bytes = max_step_bytes
         self._committed = committed
         self.handler = handler
@@ -640,7 +650,7 @@ class Committer:
             ((self.consumer, d.seq, d.subject, d.data, err, now) for d, err in failed),
         )
         tx.add(_SET_OFFSET, (self.consumer, last_seq))
-        await apply(self.db, tx)
+        await apply(self.db, tx, before_commit=self.guard)
         if self._committed is not None:
             self._committed(last_seq)
         if batch is not None:
