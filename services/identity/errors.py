@@ -20,3 +20,15 @@ class ReplayImpossible(CdpError):
         self.stream = stream
         self.first_seq = first_seq
         self.db_path = db_path
+
+
+class WriterLeaseLost(CdpError):
+    """A commit or a publish of an instance that is no longer the writer (its lease ran
+    out, e.g. while the process was stopped): refused, and the process stops."""
+
+    code = "writer_lease_lost"
+
+    def __init__(self, instance: str, token: int) -> None:
+        super().__init__(f"{instance}: the writer lease {token} is no longer held")
+        self.instance = instance
+        self.token = token

@@ -17,6 +17,7 @@ from nats.js.errors import NotFoundError
 
 from services.identity import rebuild
 from services.identity.api import IdentityApi
+from services.identity.errors import WriterLeaseLost
 from services.identity.handlers import NAMESPACES_CONSUMER, RECORDS_CONSUMER, IdentityHandlers
 from services.identity.store import LISTINGS, MIGRATIONS, IdentityStore
 from shared import subjects
@@ -114,6 +115,20 @@ class IdentityService(Service):
         if self._role != STANDBY or spec.name != RECORDS_CONSUMER:
             return None
         return lambda: rebuild.last_published_step(self.js)
+
+    def guard_of(self, spec: ConsumerSpec) -> Callable[[], None] | None:
+        """The writer's commits and publishes of records are fenced by its lease: once its
+        local deadline passed (it may have been stopped past the lease's expiry while a
+        standby took over), nothing more is committed or published, and it stops."""
+        if spec.name != RECORDS_CONSUMER:
+            return None
+
+        def guard() -> None:
+            lease = self._lease
+            if lease is not None and self._role == WRITER and not lease.valid():
+                raise WriterLeaseLost(self.settings.instance_id, lease.token or 0)
+
+        return guard
 
     async def on_connected(self) -> bool:
         instance = self.settings.instance_id

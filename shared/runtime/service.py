@@ -117,6 +117,11 @@ class Service:
         consumer runs as usual. A standby becomes active with `take_over`."""
         return None
 
+    def guard_of(self, spec: ConsumerSpec) -> Callable[[], None] | None:
+        """What runs right before each commit and each publish of this consumer, and
+        raises to refuse them (fencing: a lease no longer held); none: nothing."""
+        return None
+
     standby_poll: ClassVar[float] = 0.2
     """How often a standby that caught up asks again where the active instance is."""
 
@@ -193,6 +198,7 @@ class Service:
                 fetch_batch=s.fetch_batch,
                 ack_wait=s.ack_wait,
                 step_max_bytes=s.step_max_bytes,
+                guard=self.guard_of(spec),
             )
             follow = self.standby_of(spec)
             if follow is not None:
