@@ -88,9 +88,9 @@ class Identity:
     async def role(self) -> str | None:
         return (await self.ready()).get("role")
 
-    def kill(self) -> None:
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        self.proc.send_signal(sig)
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -141,9 +141,13 @@ def without_segments(state: ModelState) -> ModelState:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 async def test_the_standby_takes_over_from_a_killed_writer_and_nothing_is_lost(
-    nats_server: NatsServer, nc: Client, tmp_path: Path
+    nats_server: NatsServer, nc: Client, tmp_path: Path, how: signal.Signals
 ) -> None:
+    """SIGKILL: the writer is gone. SIGSTOP: the writer is frozen past its lease while the
+    standby takes over, then woken (SIGCONT) with a batch perhaps in hand: its late
+    commits and publishes are refused (fencing) and it stops; nothing is applied twice."""
     js = nc.jetstream()
     journey = big_journey("fo-", time.time(), 400, seed=16)
     steps = [s for s in journey.steps if isinstance(s, RecordStep)]
@@ -171,10 +175,17 @@ async def test_the_standby_takes_over_from_a_killed_writer_and_nothing_is_lost(
                     await js.publish_async(subjects.ingest(step.dataset), body)
                 await js.publish_async_completed()
                 if n == len(chunks) // 3:
-                    a.kill()
+                    a.kill(how)
                     killed_at = time.monotonic()
                 await asyncio.sleep(0.05)
             await eventually(lambda: _is(b.role(), "writer"), timeout=TAKEOVER_BOUND * 2)
+            if how == signal.SIGSTOP:
+                a.kill(signal.SIGCONT)
+                assert a.proc is not None
+                code = await asyncio.wait_for(a.proc.wait(), 30)
+                assert code != 0, "a writer woken past its lease stops, and says it failed"
+                log = (a.data / "identity.log").read_text()
+                assert "writer lease" in log, log[-3000:]
             result = await wait_landed(nc, 180)
             assert result.landed, f"not landed: {result.missing}"
             took = await took_over(b, killed_at)
