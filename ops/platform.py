@@ -246,6 +246,8 @@ class Platform:
             raise PlatformError(f"{replicas} replicas need as many nodes, not {cluster}")
         self.replicas = replicas
         """How many nodes keep a copy of each stream and bucket."""
+        self.partitions = load_settings("platform", {**os.environ, **self.env}).partitions
+        """CDP_PARTITIONS, recorded on the partitioned streams at their creation."""
         self.server: NatsServer | None = None
         """The embedded nats-server (none: `nats_url` was given, a cluster, or not started)."""
         self.cluster: NatsCluster | None = None
@@ -427,7 +429,9 @@ class Platform:
         profile lookup's bearer token."""
         nc = await self.connect("cdp-setup")
         try:
-            await ensure_streams(nc.jetstream(), self.streams, replicas=self.replicas)
+            await ensure_streams(
+                nc.jetstream(), self.streams, replicas=self.replicas, partitions=self.partitions
+            )
             await ensure_buckets(
                 nc.jetstream(), *bucket_ttls({**os.environ, **self.env}), replicas=self.replicas
             )

@@ -180,6 +180,11 @@ def dataset_of(subject: str) -> str:
 
 
 # -- streams -------------------------------------------------------------------
+PARTITIONS_METADATA = "cdp.partitions"
+"""The stream metadata key that holds the partition count a partitioned stream was set
+up with (CDP_PARTITIONS at the first `cdp setup`)."""
+
+
 class StreamSpec(msgspec.Struct, frozen=True):
     name: str
     subjects: tuple[str, ...]
@@ -187,6 +192,9 @@ class StreamSpec(msgspec.Struct, frozen=True):
     max_age_s: float = 7 * 24 * 3600.0
     duplicate_window_s: float = 120.0
     max_msgs_per_subject: int = -1
+    partitioned: bool = False
+    """Its subjects end in a partition number: the stream records the partition count
+    it was set up with (`PARTITIONS_METADATA`), which is fixed from then on."""
 
 
 STREAM_INGEST = StreamSpec(
@@ -203,12 +211,14 @@ STREAM_PROFILES = StreamSpec(
     (f"{PROFILES_PREFIX}.*",),
     "internal: records with profile ids, identity -> profile",
     duplicate_window_s=600.0,
+    partitioned=True,
 )
 STREAM_CHANGES = StreamSpec(
     "CDP_CHANGES",
     (f"{CHANGES_PREFIX}.*",),
     "internal: profile changes, profile -> segmentation",
     duplicate_window_s=600.0,
+    partitioned=True,
 )
 STREAM_MEMBERSHIP = StreamSpec(
     "CDP_MEMBERSHIP", (MEMBERSHIP_ALL,), "public: segment membership changes, one JSON per event"
@@ -218,6 +228,7 @@ STREAM_MEMBERS = StreamSpec(
     (f"{MEMBERS_PREFIX}.*",),
     "internal: membership changes in batches, segmentation -> profile, destination",
     duplicate_window_s=600.0,
+    partitioned=True,
 )
 STREAM_JOBS = StreamSpec("CDP_JOBS", (JOBS_ALL,), "internal: job requests and job status events")
 STREAM_CONFIG = StreamSpec(

@@ -65,13 +65,13 @@ from shared.admin import (
     ServiceStatus,
     StatusRequest,
 )
-from shared.config import SERVICES, ConfigError
+from shared.config import SERVICES, ConfigError, load_settings
 from shared.config import replicas as replicas_setting
 from shared.log import configure_logging
 from shared.resources import KINDS, OWNERS, PLURALS
 from shared.runtime.coordination import bucket_ttls, ensure_buckets
 from shared.runtime.snapshots import ensure_snapshot_buckets
-from shared.streams import ensure_streams
+from shared.streams import PartitionCountFixed, ensure_streams
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
 console = Console()
@@ -186,13 +186,18 @@ def setup(nats_url: NatsOption = None) -> None:
     ready."""
     try:
         copies = replicas_setting()
+        partitions = load_settings("setup").partitions
     except ConfigError as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
 
     async def go() -> None:
         async with connect(nats_url) as nc:
-            await ensure_streams(nc.jetstream(), replicas=copies)
+            try:
+                await ensure_streams(nc.jetstream(), replicas=copies, partitions=partitions)
+            except PartitionCountFixed as exc:
+                err_console.print(f"[red]error:[/] {exc}")
+                raise typer.Exit(1) from None
             await ensure_buckets(nc.jetstream(), *bucket_ttls(os.environ), replicas=copies)
             await ensure_snapshot_buckets(nc.jetstream(), replicas=copies)
 

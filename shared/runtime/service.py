@@ -41,7 +41,7 @@ from shared.runtime.actor import (
     StepRef,
     flush_outbox,
 )
-from shared.streams import missing_streams
+from shared.streams import PartitionCountFixed, missing_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
 PUBLISH_FAULT_S = 10.0
@@ -224,7 +224,9 @@ class Service:
         said = ""
         while True:
             try:
-                missing = await missing_streams(self._js, self.streams)
+                missing = await missing_streams(self._js, self.streams, self.settings.partitions)
+            except PartitionCountFixed as exc:
+                raise StartupError(self.name, "partitions", str(exc)) from exc
             except Exception as exc:
                 raise StartupError(self.name, "streams", repr(exc)) from exc
             if not missing:
