@@ -132,6 +132,12 @@ class IdentityService(Service):
 
     async def on_connected(self) -> bool:
         instance = self.settings.instance_id
+        if not self.settings.instance:
+            # No CDP_INSTANCE: the deployment's only identity, the writer as it always ran
+            # (standbys are named instances); a lease would only let a loop kept busy past
+            # its expiry by a large step stop the one writer there is.
+            self._role = WRITER
+            return True
         self._lease = Lease(
             self.js,
             subjects.IDENTITY_WRITER_LEASE,

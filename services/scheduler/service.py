@@ -91,6 +91,11 @@ class SchedulerService(Service):
 
     async def on_connected(self) -> bool:
         instance = self.settings.instance_id
+        if not self.settings.instance:
+            # No CDP_INSTANCE: the deployment's only scheduler, as it always ran; a lease
+            # would only let a busy event loop stop it.
+            self._role = ACTIVE
+            return True
         self._lease = Lease(
             self.js,
             subjects.SCHEDULER_ACTIVE_LEASE,
