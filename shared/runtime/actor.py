@@ -131,12 +131,16 @@ class Step:
         self.deliveries = deliveries
         self.db = db
         self.tx = Tx()
-        self._out: list[tuple[str, bytes]] = []
+        self._out: list[tuple[str, bytes, str | None]] = []
         self._after: list[Callable[[], None]] = []
         self._notes: list[tuple[str, bytes]] = []
 
-    def emit(self, subject: str, payload: bytes) -> None:
-        self._out.append((subject, payload))
+    def emit(self, subject: str, payload: bytes, *, key: str | None = None) -> None:
+        """Send `payload` once the step commits. Its message id comes from the step's
+        last sequence and the emit's place in the step, unless `key` is given: then it
+        is `<consumer>:<key>`, so a key derived from the input alone gives the same id
+        whatever else the step holds (competing consumers: see `competing`)."""
+        self._out.append((subject, payload, key))
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._after.append(fn)
@@ -161,6 +165,12 @@ class ConsumerSpec:
     """Most payload bytes one step takes (none: the service's `step_max_bytes`)."""
     max_wait: float = 5.0
     description: str = field(default="")
+    competing: bool = False
+    """Several processes share this consumer, each taking what it fetches (explicit
+    acks, no offset, no re-creation): see `shared.runtime.competing`."""
+    barriers: tuple[str, ...] = ()
+    """Subjects of messages that wait, when competing, until every earlier message of
+    the stream was applied by whichever process took it."""
 
 
 class _Stop(Exception):
@@ -482,8 +492,12 @@ class Committer:
         if batch is not None:
             tx.extend(batch.tx)
             out = [
-                Outgoing(f"{self.consumer}:{last_seq}:{i}", subject, payload)
-                for i, (subject, payload) in enumerate(batch._out)
+                Outgoing(
+                    f"{self.consumer}:{last_seq}:{i}" if key is None else f"{self.consumer}:{key}",
+                    subject,
+                    payload,
+                )
+                for i, (subject, payload, key) in enumerate(batch._out)
             ]
         now = time.time()
         tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))

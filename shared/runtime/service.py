@@ -40,6 +40,7 @@ from shared.runtime.actor import (
     ConsumerSpec,
     flush_outbox,
 )
+from shared.runtime.competing import CompetingRunner
 from shared.streams import missing_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -147,7 +148,8 @@ class Service:
         await self.on_start()
         self._phase = "starting: consumers"
         for spec in self.consumers():
-            runner = ConsumerRunner(
+            runner_type = CompetingRunner if spec.competing else ConsumerRunner
+            runner = runner_type(
                 spec,
                 service=self.name,
                 nc=self._nc,
