@@ -46,6 +46,8 @@ class ForgetRequest(msgspec.Struct):
     instance: str
     request_id: str
     keys: list[str]
+    before_seq: int
+    """Only what came before the delete in the stream: later records stay."""
 
 
 class ForgetResult(msgspec.Struct):
@@ -139,21 +141,26 @@ class IngestApi:
         (the asking instance removes its own in its step)."""
         if request.instance == self.instance:
             return ForgetResult(self.instance, 0)
-        removed = len(await self.store.rejected_ids_by_keys(request.keys))
-        if removed:
+        state = self.catalog.state
+        ids = {
+            i
+            for i in await self.store.rejected_ids_by_keys(request.keys)
+            if state.applied_before(i, request.before_seq)
+        }
+        if ids:
             tx = Tx()
-            self.store.delete_by_keys(tx, request.keys)
+            self.store.delete_rejected(tx, ids)
             await self.store.apply(tx)
-        return ForgetResult(self.instance, removed)
+        return ForgetResult(self.instance, len(ids))
 
-    async def forget_elsewhere(self, request_id: str, keys: list[str]) -> int:
+    async def forget_elsewhere(self, request_id: str, keys: list[str], before_seq: int) -> int:
         """Ask every other instance to remove the rejected records `keys` find; how many
         they removed. An instance that does not answer (down) keeps them: see README."""
         try:
             gathered = await admin.gather(
                 self.nc,
                 subjects.admin("ingest", "forget"),
-                ForgetRequest(self.instance, request_id, keys),
+                ForgetRequest(self.instance, request_id, keys, before_seq),
                 timeout=FORGET_TIMEOUT_S,
             )
         except TimeoutError:

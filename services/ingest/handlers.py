@@ -44,7 +44,7 @@ class Records:
         retention: Retention,
         *,
         shared: bool = False,
-        forget_elsewhere: Callable[[str, list[str]], Awaitable[int]] | None = None,
+        forget_elsewhere: Callable[[str, list[str], int], Awaitable[int]] | None = None,
     ) -> None:
         self.state = state
         self.retention = retention
@@ -116,11 +116,17 @@ class Records:
         """Remove the person's rejected records (stored, and rejected earlier in this step,
         which are in its transaction before the delete), pass the request on, report."""
         ids = await store.rejected_ids_by_keys(forget.keys)
-        ids.update(forget.pending)
-        store.delete_by_keys(step.tx, forget.keys)
         elsewhere = 0
-        if self.forget_elsewhere is not None:
-            elsewhere = await self.forget_elsewhere(forget.request.request_id, forget.keys)
+        if self.shared:
+            # A step alone (a barrier): what this instance applied after it stays.
+            seq = step.deliveries[-1].seq
+            ids = {i for i in ids if self.state.applied_before(i, seq)}
+            store.delete_rejected(step.tx, ids)
+            if self.forget_elsewhere is not None:
+                elsewhere = await self.forget_elsewhere(forget.request.request_id, forget.keys, seq)
+        else:
+            ids.update(forget.pending)
+            store.delete_by_keys(step.tx, forget.keys)
         envelope = RecordEnvelope([], deletes=[forget.request])
         step.emit(subjects.RECORDS, msgpack_encoder.encode(envelope))
         report(step, SERVICE, forget.request, {ERROR_STORE: len(ids) + elsewhere}, at=now)
