@@ -98,6 +98,19 @@ class Instance:
             row = conn.execute(sql).fetchone()
         return int(row[0] or 0) if row else 0
 
+    async def metric(self, name: str) -> float:
+        """The sum of a counter on the instance's /metrics."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.port}/metrics") as r,
+        ):
+            text = await r.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
     def log(self) -> str:
         path = self.data_dir / "ingest.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
@@ -328,6 +341,7 @@ async def test_a_killed_instance_hands_its_messages_to_the_other(
         await publish(nc, sent, 1600, 200)
         landed = await drained(nc, sent, "end")
         check_each_valid_record_once(sent, landed)
+        assert await one.metric("cdp_messages_taken_over_total") > 0, "nothing taken over"
         late = behind_everything_before(landed, sent.probes["mid"], landed.probes["mid"])
         assert not late, f"probe passed before {late[:5]}"
         # The survivor answers `cdp errors` alone; what it holds is listed once.

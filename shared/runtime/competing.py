@@ -31,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
+from prometheus_client import Counter
 
 from shared.runtime.actor import ConsumerRunner, Delivery
 from shared.runtime.puller import Puller
@@ -54,6 +56,17 @@ def barrier_wait(ack_wait: float) -> float:
 
 class CompetingRunner(ConsumerRunner):
     """Feeds this process's share of a durable consumer that several processes share."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given_back: set[int] = set()
+        self._taken_over = Counter(
+            "cdp_messages_taken_over_total",
+            "Messages applied after another process took them and did not acknowledge "
+            "them (it died or was too slow): delivered again, here.",
+            ["service", "consumer"],
+            registry=self._metrics.registry,
+        )
 
     def _committed(self, seq: int) -> None:
         self._offset = max(self._offset, seq)
@@ -119,6 +132,15 @@ class CompetingRunner(ConsumerRunner):
         """Apply `msgs` (in stream order), publish what they emit, then ack each."""
         if not msgs:
             return
+        taken = 0
+        for m in msgs:
+            seq = m.metadata.sequence.stream
+            if seq in self._given_back:
+                self._given_back.discard(seq)
+            elif m.metadata.num_delivered > 1:
+                taken += 1
+        if taken:
+            self._taken_over.labels(*self._labels).inc(taken)
         await self._commit([_delivery(m) for m in msgs])
         for msg in msgs:
             try:
@@ -148,7 +170,10 @@ class CompetingRunner(ConsumerRunner):
             pause = min(pause * 2, longest)
 
     async def _give_back(self, msgs: list[Msg]) -> None:
+        if len(self._given_back) > 100_000:  # taken by others meanwhile: forget them
+            self._given_back.clear()
         for msg in msgs:
+            self._given_back.add(msg.metadata.sequence.stream)
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak(delay=GIVE_BACK_DELAY_S)
 
