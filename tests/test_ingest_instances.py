@@ -19,13 +19,16 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats.errors
 import pytest
 from nats.aio.client import Client
 
 from ops.cli.apply import apply_objects
 from ops.cli.ingest import run_batch
 from ops.natsd import NatsServer, free_port
+from services.ingest.settings import Scaling, load_scaling
 from shared import admin, subjects
+from shared.config import ConfigError
 from shared.messages import Identity, PrivacyDelete, PrivacyReport, Probe, RecordEnvelope
 from tests.helpers import ROOT, eventually
 from tests.test_faults import ingest_objects, iso
@@ -350,3 +353,54 @@ async def test_a_killed_instance_hands_its_messages_to_the_other(
     finally:
         await one.stop()
         await two.stop()
+
+
+async def test_gather_collects_every_answer_and_merges_them_once(nc: Client) -> None:
+    """Two answerers of one subject (as two instances), a third subject nobody serves."""
+    subject = "cdp.admin.ingest.errors"
+
+    def rejected(record_id: str, at: float) -> admin.RejectedRecord:
+        return admin.RejectedRecord(
+            record_id=record_id,
+            dataset="web",
+            batch_id=None,
+            row_number=None,
+            source="stream",
+            reason="invalid",
+            path="",
+            expected="",
+            got="",
+            problems=[],
+            payload="{}",
+            rejected_at=at,
+        )
+
+    async def first(_q: admin.ErrorsQuery) -> admin.ErrorsResult:
+        return admin.ErrorsResult("web", 2, [rejected("r-1", 1.0), rejected("r-3", 3.0)])
+
+    async def second(_q: admin.ErrorsQuery) -> admin.ErrorsResult:
+        return admin.ErrorsResult("web", 2, [rejected("r-2", 2.0), rejected("r-3", 3.0)], 5)
+
+    subs = [
+        await admin.serve(nc, subject, admin.ErrorsQuery, first, every=True),
+        await admin.serve(nc, subject, admin.ErrorsQuery, second, every=True),
+    ]
+    try:
+        result = await admin.ingest_errors(nc, "web", 100)
+        assert [r.record_id for r in result.records] == ["r-1", "r-2", "r-3"]
+        assert (result.total, result.dropped) == (3, 5)
+        gathered = await admin.gather(nc, subject, admin.ErrorsQuery("web"), expected=2)
+        assert len(gathered.results) == 2
+    finally:
+        await admin.unsubscribe_all(subs)
+    with pytest.raises(nats.errors.NoRespondersError):
+        await admin.gather(nc, "cdp.admin.nobody.here", admin.ErrorsQuery("web"), timeout=2)
+
+
+async def test_the_shared_mode_setting() -> None:
+    assert load_scaling({}) == Scaling("ingest", False)
+    assert load_scaling({"CDP_INSTANCE": "ingest-2"}) == Scaling("ingest-2", True)
+    auto = load_scaling({"CDP_INGEST_SHARED": "1"})
+    assert auto.shared and auto.instance.startswith("ingest-")
+    with pytest.raises(ConfigError):
+        load_scaling({"CDP_INGEST_SHARED": "maybe"})
