@@ -62,8 +62,8 @@ class CompetingRunner(ConsumerRunner):
         self._given_back: set[int] = set()
         self._taken_over = Counter(
             "cdp_messages_taken_over_total",
-            "Messages applied after another process took them and did not acknowledge "
-            "them (it died or was too slow): delivered again, here.",
+            "Messages applied here after another process took them and did not acknowledge "
+            "them (it died, was too slow, or gave them back behind a barrier).",
             ["service", "consumer"],
             registry=self._metrics.registry,
         )
