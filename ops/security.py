@@ -197,7 +197,8 @@ _PROBE_REPORTS = s.probe_report("*")
 def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
     return {
         "ingest": _Uses(
-            consumes=((s.STREAM_INGEST, "ingest"),),
+            # alone, or shared by several instances (CDP_INSTANCE, CDP_INGEST_SHARED)
+            consumes=((s.STREAM_INGEST, "ingest"), (s.STREAM_INGEST, "ingest-shared")),
             publishes=(
                 s.RECORDS,
                 s.CONFIG_ALL,
@@ -206,6 +207,9 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
                 _report("ingest"),
             ),
             serves=(s.admin("ingest", ">"), _PROBE_REPORTS),
+            # shared instances: a privacy delete asks the others to forget too
+            requests=(s.admin("ingest", "forget"),),
+            reads_last=(s.STREAM_CONFIG,),  # shared: what another instance applied
             object_store=s.BATCH_BUCKET,
         ),
         "identity": _Uses(

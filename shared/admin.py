@@ -7,16 +7,20 @@ drive the platform; the `cdp` CLI is only one such client.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shared import subjects
 from shared.errors import CdpError
 from shared.resources import PLURALS
 
@@ -270,8 +274,12 @@ async def serve(
     handler: Callable[[R], Awaitable[Any]],
     *,
     queue: str = "",
+    every: bool = False,
 ) -> Subscription:
-    """Answer requests on `subject`: decode `request_type`, run `handler`, reply."""
+    """Answer requests on `subject`: decode `request_type`, run `handler`, reply.
+
+    The instances of a service answering the same subject form a queue group (one of
+    them answers), unless `every`: then each answers, for a client that `gather`s."""
     decoder = msgspec.json.Decoder(request_type)
     log = structlog.get_logger(admin=subject)
 
@@ -295,7 +303,7 @@ async def serve(
             )
         await msg.respond(_reply_encoder.encode(reply))
 
-    return await nc.subscribe(subject, queue=queue or subject, cb=on_msg)
+    return await nc.subscribe(subject, queue="" if every else (queue or subject), cb=on_msg)
 
 
 Endpoint = tuple[str, type[msgspec.Struct], Callable[[Any], Awaitable[Any]]]
@@ -326,6 +334,93 @@ async def request(
     if not reply.ok:
         raise AdminFailure.from_error(reply.error or AdminError("internal", "no error given"))
     return msgspec.convert(reply.result, result_type)
+
+
+GATHER_LINGER_S = 0.3
+"""How long `gather` waits for another answer after the last one."""
+
+
+class Gathered(msgspec.Struct):
+    """The answers of every instance that answered a gathered request."""
+
+    results: list[Any]
+    failures: list[AdminFailure]
+
+    def typed(self, result_type: type[T]) -> list[T]:
+        """The results, or the first failure when no instance had a result."""
+        if not self.results and self.failures:
+            raise self.failures[0]
+        return [msgspec.convert(r, result_type) for r in self.results]
+
+
+async def gather(
+    nc: Client,
+    subject: str,
+    payload: msgspec.Struct,
+    *,
+    timeout: float = 10.0,
+    linger: float = GATHER_LINGER_S,
+    expected: int | None = None,
+) -> Gathered:
+    """Send a request that every instance of a service answers (served with `every`)
+    and collect the answers: until `expected` instances answered, or `linger` seconds
+    after the last answer, or `timeout` seconds without any (raises TimeoutError; a
+    subject nobody serves raises NoRespondersError, as a plain request does)."""
+    inbox = nc.new_inbox()
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def arrived(msg: Msg) -> None:
+        replies.put_nowait(msg)
+
+    sub = await nc.subscribe(inbox, cb=arrived)
+    out = Gathered([], [])
+    try:
+        await nc.publish(subject, _reply_encoder.encode(payload), reply=inbox)
+        deadline = time.monotonic() + timeout
+        while expected is None or len(out.results) + len(out.failures) < expected:
+            answered = bool(out.results or out.failures)
+            wait = linger if answered else deadline - time.monotonic()
+            try:
+                msg = await asyncio.wait_for(replies.get(), max(wait, 0.0))
+            except TimeoutError:
+                if answered:
+                    break
+                raise
+            status = msg.headers.get("Status") if msg.headers else None
+            if status == "503" and not msg.data:
+                if answered:
+                    continue
+                raise nats.errors.NoRespondersError
+            reply = msgspec.json.decode(msg.data, type=AdminReply)
+            if reply.ok:
+                out.results.append(reply.result)
+            else:
+                out.failures.append(
+                    AdminFailure.from_error(reply.error or AdminError("internal", "no error"))
+                )
+    finally:
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error as exc:
+            structlog.get_logger().debug("unsubscribe failed", error=repr(exc))
+    return out
+
+
+async def ingest_batches(nc: Client, limit: int, timeout: float = 10.0) -> BatchListResult:
+    """`cdp.admin.ingest.batch.list` of every ingest instance, as one list."""
+    got = await gather(
+        nc, subjects.admin("ingest", "batch.list"), ListRequest(limit), timeout=timeout
+    )
+    return merge_batches(got.typed(BatchListResult), limit)
+
+
+async def ingest_errors(nc: Client, target: str, limit: int, timeout: float = 10.0) -> ErrorsResult:
+    """`cdp.admin.ingest.errors` of every ingest instance, as one answer (a dataset or
+    batch none of them knows: NotFound)."""
+    got = await gather(
+        nc, subjects.admin("ingest", "errors"), ErrorsQuery(target, limit), timeout=timeout
+    )
+    return merge_errors(got.typed(ErrorsResult), limit)
 
 
 # -- configuration (cdp apply / cdp get) --------------------------------------------------
@@ -398,6 +493,16 @@ class BatchListResult(msgspec.Struct):
     batches: list[BatchInfo]
 
 
+def merge_batches(parts: list[BatchListResult], limit: int) -> BatchListResult:
+    """The batches of several ingest instances as one list, newest first, each once."""
+    found: dict[str, BatchInfo] = {}
+    for part in parts:
+        for b in part.batches:
+            found.setdefault(b.batch_id, b)
+    ordered = sorted(found.values(), key=lambda b: b.created_at, reverse=True)
+    return BatchListResult(ordered[: max(limit, 0)])
+
+
 class ErrorsQuery(msgspec.Struct):
     target: str
     """A dataset name or a batch id."""
@@ -425,6 +530,30 @@ class ErrorsResult(msgspec.Struct):
     records: list[RejectedRecord]
     dropped: int = 0
     """Rejected records (of every dataset) the error store dropped by its retention."""
+
+
+def merge_errors(parts: list[ErrorsResult], limit: int) -> ErrorsResult:
+    """The error stores of several ingest instances as one: records by record id once
+    (a record applied by two instances is in both stores), oldest first as each store
+    lists them, at most `limit`; totals and drops added up, less the repeats seen."""
+    seen: set[str] = set()
+    records: list[RejectedRecord] = []
+    repeats = 0
+    for part in parts:
+        for r in part.records:
+            if r.record_id in seen:
+                repeats += 1
+                continue
+            seen.add(r.record_id)
+            records.append(r)
+    records.sort(key=lambda r: (r.rejected_at, r.row_number or 0, r.record_id))
+    target = parts[0].target if parts else ""
+    return ErrorsResult(
+        target,
+        sum(p.total for p in parts) - repeats,
+        records[: max(limit, 0)],
+        dropped=sum(p.dropped for p in parts),
+    )
 
 
 # -- segments and jobs (cdp segments / cdp jobs) ----------------------------------------------

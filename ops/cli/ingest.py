@@ -106,10 +106,5 @@ async def run_batch(
 
 
 async def batch_state(nc: Client, batch_id: str) -> BatchInfo | None:
-    listed = await admin.request(
-        nc,
-        subjects.admin("ingest", "batch.list"),
-        admin.ListRequest(limit=1000),
-        admin.BatchListResult,
-    )
+    listed = await admin.ingest_batches(nc, 1000)
     return next((b for b in listed.batches if b.batch_id == batch_id), None)

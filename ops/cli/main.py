@@ -47,7 +47,6 @@ from shared.admin import (
     DeadLetters,
     DestinationList,
     DestinationQuery,
-    ErrorsQuery,
     ErrorsResult,
     EstimateRequest,
     EstimateResult,
@@ -551,9 +550,7 @@ def batches(
 
     async def go() -> BatchListResult:
         async with connect(nats_url) as nc:
-            return await admin.request(
-                nc, subjects.admin("ingest", "batch.list"), ListRequest(limit), BatchListResult
-            )
+            return await admin.ingest_batches(nc, limit)
 
     result = run(go)
     table = Table()
@@ -584,9 +581,7 @@ def errors(
 
     async def go() -> ErrorsResult:
         async with connect(nats_url) as nc:
-            return await admin.request(
-                nc, subjects.admin("ingest", "errors"), ErrorsQuery(target, limit), ErrorsResult
-            )
+            return await admin.ingest_errors(nc, target, limit)
 
     result = run(go)
     if as_json:

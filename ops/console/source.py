@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +108,24 @@ class Source:
             raise Unavailable(f"{subject} did not answer within {timeout:.0f}s") from None
         except nats.errors.Error as exc:
             raise Unavailable(f"{subject}: {exc}") from None
+
+    async def gather_or_error(
+        self, call: Callable[[Client], Awaitable[T]], what: str
+    ) -> tuple[T | None, str | None]:
+        """A request every instance of a service answers (`admin.ingest_errors`, ...):
+        (result, None), or (None, why)."""
+        if self.nc is None:
+            return None, "not connected to NATS"
+        try:
+            return await call(self.nc), None
+        except AdminFailure as exc:
+            return None, exc.message
+        except nats.errors.NoRespondersError:
+            return None, f"no service answers {what}"
+        except (TimeoutError, nats.errors.TimeoutError):
+            return None, f"{what} did not answer in time"
+        except nats.errors.Error as exc:
+            return None, f"{what}: {exc}"
 
     async def ask_or_error(
         self, subject: str, payload: msgspec.Struct, result: type[T], timeout: float = 5.0

@@ -17,14 +17,12 @@ from ops.cli.people import IdentityQuery, ProfileQuery
 from ops.console.auth import Auth
 from ops.console.drawing import bars, graph_layout, when
 from ops.console.source import Source
-from shared import subjects
+from shared import admin, subjects
 from shared.admin import (
-    BatchListResult,
     DeadLetters,
     DestinationInfo,
     DestinationList,
     DestinationQuery,
-    ErrorsQuery,
     ErrorsResult,
     EstimateRequest,
     EstimateResult,
@@ -100,7 +98,7 @@ async def _overview(request: web.Request) -> dict[str, Any]:
 
     statuses, (batches, batches_error), (seg_jobs, _), (export_jobs, _) = await asyncio.gather(
         asyncio.gather(*(status(n) for n in SERVICES)),
-        src.ask_or_error(subjects.admin("ingest", "batch.list"), ListRequest(10), BatchListResult),
+        src.gather_or_error(lambda nc: admin.ingest_batches(nc, 10, timeout=5.0), "batch.list"),
         src.ask_or_error(subjects.admin("segmentation", "jobs"), ListRequest(10), JobList),
         src.ask_or_error(subjects.admin("destination", "jobs"), ListRequest(10), JobList),
     )
@@ -331,8 +329,8 @@ async def replay(request: web.Request) -> web.StreamResponse:
 # -- batches -----------------------------------------------------------------------------
 async def batches(request: web.Request) -> web.StreamResponse:
     src = _source(request)
-    found, error = await src.ask_or_error(
-        subjects.admin("ingest", "batch.list"), ListRequest(50), BatchListResult
+    found, error = await src.gather_or_error(
+        lambda nc: admin.ingest_batches(nc, 50, timeout=5.0), "batch.list"
     )
     target = request.query.get("errors", "").strip()
     rejected: ErrorsResult | None = None
@@ -341,8 +339,8 @@ async def batches(request: web.Request) -> web.StreamResponse:
         if not _NAME.match(target):
             rejected_error = "not a batch id or dataset name"
         else:
-            rejected, rejected_error = await src.ask_or_error(
-                subjects.admin("ingest", "errors"), ErrorsQuery(target, 100), ErrorsResult
+            rejected, rejected_error = await src.gather_or_error(
+                lambda nc: admin.ingest_errors(nc, target, 100, timeout=5.0), "errors"
             )
     context = {
         **_common(request, "batches"),

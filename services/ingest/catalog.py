@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
+from nats.js import JetStreamContext
 
 from services.ingest.registry import Registry
 from services.ingest.state import IngestState
@@ -47,6 +48,40 @@ class Catalog:
         self.state = state
         self.publish = publish
         self.log = structlog.get_logger(service="ingest")
+
+    async def catch_up(self, js: JetStreamContext) -> int:
+        """When several instances share the work: take into this instance's store what
+        another one applied (the latest version of each object of ingest's kinds on
+        CDP_CONFIG, where it differs from the stored one). Called before `load`; returns
+        how many objects it took."""
+        stored = {
+            (o.kind, o.name): msgspec.json.decode(o.spec, type=KINDS[o.kind])
+            for o in await self.store.config_objects()
+            if o.kind in KINDS
+        }
+        stream = subjects.STREAM_CONFIG.name
+        now = time.time()
+        tx = Tx()
+        taken = 0
+        for kind, spec_type in KINDS.items():
+            prefix = subjects.config(kind, "")
+            info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+            for subject in sorted(info.state.subjects or {}):
+                msg = await js.get_last_msg(stream, subject)
+                if not msg.data:
+                    continue
+                try:
+                    spec = msgspec.json.decode(msg.data, type=spec_type)
+                except msgspec.DecodeError:
+                    continue
+                name = subject[len(prefix) :]
+                if stored.get((kind, name)) != spec:
+                    self.store.put_config(tx, kind, name, _encoder.encode(spec), now)
+                    taken += 1
+        if taken:
+            await self.store.apply(tx)
+            self.log.info("configuration taken from the other instances", objects=taken)
+        return taken
 
     async def load(self) -> None:
         """Put the stored configuration in force and publish all of it (built-in namespaces

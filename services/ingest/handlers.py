@@ -5,11 +5,18 @@ schema), then persist its effects in order: rejected records into the error stor
 accepted ones to identity (`cdp.x.records`) through the outbox, a privacy delete carried
 out over the error store (its one read: the stored records the person's keys find) and
 passed on, a probe passed on behind the records before it.
+
+When several instances share the stream (`shared`), each accepted record goes to identity
+in a message of its own, with the message id its record id gives it: a record applied
+again by another instance (after a crash, before its ack) is then dropped by JetStream
+as a repeat. Probes and deletes come as steps alone (the runner's barriers), so what
+they emit depends on them only.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -31,9 +38,19 @@ ERROR_STORE = "rejected_records"
 class Records:
     """The step over the ingest stream (records, privacy deletes and probes)."""
 
-    def __init__(self, state: IngestState, retention: Retention) -> None:
+    def __init__(
+        self,
+        state: IngestState,
+        retention: Retention,
+        *,
+        shared: bool = False,
+        forget_elsewhere: Callable[[str, list[str], int], Awaitable[int]] | None = None,
+    ) -> None:
         self.state = state
         self.retention = retention
+        self.shared = shared
+        self.forget_elsewhere = forget_elsewhere
+        """Shared: asks the other instances to remove a person's rejected records."""
         self.log = structlog.get_logger(service=SERVICE)
 
     async def __call__(self, step: Step) -> None:
@@ -48,6 +65,10 @@ class Records:
         rejects: list[Rejected] = []  # kept with one executemany, before a delete needs them
         for effect in effects.steps:
             match effect:
+                case Forward(records) if self.shared:
+                    for record in records:
+                        for data in encoded([record]):
+                            step.emit(subjects.RECORDS, data, key=record.record_id)
                 case Forward(records):
                     for data in encoded(records):
                         step.emit(subjects.RECORDS, data)
@@ -95,9 +116,18 @@ class Records:
         """Remove the person's rejected records (stored, and rejected earlier in this step,
         which are in its transaction before the delete), pass the request on, report."""
         ids = await store.rejected_ids_by_keys(forget.keys)
-        ids.update(forget.pending)
-        store.delete_by_keys(step.tx, forget.keys)
+        elsewhere = 0
+        if self.shared:
+            # A step alone (a barrier): what this instance applied after it stays.
+            seq = step.deliveries[-1].seq
+            ids = {i for i in ids if self.state.applied_before(i, seq)}
+            store.delete_rejected(step.tx, ids)
+            if self.forget_elsewhere is not None:
+                elsewhere = await self.forget_elsewhere(forget.request.request_id, forget.keys, seq)
+        else:
+            ids.update(forget.pending)
+            store.delete_by_keys(step.tx, forget.keys)
         envelope = RecordEnvelope([], deletes=[forget.request])
         step.emit(subjects.RECORDS, msgpack_encoder.encode(envelope))
-        report(step, SERVICE, forget.request, {ERROR_STORE: len(ids)}, at=now)
+        report(step, SERVICE, forget.request, {ERROR_STORE: len(ids) + elsewhere}, at=now)
         self.log.info("privacy delete passed on", request_id=forget.request.request_id)

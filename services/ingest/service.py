@@ -9,6 +9,9 @@ and starts and stops them. No rule lives here.
 - `batches.BatchJobs`: batch files, published to identity directly;
 - `retention.Retention`: the error store's age and size limits;
 - `store.Store`: every read and write of the service's SQLite.
+
+With `CDP_INSTANCE` set (or `CDP_INGEST_SHARED=1`) the process is one of several
+instances that share the ingest stream as competing consumers (`settings.Scaling`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from services.ingest.batches import BatchJobs
 from services.ingest.catalog import Catalog
 from services.ingest.handlers import Records
 from services.ingest.retention import Retention, key_old_rows
-from services.ingest.settings import load_limits
+from services.ingest.settings import Scaling, load_limits, load_scaling
 from services.ingest.state import IngestState, id_prefix
 from services.ingest.store import MIGRATIONS, Store
 from services.ingest.validation import Limits
@@ -33,13 +36,20 @@ from shared.config import Settings
 from shared.runtime import ConsumerSpec, Service
 from shared.runtime.actor import Outgoing, publish_outbox
 
+SOLE_CONSUMER = "ingest"
+SHARED_CONSUMER = "ingest-shared"
+"""The durable consumer the instances share (competing consumers, explicit acks)."""
+
 
 class IngestService(Service):
     name = "ingest"
     migrations = MIGRATIONS
 
-    def __init__(self, settings: Settings, limits: Limits | None = None) -> None:
+    def __init__(
+        self, settings: Settings, limits: Limits | None = None, scaling: Scaling | None = None
+    ) -> None:
         super().__init__(settings)
+        self.scaling = scaling or load_scaling()
         self.state = IngestState(limits or load_limits(), settings.phone_region)
         self._dropped = Counter(
             "cdp_errors_dropped_total",
@@ -66,6 +76,10 @@ class IngestService(Service):
         s = self.settings
         store = Store(self.db)
         catalog = Catalog(store, self.state, self._publish)
+        shared = self.scaling.shared
+        if shared:
+            await catalog.catch_up(self.js)
+            await self._start_shared_after_own_offset()
         await catalog.load()
         info = await self.js.stream_info(subjects.STREAM_INGEST.name)
         self.state.id_prefix = id_prefix(info.created)
@@ -85,7 +99,15 @@ class IngestService(Service):
             js=self.js,
             work_dir=s.data_dir / "batches",
         )
-        self._records = Records(self.state, retention)
+        api = IngestApi(
+            self.nc, store, catalog, batches, instance=self.scaling.instance, shared=shared
+        )
+        self._records = Records(
+            self.state,
+            retention,
+            shared=shared,
+            forget_elsewhere=api.forget_elsewhere if shared else None,
+        )
         self._door = http.HttpDoor(
             state=self.state,
             store=store,
@@ -99,10 +121,20 @@ class IngestService(Service):
             token=s.ingest_token,
         )
         self._retention, self._batches = retention, batches
-        self._api = IngestApi(self.nc, store, catalog, batches)
+        self._api = api
         await retention.start()
         await self._api.start()
         await batches.start()
+
+    async def _start_shared_after_own_offset(self) -> None:
+        """An instance that ran alone before: the shared consumer, if it creates it,
+        starts after what it applied alone."""
+        await self.db.execute(
+            "INSERT OR IGNORE INTO rt_offsets (consumer, stream_seq) "
+            "SELECT ?, stream_seq FROM rt_offsets WHERE consumer = ?",
+            (SHARED_CONSUMER, SOLE_CONSUMER),
+        )
+        await self.db.commit()
 
     async def on_stop(self) -> None:
         if self._retention is not None:
@@ -114,9 +146,20 @@ class IngestService(Service):
 
     def consumers(self) -> Sequence[ConsumerSpec]:
         assert self._records is not None, "consumers are built at start"
+        if self.scaling.shared:
+            return (
+                ConsumerSpec(
+                    SHARED_CONSUMER,
+                    subjects.STREAM_INGEST,
+                    self._records,
+                    description="records on cdp.ingest.<dataset>, shared by the ingest instances",
+                    competing=True,
+                    barriers=(subjects.PROBE, subjects.PRIVACY_DELETE),
+                ),
+            )
         return (
             ConsumerSpec(
-                "ingest",
+                SOLE_CONSUMER,
                 subjects.STREAM_INGEST,
                 self._records,
                 description="records published on cdp.ingest.<dataset> (NATS and HTTP doors)",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
+
+import msgspec
 
 from services.ingest.validation import Limits
 from shared.config import ConfigError
@@ -37,3 +40,26 @@ def load_limits(env: Mapping[str, str] | None = None) -> Limits:
             else base.placeholders
         ),
     )
+
+
+class Scaling(msgspec.Struct, frozen=True):
+    """How this ingest process shares the work with others (`CDP_INSTANCE`,
+    `CDP_INGEST_SHARED`)."""
+
+    instance: str = "ingest"
+    """The name it answers the gathered admin requests with."""
+    shared: bool = False
+    """Whether it is one of several instances that share the ingest stream."""
+
+
+def load_scaling(env: Mapping[str, str] | None = None) -> Scaling:
+    """Shared when `CDP_INSTANCE` names this instance or `CDP_INGEST_SHARED` is 1/true."""
+    env = os.environ if env is None else env
+    instance = env.get("CDP_INSTANCE", "").strip()
+    raw = env.get("CDP_INGEST_SHARED", "").strip().lower()
+    if raw not in ("", "0", "1", "false", "true", "no", "yes"):
+        raise ConfigError("CDP_INGEST_SHARED", raw, "1 or 0")
+    shared = bool(instance) or raw in ("1", "true", "yes")
+    if shared and not instance:
+        instance = f"ingest-{socket.gethostname()}-{os.getpid()}"
+    return Scaling(instance or "ingest", shared)

@@ -47,6 +47,17 @@ class IngestState:
         ever re-created: the prefix comes from the stream's creation time)."""
         return f"{self.id_prefix}{seq}"
 
+    def applied_before(self, record_id: str, seq: int) -> bool:
+        """Whether a rejected record comes before the message at `seq` of the stream (a
+        batch row, or a record of an older stream, counts as before)."""
+        prefix = self.id_prefix
+        if not record_id.startswith(prefix):
+            return True
+        try:
+            return int(record_id[len(prefix) :]) < seq
+        except ValueError:
+            return True
+
 
 def id_prefix(created: object) -> str:
     """The prefix of record ids, from the ingest stream's creation time (a datetime, or an

@@ -119,6 +119,7 @@ _INSERT_REJECTED = (
 _KEYS = "SELECT value FROM json_each(?)"
 _SELECT_BY_KEYS = f"SELECT DISTINCT record_id FROM rejected_keys WHERE key IN ({_KEYS})"
 _DELETE_BY_KEYS = f"DELETE FROM rejected_records WHERE record_id IN ({_SELECT_BY_KEYS})"
+_DELETE_IDS = f"DELETE FROM rejected_records WHERE record_id IN ({_KEYS})"
 _INSERT_REJECTED_KEY = "INSERT OR IGNORE INTO rejected_keys (key, record_id) VALUES (?, ?)"
 _DOOMED = (
     "WITH doomed(id) AS ("
@@ -256,6 +257,10 @@ class Store:
         """Delete every rejected record found by any of `keys` when `tx` runs (those added
         to `tx` before included)."""
         tx.add(_DELETE_BY_KEYS, (_keys_encoder.encode(keys),))
+
+    def delete_rejected(self, tx: Tx, record_ids: Iterable[str]) -> None:
+        """Delete these rejected records when `tx` runs."""
+        tx.add(_DELETE_IDS, (_keys_encoder.encode(sorted(record_ids)),))
 
     def drop_old(self, tx: Tx, cutoff: float, keep: float, limit: int) -> None:
         """Retention: drop the records older than `cutoff` and, past `limit` bytes, the

@@ -184,12 +184,16 @@ class Step:
         self.deliveries = deliveries
         self.db = db
         self.tx = Tx()
-        self._out: list[tuple[str, bytes]] = []
+        self._out: list[tuple[str, bytes, str | None]] = []
         self._after: list[Callable[[], None]] = []
         self._notes: list[tuple[str, bytes]] = []
 
-    def emit(self, subject: str, payload: bytes) -> None:
-        self._out.append((subject, payload))
+    def emit(self, subject: str, payload: bytes, *, key: str | None = None) -> None:
+        """Send `payload` once the step commits. Its message id comes from the step's
+        last sequence and the emit's place in the step, unless `key` is given: then it
+        is `<consumer>:<key>`, so a key derived from the input alone gives the same id
+        whatever else the step holds (competing consumers: see `competing`)."""
+        self._out.append((subject, payload, key))
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._after.append(fn)
@@ -222,6 +226,13 @@ class ConsumerSpec:
     @property
     def durable_name(self) -> str:
         return self.durable or self.name
+
+    competing: bool = False
+    """Several processes share this consumer, each taking what it fetches (explicit
+    acks, no offset, no re-creation): see `shared.runtime.competing`."""
+    barriers: tuple[str, ...] = ()
+    """Subjects of messages that wait, when competing, until every earlier message of
+    the stream was applied by whichever process took it."""
 
 
 class _Stop(Exception):
@@ -638,8 +649,12 @@ class Committer:
             tx.extend(batch.tx)
             ref = StepRef(self.consumer, first_seq, last_seq)
             out = [
-                Outgoing(ref.msg_id(i), subject, payload)
-                for i, (subject, payload) in enumerate(batch._out)
+                Outgoing(
+                    ref.msg_id(i) if key is None else f"{self.consumer}:{key}",
+                    subject,
+                    payload,
+                )
+                for i, (subject, payload, key) in enumerate(batch._out)
             ]
             if self.silent:
                 out = []  # a standby: the active instance publishes these

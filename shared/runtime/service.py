@@ -41,6 +41,7 @@ from shared.runtime.actor import (
     StepRef,
     flush_outbox,
 )
+from shared.runtime.competing import CompetingRunner
 from shared.streams import PartitionCountFixed, missing_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -188,7 +189,8 @@ class Service:
         await self.on_start()
         self._phase = "starting: consumers"
         for spec in self.consumers():
-            runner = ConsumerRunner(
+            runner_type = CompetingRunner if spec.competing else ConsumerRunner
+            runner = runner_type(
                 spec,
                 service=self.name,
                 nc=self._nc,
