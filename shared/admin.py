@@ -694,5 +694,7 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     failed: int = 0
     """Messages that failed and were set aside (rt_failed)."""
     instance: str | None = None
-    """The instance that answered (a partitioned service runs several)."""
+    """The instance that answered (several instances of a service answer the same subject)."""
+    role: str | None = None
+    """Its role among its service's instances (`writer`, `standby`, `active`), if it has one."""
     partitions: list[PartitionStatus] = []
