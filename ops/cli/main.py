@@ -32,7 +32,7 @@ from ops.cli.status import ServiceInstances, gather_status, partitions_table, se
 from ops.cli.status import as_json as status_json
 from ops.cli.up import placement_table, run_up
 from ops.natsd import Placement, server_config, stream_placement
-from ops.platform import health_urls, readiness
+from ops.platform import PlatformError, health_urls, instance_ids, parse_instances, readiness
 from ops.security import (
     CONSOLE,
     activation_subjects,
@@ -155,6 +155,13 @@ def secrets(
     per_service: Annotated[
         bool, typer.Option(help="Also copy each service's seed into a folder of its own.")
     ] = False,
+    instances: Annotated[
+        str,
+        typer.Option(
+            help="The instances the services will run as, as for `cdp up --instances` "
+            "(e.g. identity=2): the configuration grants each instance its own durables.",
+        ),
+    ] = "",
 ) -> None:
     """Create the NATS credentials of every key (kept if they exist): one per service,
     `admin`, `console`, `client` and each application named in CDP_APPS; with
@@ -162,6 +169,11 @@ def secrets(
     of each service's seed (and the console's) alone in `<dir>/<name>/` (what compose
     mounts into that container).
     `cdp up` does this itself; compose.yaml runs it once before nats-server starts."""
+    try:
+        counts = parse_instances(instances)
+    except PlatformError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     keys = ensure_credentials(folder, app_names())
     table = Table()
     table.add_column("account")
@@ -184,7 +196,8 @@ def secrets(
     if nats_config is not None:
         nats_config.parent.mkdir(parents=True, exist_ok=True)
         tmp = nats_config.with_suffix(".tmp")
-        tmp.write_text(server_config(server_authorization(keys, activation_subjects())))
+        ids = {n: instance_ids(n, c) for n, c in counts.items() if c > 1}
+        tmp.write_text(server_config(server_authorization(keys, activation_subjects(), ids)))
         tmp.chmod(0o644)  # public keys and permissions only; nats-server may run as another user
         tmp.replace(nats_config)
         console.print(f"wrote {nats_config}")
