@@ -22,6 +22,10 @@ from shared.config import SERVICES
 GATHER_TIMEOUT = 3.0
 """Seconds `cdp status` waits for a service's instances at most."""
 
+GATHER_QUIET = 0.75
+"""For a service whose instances do not register (the registry lists none): seconds
+without a further reply after which its instances are taken to have all answered."""
+
 
 class ServiceInstances(msgspec.Struct, kw_only=True):
     """What one service's instances answered."""
@@ -71,6 +75,7 @@ async def gather_status(
                 ServiceStatus,
                 expect=len(found.live),
                 timeout=timeout,
+                quiet=GATHER_QUIET,
             )
         except nats.errors.Error as exc:
             found.errors.append(f"{type(exc).__name__}: {exc}")
