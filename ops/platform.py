@@ -52,6 +52,13 @@ from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
 PROFILE_TOKEN_FILE = "profile.token"
 
+MAX_INSTANCES = 16
+"""The most instances `cdp up --instances` starts of one service."""
+
+INSTANCE_PORT_STEP = 100
+"""Instance k (from 1) of a service listens on the service's port + (k - 1) * this: the
+services' own ports are consecutive, so a step of one would land on the next service's."""
+
 
 class PlatformError(CdpError):
     code = "platform"
@@ -71,6 +78,53 @@ class NotReady(PlatformError):
     def __init__(self, states: dict[str, str]) -> None:
         super().__init__(f"services not ready: {states}")
         self.states = states
+
+
+class InstancesError(PlatformError):
+    """`--instances` names an unknown service or a count out of bounds."""
+
+    code = "instances"
+
+
+def parse_instances(text: str) -> dict[str, int]:
+    """`profile=2,segmentation=2` -> {"profile": 2, "segmentation": 2} (validated)."""
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise InstancesError(f"{item!r}: expected <service>=<count>, e.g. profile=2")
+        try:
+            count = int(raw)
+        except ValueError:
+            raise InstancesError(f"{item!r}: the count must be a whole number") from None
+        if name in out:
+            raise InstancesError(f"{name} is given twice")
+        out[name] = count
+    check_instances(out)
+    return out
+
+
+def check_instances(counts: Mapping[str, int]) -> None:
+    for name, count in counts.items():
+        if name not in SERVICES:
+            raise InstancesError(
+                f"unknown service {name!r}: one of {', '.join(SERVICES)}",
+            )
+        if not 1 <= count <= MAX_INSTANCES:
+            raise InstancesError(
+                f"{name}={count}: the count of instances must be from 1 to {MAX_INSTANCES}"
+            )
+
+
+def instance_ids(service: str, count: int) -> list[str]:
+    """The instance ids of `count` instances of `service`: its own name for one (as
+    today), else `<service>-1` .. `<service>-<count>`."""
+    if count == 1:
+        return [service]
+    return [f"{service}-{k}" for k in range(1, count + 1)]
 
 
 def service_class(name: str) -> type[Service]:
@@ -144,19 +198,23 @@ def ports_taken(
     nats_port: int | Sequence[int] | None,
     env: Mapping[str, str] | None = None,
     services: Sequence[str] = SERVICES,
+    listeners: Sequence[tuple[str, int, str]] | None = None,
 ) -> list[str]:
     """What the platform would listen on that another process holds: its NATS ports (None:
     an external server; several: the nodes of a cluster, client and route ports) and every
-    service's HTTP port (0: any)."""
+    service's HTTP port (0: any), or, given `listeners` (host, port, what), those."""
     wanted: list[tuple[str, int, str]] = []
     if isinstance(nats_port, int):
         wanted.append(("127.0.0.1", nats_port, "NATS"))
     elif nats_port is not None:
         wanted += [("127.0.0.1", p, "NATS") for p in nats_port]
-    for name in services:
-        settings = load_settings(name, env)
-        if settings.port:
-            wanted.append((probe_host(settings.bind), settings.port, f"the {name} service"))
+    if listeners is not None:
+        wanted += [(host, port, what) for host, port, what in listeners if port]
+    else:
+        for name in services:
+            settings = load_settings(name, env)
+            if settings.port:
+                wanted.append((probe_host(settings.bind), settings.port, f"the {name} service"))
     return [
         f"port {port} on {host} ({what})" for host, port, what in wanted if port_taken(host, port)
     ]
@@ -179,6 +237,11 @@ class Platform:
     - `ports`: each service's HTTP port (none: free ones; in process: any).
     - `env`: environment of every service (processes also inherit this process's; in
       process, settings are read from this alone, then `settings` replaces fields).
+    - `instances`: how many processes (or in process: service objects) of a service to run
+      (default one each). Several: instance ids `<service>-1` .. `-N` (`CDP_INSTANCE`),
+      each with its own data folder `<data_dir>/<instance>` and HTTP port (the service's
+      port + (k - 1) * 100 when `ports` names it, else a free one); one: as ever (the id is
+      the service's name, the data folder `data_dir`, the port the service's).
     - `watch_nats`: keep an embedded nats-server running (see NatsWatchdog), telling what
       happens to this callback; `on_event`: the supervisor's (service, what happened).
     """
@@ -204,7 +267,12 @@ class Platform:
         cluster: int = 1,
         route_port: int | None = None,
         replicas: int | None = None,
+        instances: Mapping[str, int] | None = None,
     ) -> None:
+        counts = dict(instances or {})
+        check_instances(counts)
+        if extra := sorted(set(counts) - set(services)):
+            raise InstancesError(f"instances of services not started: {', '.join(extra)}")
         if settings and not in_process:
             raise PlatformError("settings replace fields of in-process services only")
         if cluster < 1 or (cluster > 1 and nats_url):
@@ -215,9 +283,34 @@ class Platform:
         self.in_process = in_process
         self.names = tuple(services)
         self.secure = secure
+        given_ports = ports is not None
         self.ports: dict[str, int] = dict(
             ports or {n: 0 if in_process else free_port() for n in self.names}
         )
+        """Each service's HTTP port (its first instance's)."""
+        self.instances: dict[str, list[str]] = {
+            n: instance_ids(n, counts.get(n, 1)) for n in self.names
+        }
+        """Each service's instance ids (one: the service's name)."""
+        self.service_of: dict[str, str] = {i: n for n, ids in self.instances.items() for i in ids}
+        """The service of each instance id."""
+        self.instance_ports: dict[str, int] = {}
+        """Each instance's HTTP port (0: any)."""
+        for n, ids in self.instances.items():
+            base = self.ports.get(n, 0)
+            for k, instance in enumerate(ids):
+                if k == 0:
+                    port = base
+                elif in_process or (given_ports and base == 0):
+                    port = 0
+                elif given_ports:
+                    port = base + k * INSTANCE_PORT_STEP
+                else:
+                    port = free_port()
+                self.instance_ports[instance] = port
+        used = [p for p in self.instance_ports.values() if p]
+        if len(used) != len(set(used)):
+            raise InstancesError("two instances would listen on the same port: choose other ports")
         self.env = dict(env or {})
         self.overrides = dict(settings or {})
         self.ready_timeout = ready_timeout
@@ -317,23 +410,40 @@ class Platform:
             raise PlatformError("no service processes: in process, or not started")
         return self._supervisor
 
-    def db(self, service: str) -> Path:
-        return self.data_dir / f"{service}.db"
+    def instance_dir(self, instance: str) -> Path:
+        """The data folder of an instance: the platform's, or its own for one of several."""
+        service = self.service_of.get(instance, instance)
+        return self.data_dir if instance == service else self.data_dir / instance
+
+    def db(self, instance: str) -> Path:
+        """The SQLite file of a service (its single instance) or of one instance."""
+        service = self.service_of.get(instance, instance)
+        return self.instance_dir(instance) / f"{service}.db"
+
+    @property
+    def all_instances(self) -> list[str]:
+        """Every instance id, service by service."""
+        return [i for n in self.names for i in self.instances[n]]
 
     def log_tail(self, service: str, chars: int = 3000) -> str:
         path = self.logs / f"{service}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
-    def service_env(self, name: str) -> dict[str, str]:
-        """The environment `name` runs with (over this process's, for a process)."""
+    def service_env(self, instance: str) -> dict[str, str]:
+        """The environment an instance (a service's name: its single one) runs with (over
+        this process's, for a process)."""
+        name = self.service_of.get(instance, instance)
         out = {
-            "CDP_DATA_DIR": str(self.data_dir),
+            "CDP_DATA_DIR": str(self.instance_dir(instance)),
             "CDP_NATS_URL": self.nats_url,
             "CDP_REPLICAS": str(self.replicas),
             "CDP_LOG_FORMAT": os.environ.get("CDP_LOG_FORMAT", "json"),
             **{port_variable(n): str(p) for n, p in self.ports.items()},
             **self.env,
         }
+        if instance != name:
+            out["CDP_INSTANCE"] = instance
+            out[port_variable(name)] = str(self.instance_ports[instance])
         if name == "profile" and self.profile_token is not None:
             out["CDP_PROFILE_TOKEN"] = self.profile_token
         seed = self.seed(name)
@@ -360,8 +470,7 @@ class Platform:
         if not self.in_process:
             taken = ports_taken(
                 [*self.nats_ports, *self.route_ports] if self.embedded else None,
-                {**os.environ, **self._merged_env()},
-                services=self.names,
+                listeners=self._listeners(),
             )
             if taken:
                 raise PortsTaken(taken)
@@ -378,8 +487,15 @@ class Platform:
             await self.stop()
             raise
 
-    def _merged_env(self) -> dict[str, str]:
-        return {port_variable(n): str(p) for n, p in self.ports.items()} | self.env
+    def _listeners(self) -> list[tuple[str, int, str]]:
+        """(host, port, what) of every instance's HTTP server."""
+        out = []
+        for instance in self.all_instances:
+            name = self.service_of[instance]
+            s = load_settings(name, {**os.environ, **self.service_env(instance)})
+            what = f"the {name} service" if instance == name else f"instance {instance}"
+            out.append((probe_host(s.bind), s.port, what))
+        return out
 
     async def _start_nats(self) -> None:
         if not self.embedded:
@@ -387,7 +503,11 @@ class Platform:
         authorization = None
         if self.secure:
             keys = ensure_credentials(self.secrets, app_names())
-            authorization = server_authorization(keys, activation_subjects())
+            authorization = server_authorization(
+                keys,
+                activation_subjects(),
+                {n: ids for n, ids in self.instances.items() if ids != [n]},
+            )
         self.logs.mkdir(parents=True, exist_ok=True)
         assert self.nats_port is not None
         if self.cluster_size > 1:
@@ -444,29 +564,31 @@ class Platform:
     async def _start_processes(self) -> None:
         specs = [
             ProcessSpec(
-                name,
-                [sys.executable, "-m", f"services.{name}"],
-                env=self.service_env(name),
-                log_file=self.logs / f"{name}.log",
+                instance,
+                [sys.executable, "-m", f"services.{self.service_of[instance]}"],
+                env=self.service_env(instance),
+                log_file=self.logs / f"{instance}.log",
             )
-            for name in self.names
+            for instance in self.all_instances
         ]
-        for name in self.names:
-            s = load_settings(name, {**os.environ, **self.service_env(name)})
-            self.urls[name] = f"http://{probe_host(s.bind)}:{s.port}"
+        for instance in self.all_instances:
+            env = {**os.environ, **self.service_env(instance)}
+            s = load_settings(self.service_of[instance], env)
+            self.urls[instance] = f"http://{probe_host(s.bind)}:{s.port}"
         self._supervisor = Supervisor(
             specs, backoff_initial=self._backoff_initial, on_event=self._on_event
         )
         await self._supervisor.start()
 
     async def _start_in_process(self) -> None:
-        for name in self.names:
-            settings = load_settings(name, self.service_env(name))
+        for instance in self.all_instances:
+            name = self.service_of[instance]
+            settings = load_settings(name, self.service_env(instance))
             settings = msgspec.structs.replace(settings, **self.overrides)
             svc = service_class(name)(settings)
-            self.services[name] = svc
+            self.services[instance] = svc
             await svc.start()  # returns once the service is ready
-            self.urls[name] = f"http://{probe_host(settings.bind)}:{svc.health.port}"
+            self.urls[instance] = f"http://{probe_host(settings.bind)}:{svc.health.port}"
 
     async def _require_ready(self) -> None:
         states = await self.wait_ready(self.ready_timeout)
@@ -495,10 +617,11 @@ class Platform:
             return out
 
     def pids(self) -> dict[str, int | None]:
-        """Each service's process id (process mode; none: not running), and nats-server's."""
+        """Each instance's process id (process mode; none: not running; by instance id, the
+        service's name for a single one), and nats-server's."""
         out: dict[str, int | None] = {}
         if self._supervisor is not None:
-            out = {n: self._supervisor.pid(n) for n in self.names}
+            out = {i: self._supervisor.pid(i) for i in self.all_instances}
         if self.server is not None and self.server.proc is not None:
             out["nats-server"] = self.server.proc.pid
         if self.cluster is not None:

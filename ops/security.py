@@ -32,7 +32,7 @@ import json
 import os
 import re
 import secrets as token_source
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -288,12 +288,26 @@ def granted_consumers(
     }
 
 
-def _jetstream(service: str, uses: _Uses) -> list[str]:
+def instance_durable(service: str, durable: str, instance: str) -> str:
+    """The durable an instance other than the default one uses in place of `durable`: the
+    service's name at its start replaced by the instance id (`identity-namespaces` ->
+    `identity-2-namespaces`), else the instance id before it."""
+    if instance == service:
+        return durable
+    if durable == service or durable.startswith(f"{service}-"):
+        return instance + durable[len(service) :]
+    return f"{instance}-{durable}"
+
+
+def _jetstream(service: str, uses: _Uses, instances: Sequence[str] = ()) -> list[str]:
     api = "$JS.API"
     out = [f"{api}.INFO"]
     for spec in s.ALL_STREAMS:  # a service checks that the streams exist; only admin makes them
         out.append(f"{api}.STREAM.INFO.{spec.name}")
-    for spec, durable in uses.consumes:
+    consumes = list(uses.consumes)
+    for instance in instances:  # each instance's own durables
+        consumes += [(spec, instance_durable(service, d, instance)) for spec, d in uses.consumes]
+    for spec, durable in dict.fromkeys(consumes):
         # Only its own durable, by its exact name: created (again, from its committed
         # offset: the old one is deleted first), read, fetched from and acknowledged.
         own = f"{spec.name}.{durable}"
@@ -337,9 +351,12 @@ def _jetstream(service: str, uses: _Uses) -> list[str]:
 
 
 def permissions(
-    account: str, activation_subjects: Iterable[str] = DEFAULT_ACTIVATION_SUBJECTS
+    account: str,
+    activation_subjects: Iterable[str] = DEFAULT_ACTIVATION_SUBJECTS,
+    instances: Sequence[str] = (),
 ) -> Permissions:
-    """What `account` may do on NATS."""
+    """What `account` may do on NATS; `instances`: the instance ids a service runs as
+    besides its default one, whose own durables it is granted too."""
     if account == ADMIN:
         return Permissions(publish=(">",), subscribe=(">",), allow_responses=True)
     if account == CONSOLE:
@@ -356,7 +373,7 @@ def permissions(
             publish_deny=(s.PRIVACY_DELETE, s.PROBE),
             subscribe=(s.MEMBERSHIP_ALL, f"{inbox_prefix(account)}.>"),
         )
-    publish = [*uses.publishes, *uses.requests, *_jetstream(account, uses)]
+    publish = [*uses.publishes, *uses.requests, *_jetstream(account, uses, instances)]
     subscribe = [*uses.serves, f"{inbox_prefix(account)}.>"]
     return Permissions(
         publish=tuple(dict.fromkeys(publish)),
@@ -425,8 +442,10 @@ EXPORTS: tuple[tuple[str, str], ...] = (
 """What the platform account offers applications (kind, subject)."""
 
 
-def _user(account: str, key: str, activation: tuple[str, ...]) -> str:
-    p = permissions(account, activation)
+def _user(
+    account: str, key: str, activation: tuple[str, ...], instances: Sequence[str] = ()
+) -> str:
+    p = permissions(account, activation, instances)
     publish = f"allow: {_list(p.publish)}"
     if p.publish_deny:
         publish += f", deny: {_list(p.publish_deny)}"
@@ -441,6 +460,7 @@ def _user(account: str, key: str, activation: tuple[str, ...]) -> str:
 def server_authorization(
     public_keys: Mapping[str, str],
     activation_subjects: Iterable[str] = DEFAULT_ACTIVATION_SUBJECTS,
+    instances: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """The `accounts {...}` block of nats-server's configuration: the services and the
     admin in the platform account (with JetStream), applications in their own account,
@@ -448,7 +468,10 @@ def server_authorization(
     service. A subject an application names (a reply subject included) lives in the
     application account and reaches nothing internal."""
     activation = tuple(activation_subjects)
-    platform = [_user(a, k, activation) for a, k in public_keys.items() if not is_app(a)]
+    ids = instances or {}
+    platform = [
+        _user(a, k, activation, ids.get(a, ())) for a, k in public_keys.items() if not is_app(a)
+    ]
     apps = [_user(a, k, activation) for a, k in public_keys.items() if is_app(a)]
     exports = ", ".join(f"{{{kind}: {json.dumps(subj)}}}" for kind, subj in EXPORTS)
     imports = ", ".join(

@@ -8,6 +8,7 @@ drive the platform; the `cdp` CLI is only one such client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -421,6 +422,48 @@ async def ingest_errors(nc: Client, target: str, limit: int, timeout: float = 10
         nc, subjects.admin("ingest", "errors"), ErrorsQuery(target, limit), timeout=timeout
     )
     return merge_errors(got.typed(ErrorsResult), limit)
+
+
+async def gather_each(
+    nc: Client,
+    subject: str,
+    payload: msgspec.Struct,
+    result_type: type[T],
+    *,
+    expect: int = 0,
+    timeout: float = 2.0,
+    quiet: float = 0.3,
+) -> list[T | AdminFailure]:
+    """Send one request that several instances answer (scatter/gather) and return every
+    reply, in arrival order (a failure as an AdminFailure): until `expect` replies have
+    come (the live instances), else until none came for `quiet` seconds after the first;
+    `timeout` at most. No reply in time: an empty list."""
+    inbox = nc.new_inbox()
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+    sub = await nc.subscribe(inbox, cb=replies.put)
+    out: list[T | AdminFailure] = []
+    try:
+        await nc.publish(subject, _reply_encoder.encode(payload), reply=inbox)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not (expect and len(out) >= expect):
+            left = deadline - asyncio.get_running_loop().time()
+            if out and not expect:
+                left = min(left, quiet)
+            if left <= 0:
+                break
+            try:
+                msg = await asyncio.wait_for(replies.get(), left)
+            except TimeoutError:
+                break
+            reply = msgspec.json.decode(msg.data, type=AdminReply)
+            if reply.ok:
+                out.append(msgspec.convert(reply.result, result_type))
+            else:
+                out.append(AdminFailure.from_error(reply.error or AdminError("internal", "")))
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out
 
 
 # -- configuration (cdp apply / cdp get) --------------------------------------------------

@@ -20,7 +20,16 @@ import yaml
 from typer.testing import CliRunner
 
 from ops.cli.main import app as cli_app
-from shared.config import DEFAULT_PORTS, SERVICES, nats_servers, port_variable, replicas
+from ops.platform import INSTANCE_PORT_STEP, instance_ids, parse_instances
+from ops.security import granted_consumers, instance_durable, permissions
+from shared.config import (
+    DEFAULT_PORTS,
+    SERVICES,
+    load_settings,
+    nats_servers,
+    port_variable,
+    replicas,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -440,7 +449,7 @@ def _flag(command: list[str], flag: str) -> str:
 
 def test_the_cluster_overlay_changes_only_services_of_compose_yaml_and_adds_nodes() -> None:
     added = set(_overlay()["services"]) - set(_services())
-    assert added == set(NODES[1:]), added
+    assert added == {*NODES[1:], *REPLICAS}, added
     assert CLUSTER.name in README.read_text(encoding="utf-8"), "the README does not say how"
 
 
@@ -480,7 +489,7 @@ def test_the_cluster_services_are_given_every_node_and_three_copies() -> None:
     known = _variables_read_by_code()
     mentioned = set(CDP_VARIABLE.findall(CLUSTER.read_text(encoding="utf-8")))
     assert mentioned <= known, f"compose.cluster.yaml names {sorted(mentioned - known)}"
-    for name in (*SERVICES, "setup", CONSOLE):
+    for name in (*SERVICES, *REPLICAS, "setup", CONSOLE):
         env = _cluster_service(name)["environment"]
         servers = [urlparse(u) for u in nats_servers(env["CDP_NATS_URL"])]
         assert [u.hostname for u in servers] == list(NODES), f"{name}: {servers}"
@@ -489,8 +498,61 @@ def test_the_cluster_services_are_given_every_node_and_three_copies() -> None:
     assert replicas(setup["environment"]) == len(NODES)
     for node in NODES:
         assert setup["depends_on"][node]["condition"] == "service_healthy", node
-    for name in SERVICES:
+    for name in (*SERVICES, *REPLICAS):
         assert replicas(_cluster_service(name)["environment"]) == len(NODES), name
         assert _cluster_service(name)["depends_on"]["setup"]["condition"] == (
             "service_completed_successfully"
         )
+        for node in NODES:
+            assert _cluster_service(name)["depends_on"][node]["condition"] == "service_healthy"
+
+
+REPLICAS = {f"{name}-2": name for name in SERVICES}
+"""The second container of each service in the cluster profile."""
+
+
+def test_the_cluster_runs_two_instances_of_every_service() -> None:
+    """`<service>` is instance `<service>-1`, `<service>-2` the second: the same module,
+    the same key, their own instance id, data volume and port (+ 100, as `cdp up
+    --instances` gives it), published on loopback; nothing else differs."""
+    declared = {**(_compose().get("volumes") or {}), **(_overlay().get("volumes") or {})}
+    data_volumes = set()
+    for replica, name in REPLICAS.items():
+        first, second = _cluster_service(name), _cluster_service(replica)
+        one, two = first["environment"], second["environment"]
+        assert one["CDP_INSTANCE"] == f"{name}-1", name
+        assert two["CDP_INSTANCE"] == replica, replica
+        assert load_settings(name, {"CDP_INSTANCE": two["CDP_INSTANCE"]}).instance_id == replica
+        assert second["command"] == first["command"], replica
+        assert two["CDP_NATS_NKEY"] == one["CDP_NATS_NKEY"], replica
+        port = DEFAULT_PORTS[name] + INSTANCE_PORT_STEP
+        assert two[port_variable(name)] == str(port), replica
+        assert (LOOPBACK, str(port), str(port)) in [
+            tuple(str(e).rsplit(":", 2)) for e in second["ports"]
+        ], replica
+        assert str(port) in " ".join(second["healthcheck"]["test"]), replica
+        differs = {k for k in {*one, *two} if one.get(k) != two.get(k)}
+        assert differs <= {"CDP_INSTANCE", port_variable(name)}, (replica, differs)
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in second["volumes"]}
+        firsts = {str(v).split(":")[1]: str(v).split(":")[0] for v in first["volumes"]}
+        assert mounts["/secrets"] == firsts["/secrets"] == f"secrets-{name}", replica
+        assert mounts[two["CDP_DATA_DIR"]] in declared, replica
+        data_volumes |= {mounts[two["CDP_DATA_DIR"]], firsts[one["CDP_DATA_DIR"]]}
+    assert len(data_volumes) == 2 * len(SERVICES), data_volumes
+
+
+def test_the_cluster_grants_every_instance_its_durables() -> None:
+    """The `secrets` job writes the server configuration for the instances the cluster
+    runs (`cdp secrets --instances`), and every instance's durables are in it."""
+    command = [str(part) for part in _cluster_service(SECRETS)["command"]]
+    counts = parse_instances(_flag(command, "--instances"))
+    running: dict[str, int] = {}
+    for name in (*SERVICES, *REPLICAS):
+        service = REPLICAS.get(name, name)
+        running[service] = running.get(service, 0) + 1
+    assert counts == running
+    for name, count in counts.items():
+        granted = " ".join(permissions(name, instances=instance_ids(name, count)).publish)
+        for _stream, durable in granted_consumers()[name]:
+            for instance in instance_ids(name, count):
+                assert f".{instance_durable(name, durable, instance)}" in granted, instance

@@ -28,9 +28,11 @@ from ops.cli.check import CheckReport, wait_landed
 from ops.cli.check import check as run_check
 from ops.cli.client import ClientError, connect
 from ops.cli.ingest import file_format, run_batch
+from ops.cli.status import ServiceInstances, gather_status, partitions_table, services_table
+from ops.cli.status import as_json as status_json
 from ops.cli.up import placement_table, run_up
 from ops.natsd import Placement, server_config, stream_placement
-from ops.platform import health_urls, readiness
+from ops.platform import PlatformError, health_urls, instance_ids, parse_instances, readiness
 from ops.security import (
     CONSOLE,
     activation_subjects,
@@ -61,8 +63,6 @@ from shared.admin import (
     ListRequest,
     ReplayResult,
     SegmentList,
-    ServiceStatus,
-    StatusRequest,
 )
 from shared.config import SERVICES, ConfigError, load_settings
 from shared.config import replicas as replicas_setting
@@ -118,12 +118,27 @@ def up(
     cluster_port: Annotated[
         int, typer.Option(help="Route port of a cluster's first node (the others: from it up).")
     ] = 6222,
+    instances: Annotated[
+        str,
+        typer.Option(
+            help="Processes per service, e.g. profile=2,segmentation=2 (1 to 16; default one "
+            "each). Several: instances <service>-1.., each with its own data folder "
+            "<data-dir>/<instance> and port (the service's + 100 per instance).",
+        ),
+    ] = "",
 ) -> None:
     """Start nats-server (unless CDP_NATS_URL is set) and the six services; Ctrl-C stops all."""
     configure_logging("warning", "console")
     raise typer.Exit(
         asyncio.run(
-            run_up(data_dir, nats_port, console, cluster=cluster, cluster_port=cluster_port)
+            run_up(
+                data_dir,
+                nats_port,
+                console,
+                cluster=cluster,
+                cluster_port=cluster_port,
+                instances=instances,
+            )
         )
     )
 
@@ -140,6 +155,13 @@ def secrets(
     per_service: Annotated[
         bool, typer.Option(help="Also copy each service's seed into a folder of its own.")
     ] = False,
+    instances: Annotated[
+        str,
+        typer.Option(
+            help="The instances the services will run as, as for `cdp up --instances` "
+            "(e.g. identity=2): the configuration grants each instance its own durables.",
+        ),
+    ] = "",
 ) -> None:
     """Create the NATS credentials of every key (kept if they exist): one per service,
     `admin`, `console`, `client` and each application named in CDP_APPS; with
@@ -147,6 +169,11 @@ def secrets(
     of each service's seed (and the console's) alone in `<dir>/<name>/` (what compose
     mounts into that container).
     `cdp up` does this itself; compose.yaml runs it once before nats-server starts."""
+    try:
+        counts = parse_instances(instances)
+    except PlatformError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     keys = ensure_credentials(folder, app_names())
     table = Table()
     table.add_column("account")
@@ -169,7 +196,8 @@ def secrets(
     if nats_config is not None:
         nats_config.parent.mkdir(parents=True, exist_ok=True)
         tmp = nats_config.with_suffix(".tmp")
-        tmp.write_text(server_config(server_authorization(keys, activation_subjects())))
+        ids = {n: instance_ids(n, c) for n, c in counts.items() if c > 1}
+        tmp.write_text(server_config(server_authorization(keys, activation_subjects(), ids)))
         tmp.chmod(0o644)  # public keys and permissions only; nats-server may run as another user
         tmp.replace(nats_config)
         console.print(f"wrote {nats_config}")
@@ -405,74 +433,29 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     nats_url: NatsOption = None,
 ) -> None:
-    """Each service's backlog: what its consumers have not applied, its unpublished outbox."""
+    """Each instance of each service: its role, its consumers' backlog, its unpublished
+    outbox; a partitioned service's partitions (owner, applied sequence, lag, snapshot)."""
 
     placements: list[Placement] = []
 
-    async def go() -> list[ServiceStatus | str]:
-        out: list[ServiceStatus | str] = []
+    async def go() -> list[ServiceInstances]:
         async with connect(nats_url) as nc:
             # Where streams live is extra: the services' state is what status shows.
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 names = [s.name for s in subjects.ALL_STREAMS]
                 placements.extend(await stream_placement(nc.jetstream(), names))
-            for name in SERVICES:
-                try:
-                    out.append(
-                        await admin.request(
-                            nc,
-                            subjects.admin(name, "status"),
-                            StatusRequest(),
-                            ServiceStatus,
-                            timeout=5.0,
-                        )
-                    )
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    out.append(name)
-        return out
+            return await gather_status(nc)
 
     found = run(go)
+    down = any(not s.replies for s in found)
     if as_json:
-        console.print_json(
-            json.dumps(
-                [
-                    msgspec.to_builtins(s)
-                    if isinstance(s, ServiceStatus)
-                    else {"service": s, "ready": False, "reason": "not running"}
-                    for s in found
-                ]
-            )
-        )
+        console.print_json(json.dumps(status_json(found)))
         return
-    table = Table()
-    for col in ("service", "ready", "consumer", "stream", "pending", "in flight", "applied up to"):
-        table.add_column(col)
-    down = False
+    console.print(services_table(found))
     for s in found:
-        if isinstance(s, str):
-            table.add_row(s, "[red]not running[/]", "", "", "", "", "")
-            down = True
-            continue
-        ready = "[green]yes[/]" if s.ready else f"[red]no[/] {s.reason or ''}"
-        extra = []
-        if s.outbox:
-            extra.append(f"outbox {s.outbox}")
-        if s.failed:
-            extra.append(f"{s.failed} failed")
-        name = s.service + (f" ({', '.join(extra)})" if extra else "")
-        if not s.consumers:
-            table.add_row(name, ready, "", "", "", "", "")
-        for i, c in enumerate(s.consumers):
-            table.add_row(
-                name if i == 0 else "",
-                ready if i == 0 else "",
-                c.name,
-                c.stream,
-                str(c.pending),
-                str(c.ack_pending),
-                str(c.offset) if c.error is None else f"[red]{c.error}[/]",
-            )
-    console.print(table)
+        table = partitions_table(s)
+        if table is not None:
+            console.print(table)
     if placements:  # on a cluster: which node leads each stream
         console.print(placement_table(placements))
     raise typer.Exit(1 if down else 0)

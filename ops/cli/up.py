@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ops.console.app import Console as WebConsole
 from ops.natsd import NatsServerError, Placement, stream_placement
-from ops.platform import Platform, PlatformError, PortsTaken
+from ops.platform import Platform, PlatformError, PortsTaken, parse_instances
 from ops.security import ADMIN, CLIENT, cli_credentials
 from shared.config import SERVICES, ConfigError, load_settings
 from shared.config import replicas as replicas_setting
@@ -56,6 +56,7 @@ async def run_up(
     *,
     cluster: int = 1,
     cluster_port: int = 6222,
+    instances: str = "",
 ) -> int:
     started = time.monotonic()
     external = os.environ.get("CDP_NATS_URL")
@@ -65,6 +66,7 @@ async def run_up(
     try:
         given = os.environ.get("CDP_REPLICAS")
         copies = replicas_setting() if given or external else min(cluster, 3)
+        counts = parse_instances(instances)
         platform = Platform(
             data_dir,
             nats_url=external or None,
@@ -72,6 +74,7 @@ async def run_up(
             cluster=cluster,
             route_port=cluster_port,
             replicas=copies,
+            instances=counts,
             setup_seed=cli_credentials() if external else None,
             secure=True,
             ports={name: load_settings(name).port for name in SERVICES},
@@ -179,12 +182,15 @@ async def _serve(
             states = waiting.result()
             table = Table(title=f"CDP up in {time.monotonic() - started:.1f}s")
             table.add_column("service")
+            table.add_column("instance")
             table.add_column("health")
             table.add_column("state")
-            for name, (ok, why) in states.items():
+            for instance, (ok, why) in states.items():
+                name = platform.service_of[instance]
                 table.add_row(
-                    name,
-                    f"{platform.urls[name]}/readyz",
+                    name if instance == platform.instances[name][0] else "",
+                    instance,
+                    f"{platform.urls[instance]}/readyz",
                     "[green]ready[/]" if ok else f"[red]{why}[/]",
                 )
             console.print(table)

@@ -211,8 +211,14 @@ class Service:
             runner.start()
             assert runner.task is not None
             runner.task.add_done_callback(self._on_runner_done)
+        # Every instance answers a status request (a queue group of its own): `cdp status`
+        # gathers the replies of all of them (admin.gather).
         self._status_sub = await admin.serve(
-            self._nc, subjects.admin(self.name, "status"), admin.StatusRequest, self.status
+            self._nc,
+            subjects.admin(self.name, "status"),
+            admin.StatusRequest,
+            self.status,
+            queue=f"status-{self.settings.instance_id}",
         )
         if self.listings:
             self._listing_sub = await serve_listings(self._nc, self.name, self._db, self.listings)
