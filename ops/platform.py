@@ -45,6 +45,8 @@ from shared.config import SERVICES, load_settings, nats_servers, port_variable
 from shared.config import replicas as replicas_setting
 from shared.errors import CdpError
 from shared.runtime import Service
+from shared.runtime.coordination import bucket_ttls, ensure_buckets
+from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -426,6 +428,10 @@ class Platform:
         nc = await self.connect("cdp-setup")
         try:
             await ensure_streams(nc.jetstream(), self.streams, replicas=self.replicas)
+            await ensure_buckets(
+                nc.jetstream(), *bucket_ttls({**os.environ, **self.env}), replicas=self.replicas
+            )
+            await ensure_snapshot_buckets(nc.jetstream(), replicas=self.replicas)
         finally:
             await nc.close()
         if self.secure:

@@ -283,7 +283,7 @@ def granted_consumers(
     }
 
 
-def _jetstream(uses: _Uses) -> list[str]:
+def _jetstream(service: str, uses: _Uses) -> list[str]:
     api = "$JS.API"
     out = [f"{api}.INFO"]
     for spec in s.ALL_STREAMS:  # a service checks that the streams exist; only admin makes them
@@ -300,6 +300,16 @@ def _jetstream(uses: _Uses) -> list[str]:
             f"{api}.CONSUMER.DELETE.{own}",
             f"{api}.CONSUMER.MSG.NEXT.{own}",
             f"$JS.ACK.{own}.>",
+        ]
+    for bucket in (s.INSTANCES_BUCKET, s.LEASES_BUCKET):
+        # The coordination buckets (created by the admin): read all of it, write only the
+        # keys under its own name (`<service>.<instance>`, `<service>.<lease>`).
+        stream = f"KV_{bucket}"
+        out += [
+            f"{api}.STREAM.INFO.{stream}",
+            f"{api}.STREAM.MSG.GET.{stream}",
+            f"{api}.DIRECT.GET.{stream}.>",
+            f"$KV.{bucket}.{service}.>",
         ]
     for spec in uses.reads_last:
         out += [f"{api}.STREAM.MSG.GET.{spec.name}", f"{api}.DIRECT.GET.{spec.name}.>"]
@@ -341,7 +351,7 @@ def permissions(
             publish_deny=(s.PRIVACY_DELETE, s.PROBE),
             subscribe=(s.MEMBERSHIP_ALL, f"{inbox_prefix(account)}.>"),
         )
-    publish = [*uses.publishes, *uses.requests, *_jetstream(uses)]
+    publish = [*uses.publishes, *uses.requests, *_jetstream(account, uses)]
     subscribe = [*uses.serves, f"{inbox_prefix(account)}.>"]
     return Permissions(
         publish=tuple(dict.fromkeys(publish)),

@@ -667,6 +667,23 @@ class ConsumerStatus(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
+class PartitionStatus(msgspec.Struct, kw_only=True):
+    """A partition held by the instance that answers."""
+
+    partition: int
+    owner: str
+    """The instance that holds it."""
+    token: int
+    """The fencing token (lease revision) it is held under."""
+    applied_seq: int
+    """The stream sequence of the last message applied."""
+    pending: int
+    """Messages of its subject not applied yet (its consumer's pending count)."""
+    snapshot_seq: int | None = None
+    snapshot_age_s: float | None = None
+    error: str | None = None
+
+
 class ServiceStatus(msgspec.Struct, kw_only=True):
     service: str
     ready: bool
@@ -676,3 +693,6 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     """Committed messages not yet published."""
     failed: int = 0
     """Messages that failed and were set aside (rt_failed)."""
+    instance: str | None = None
+    """The instance that answered (a partitioned service runs several)."""
+    partitions: list[PartitionStatus] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     partitions: int = 8
     replicas: int = 1
     """Copies of each stream and bucket on a JetStream cluster (`CDP_REPLICAS`)."""
+    snapshot_interval: float = 60.0
+    """Seconds between two snapshots of a partition that has applied something."""
+    snapshot_every: int = 10_000
+    """A partition is also snapshotted once it has applied this many messages since."""
     ack_wait: float = 30.0
     nats_nkey: Path | None = None
     """The NKey seed file this service authenticates with (none: no authentication)."""
@@ -85,6 +90,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """File destinations write only inside this folder (none: `<data_dir>/exports`)."""
     allow_private_destinations: bool = False
     """HTTP destinations may reach private and link-local addresses (loopback always)."""
+    instance: str = ""
+    """This process's instance id among the instances of its service (none: the service's
+    name, a single instance). Two instances never share one."""
+    lease_margin: float = 1.0
+    """Seconds before a lease's expiry on the server at which its holder stops trusting it
+    (a holder that was paused and missed its renewals acts on no stale lease)."""
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
         shown = msgspec.structs.replace(
@@ -98,6 +109,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def exports_root(self) -> Path:
         return self.export_root if self.export_root is not None else self.data_dir / "exports"
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance or self.service
 
     @property
     def db_path(self) -> Path:
@@ -183,6 +198,8 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         step_max_bytes=_int(env, "CDP_STEP_MAX_BYTES", 4 * 1024 * 1024, minimum=1),
         partitions=_int(env, "CDP_PARTITIONS", 8, minimum=1),
         replicas=replicas(env),
+        snapshot_interval=_float(env, "CDP_SNAPSHOT_INTERVAL", 60.0),
+        snapshot_every=_int(env, "CDP_SNAPSHOT_EVERY", 10_000, minimum=1),
         ack_wait=_float(env, "CDP_ACK_WAIT", 30.0),
         nats_nkey=Path(env["CDP_NATS_NKEY"]) if env.get("CDP_NATS_NKEY") else None,
         ingest_token=env.get("CDP_INGEST_TOKEN") or None,
@@ -192,4 +209,18 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         errors_max_bytes=_int(env, "CDP_ERRORS_MAX_BYTES", 256 * 1024 * 1024, minimum=1),
         export_root=Path(env["CDP_EXPORT_ROOT"]) if env.get("CDP_EXPORT_ROOT") else None,
         allow_private_destinations=_bool(env, "CDP_ALLOW_PRIVATE_DESTINATIONS"),
+        instance=_instance(env, service),
+        lease_margin=_float(env, "CDP_LEASE_MARGIN", 1.0),
     )
+
+
+_INSTANCE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _instance(env: Mapping[str, str], service: str) -> str:
+    raw = env.get("CDP_INSTANCE", "")
+    if raw == "":
+        return service
+    if not _INSTANCE.match(raw):
+        raise ConfigError("CDP_INSTANCE", raw, "letters, digits, - and _ (at most 64)")
+    return raw

@@ -13,7 +13,7 @@ import contextlib
 import os
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -234,8 +234,12 @@ def write_lock(db: aiosqlite.Connection) -> asyncio.Lock:
     return lock
 
 
-async def apply(db: aiosqlite.Connection, tx: Tx) -> None:
-    """Run every write of `tx` in one transaction: all of them or none."""
+async def apply(
+    db: aiosqlite.Connection, tx: Tx, *, before_commit: Callable[[], None] | None = None
+) -> None:
+    """Run every write of `tx` in one transaction: all of them or none. `before_commit`
+    runs right before COMMIT: if it raises, the transaction is rolled back (a fence: the
+    partition's lease is no longer held)."""
     async with write_lock(db):
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -244,6 +248,8 @@ async def apply(db: aiosqlite.Connection, tx: Tx) -> None:
                     await db.execute(sql, rows[0])
                 else:
                     await db.executemany(sql, rows)
+            if before_commit is not None:
+                before_commit()
             await db.execute("COMMIT")
         except BaseException:
             await rollback(db)

@@ -34,7 +34,7 @@ Internal subjects (msgpack, one message carries a batch of records):
 
 from __future__ import annotations
 
-import zlib
+from functools import lru_cache
 
 import msgspec
 
@@ -76,11 +76,24 @@ applications; profile and destination read it from the membership envelopes)."""
 PROBE_REPORT_PREFIX = "cdp.probe"
 BATCH_BUCKET = "cdp-batches"
 """Object store bucket that holds uploaded batch files until they are ingested."""
+INSTANCES_BUCKET = "cdp-instances"
+"""KV bucket of the live instances, key `<service>.<instance>`, kept by heartbeats; the
+bucket's max age is the time after which an instance that stopped heartbeating is gone."""
+LEASES_BUCKET = "cdp-leases"
+"""KV bucket of leases, one key per lease (`identity.writer`, `scheduler.active`); the
+bucket's max age is the lease time, and a key's revision is its holder's fencing token."""
+IDENTITY_WRITER_LEASE = "identity.writer"
+SCHEDULER_ACTIVE_LEASE = "scheduler.active"
 
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 """Above NATS' 1 MB default, so that an oversize record reaches ingest and is rejected
 there with a reason (the ingest limit is 1 MB) instead of failing at the client."""
+
+SNAPSHOT_BUCKET = "cdp-snapshots"
+"""Object store bucket of partition snapshots: `<service>/<partition>/<token>-<seq>`."""
+SNAPSHOT_INDEX_BUCKET = "cdp-snapshot-index"
+"""KV bucket naming each partition's latest snapshot: `<service>.<partition>`."""
 
 
 def inbox_prefix(account: str) -> str:
@@ -130,9 +143,22 @@ def batch_progress(batch_id: str) -> str:
     return f"{BATCHES_PREFIX}.{batch_id}.progress"
 
 
+_FNV_OFFSET = 2166136261
+_FNV_PRIME = 16777619
+
+
+@lru_cache(maxsize=1 << 16)
 def partition_of(key: str, partitions: int) -> int:
-    """The partition a key (a profile id) belongs to; stable across processes and versions."""
-    return zlib.crc32(key.encode()) % partitions
+    """The partition a key (a profile id) belongs to; stable across processes and versions.
+
+    The server's own function: a subject transform `{{partition(N,k)}}` puts a token in
+    partition FNV-1a-32(token's UTF-8 bytes) mod N, so a stream that partitions by a
+    subject token and a client that computes it here agree (tests/test_partition_parity.py).
+    """
+    h = _FNV_OFFSET
+    for b in key.encode():
+        h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFF
+    return h % partitions
 
 
 def profiles(partition: int) -> str:

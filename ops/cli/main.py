@@ -69,6 +69,8 @@ from shared.config import SERVICES, ConfigError
 from shared.config import replicas as replicas_setting
 from shared.log import configure_logging
 from shared.resources import KINDS, OWNERS, PLURALS
+from shared.runtime.coordination import bucket_ttls, ensure_buckets
+from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
 
 app = typer.Typer(help="An open-source real-time Customer Data Platform.", no_args_is_help=True)
@@ -190,6 +192,8 @@ def setup(nats_url: NatsOption = None) -> None:
     async def go() -> None:
         async with connect(nats_url) as nc:
             await ensure_streams(nc.jetstream(), replicas=copies)
+            await ensure_buckets(nc.jetstream(), *bucket_ttls(os.environ), replicas=copies)
+            await ensure_snapshot_buckets(nc.jetstream(), replicas=copies)
 
     run(go)
     console.print(f"streams ready ({copies} {'copy' if copies == 1 else 'copies'} of each)")

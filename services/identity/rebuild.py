@@ -10,13 +10,13 @@ sequence identity published to it) is applied again but not announced again.
 
 from __future__ import annotations
 
-import nats.js.errors
 from nats.js import JetStreamContext
 
 from services.identity.errors import ReplayImpossible
 from services.identity.handlers import RECORDS_CONSUMER
 from services.identity.store import IdentityStore
 from shared import subjects
+from shared.runtime.actor import StepRef, last_step
 
 
 async def announced_until(js: JetStreamContext, store: IdentityStore, db_path: str) -> int:
@@ -34,18 +34,12 @@ async def announced_until(js: JetStreamContext, store: IdentityStore, db_path: s
 
 async def last_announced(js: JetStreamContext) -> int:
     """The records sequence of the last message this service published to the profile
-    service (its message id is `identity:<records seq>:<n>`), 0 if there is none."""
-    info = await js.stream_info(subjects.STREAM_PROFILES.name)
-    seq = info.state.last_seq
-    if not seq or info.state.messages == 0:
-        return 0
-    try:
-        msg = await js.get_msg(subjects.STREAM_PROFILES.name, seq)
-    except nats.js.errors.NotFoundError:
-        return 0
-    msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-    consumer, _, rest = msg_id.partition(":")
-    number = rest.partition(":")[0]
-    if consumer != RECORDS_CONSUMER or not number.isdigit():
-        return 0
-    return int(number)
+    service (the last sequence of the step its message id names), 0 if there is none."""
+    last = await last_published_step(js)
+    return last.last if last is not None else 0
+
+
+async def last_published_step(js: JetStreamContext) -> StepRef | None:
+    """The step of the records consumer that published the last message of the profiles
+    stream (what a writer published last), none if there is none."""
+    return await last_step(js, subjects.STREAM_PROFILES.name, RECORDS_CONSUMER)

@@ -9,6 +9,12 @@ The effect of each message is applied exactly once:
 - a redelivered message at or below the offset is acknowledged and skipped;
 - outgoing messages are published from the outbox after the commit, with a deterministic
   Nats-Msg-Id, so a re-publish after a crash is de-duplicated by JetStream;
+- that id is `<consumer>:<first seq>-<last seq>:<n>`: it names the step (the first and
+  last stream sequences it applied) and depends on nothing else, so whoever applies the
+  same step on the same state emits the same ids. A standby that takes over someone's
+  input finds, in the last message the other published, the step it was in (`StepRef`),
+  applies what came before it without publishing, and replays exactly that step: what
+  was already published is dropped by JetStream's duplicate window;
 - the batch is acknowledged (AckAll, one ack) only after commit and publish.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -99,6 +106,44 @@ _FAILED_INSERT = (
 )
 
 
+class StepRef(msgspec.Struct, frozen=True):
+    """A committed step of a consumer: the stream sequences it applied, first to last."""
+
+    consumer: str
+    first: int
+    last: int
+
+    def msg_id(self, n: int) -> str:
+        return f"{self.consumer}:{self.first}-{self.last}:{n}"
+
+
+_STEP_ID = re.compile(r"^(?P<consumer>[^:]+):(?P<first>[0-9]+)-(?P<last>[0-9]+):[0-9]+$")
+
+
+def step_of(msg_id: str | None) -> StepRef | None:
+    """The step that emitted a message, from its Nats-Msg-Id (none: not a step's output,
+    e.g. an admin request's)."""
+    m = _STEP_ID.match(msg_id or "")
+    if m is None:
+        return None
+    return StepRef(m["consumer"], int(m["first"]), int(m["last"]))
+
+
+async def last_step(js: JetStreamContext, stream: str, consumer: str) -> StepRef | None:
+    """The step of `consumer` that published the last message of `stream` (none: the
+    stream is empty, or its last message is not one of that consumer's steps')."""
+    info = await js.stream_info(stream)
+    seq = info.state.last_seq
+    if not seq or not info.state.messages:
+        return None
+    try:
+        msg = await js.get_msg(stream, seq)
+    except NotFoundError:
+        return None
+    step = step_of((msg.headers or {}).get("Nats-Msg-Id"))
+    return step if step is not None and step.consumer == consumer else None
+
+
 class Delivery(msgspec.Struct, frozen=True):
     """One message from a stream, as a handler sees it."""
 
@@ -161,6 +206,14 @@ class ConsumerSpec:
     """Most payload bytes one step takes (none: the service's `step_max_bytes`)."""
     max_wait: float = 5.0
     description: str = field(default="")
+    durable: str | None = None
+    """The JetStream durable's name (none: `name`). Instances of a service that each read
+    the whole stream (a writer and its standby) need one each; `name` stays the logical
+    consumer, in the offsets and the message ids, the same for all of them."""
+
+    @property
+    def durable_name(self) -> str:
+        return self.durable or self.name
 
 
 class _Stop(Exception):
@@ -182,8 +235,12 @@ class ConsumerRunner:
         fetch_batch: int,
         ack_wait: float,
         step_max_bytes: int | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
+        """`guard` runs right before each commit and each publish; it raises to refuse
+        them (a partition whose lease is lost)."""
         self.spec = spec
+        self._guard = guard
         self._service = service
         self._nc = nc
         self._js = js
@@ -198,6 +255,11 @@ class ConsumerRunner:
         self._busy = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._follow: Callable[[], Awaitable[StepRef | None]] | None = None
+        self._follow_poll = 0.2
+        self._replay: StepRef | None = None
+        self._wake = asyncio.Event()
+        self._exact: list[Delivery] = []
         self.fault: str | None = None
         """Why the consumer cannot apply what it fetched now (a full disk), else None."""
         self._log = structlog.get_logger(service=service, consumer=spec.name)
@@ -209,6 +271,7 @@ class ConsumerRunner:
             self._log,
             self._committed,
             max_step_bytes=spec.max_step_bytes or step_max_bytes,
+            guard=guard,
         )
 
     @property
@@ -235,10 +298,10 @@ class ConsumerRunner:
             await self._puller.close()
         spec = self.spec
         with contextlib.suppress(NotFoundError):
-            await self._js.delete_consumer(spec.stream.name, spec.name)
+            await self._js.delete_consumer(spec.stream.name, spec.durable_name)
         subjects = list(spec.filter_subjects)
         config = ConsumerConfig(
-            durable_name=spec.name,
+            durable_name=spec.durable_name,
             description=spec.description or None,
             ack_policy=AckPolicy.ALL,
             ack_wait=self._ack_wait,
@@ -252,8 +315,9 @@ class ConsumerRunner:
         elif subjects:
             config.filter_subjects = subjects
         await self._js.add_consumer(spec.stream.name, config)
-        self._puller = Puller(self._nc, spec.stream.name, spec.name)
+        self._puller = Puller(self._nc, spec.stream.name, spec.durable_name)
         await self._puller.start()
+        self._exact = []
         self._expect_cseq = 1
         self._resync_needed = False
         self._log.info("consumer ready", stream=spec.stream.name, from_seq=self._offset + 1)
@@ -261,12 +325,64 @@ class ConsumerRunner:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.spec.name}")
 
+    # -- a standby and its take-over -----------------------------------------------------
+    def follow(self, last_step: Callable[[], Awaitable[StepRef | None]], poll: float) -> None:
+        """Run as a standby (call before `start`): apply the stream silently (commit,
+        publish nothing), but never the step `last_step()` names (the last one the active
+        instance published) nor anything after it, so that a take-over can replay it."""
+        self._follow, self._follow_poll = last_step, poll
+
+    @property
+    def following(self) -> bool:
+        return self._follow is not None
+
+    def take_over(self, last: StepRef | None) -> None:
+        """Become the active instance: apply silently up to the step `last` (the last one
+        the previous active instance published; none: nothing published), replay exactly
+        that step, publishing (JetStream drops the ids it already has), then run as usual.
+        """
+        self._follow = None
+        self._replay = last
+        self._wake.set()
+
+    async def _limit(self) -> tuple[int | None, bool, bool] | None:
+        """What the next fetch may apply: (last sequence or none, silent, as one step);
+        none when stopping. A standby waits here until there is something to apply."""
+        while not self._stopping:
+            follow = self._follow
+            if follow is not None:
+                try:
+                    last = await follow()
+                    limit = last.first - 1 if last is not None else 0
+                except (TimeoutError, nats.errors.Error) as exc:
+                    self._log.warning("cannot read the active instance's progress", error=repr(exc))
+                    limit = self._offset  # nothing applied until it can be read again
+                if self._follow is None:  # taken over meanwhile
+                    continue
+                if limit > self._offset:
+                    return limit, True, False
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._follow_poll)
+                continue
+            replay = self._replay
+            if replay is not None:
+                if self._offset < replay.first - 1:
+                    return replay.first - 1, True, False
+                if self._offset < replay.last:
+                    return replay.last, False, True
+                self._replay = None
+                self._log.info("took over", replayed=f"{replay.first}-{replay.last}")
+            return None, False, False
+        return None
+
     async def stop(self) -> None:
         """Stop fetching, let the batch in flight finish, then return. Idempotent."""
         self._stopping = True
         task, self._task = self._task, None
         if task is None:
             return
+        self._wake.set()
         if not self._busy:
             task.cancel()
         # A task that died has reported its error already (the service's done callback):
@@ -284,10 +400,17 @@ class ConsumerRunner:
         backoff = full_backoff = 0.05
         while not self._stopping:
             try:
+                limits = await self._limit()
+                if limits is None:
+                    return
+                limit, silent, one_step = limits
                 if self._resync_needed:
                     await self._resync()
                 assert self._puller is not None
-                msgs = await self._puller.fetch(self._max_batch, self.spec.max_wait)
+                batch = self._max_batch
+                if limit is not None:
+                    batch = max(1, min(batch, limit - self._offset - len(self._exact)))
+                msgs = await self._puller.fetch(batch, self.spec.max_wait)
             except (TimeoutError, nats.errors.Error) as exc:
                 # Disconnected, or the server is restarting: try again from the offset.
                 self._log.warning("fetch failed", error=repr(exc), retry_in=backoff)
@@ -299,8 +422,9 @@ class ConsumerRunner:
             if not msgs:
                 continue
             self._busy = True
+            self._step.silent = silent
             try:
-                await self._process(msgs)
+                await self._process(msgs, limit, one_step)
             except _Stop:
                 return
             except Exception as exc:
@@ -323,13 +447,20 @@ class ConsumerRunner:
                 self._log.info("committing again", was=self.fault)
                 self.fault = None
 
-    async def _process(self, msgs: list[Msg]) -> None:
+    async def _process(
+        self, msgs: list[Msg], limit: int | None = None, one_step: bool = False
+    ) -> None:
+        """Apply `msgs` in order: those up to `limit` (the rest is fetched again later);
+        `one_step`: gathered until `limit`, then applied as one step."""
         started = time.perf_counter()
         fresh: list[Delivery] = []
         last: Msg | None = None
         skipped = 0
         for msg in msgs:
             meta = msg.metadata
+            if limit is not None and meta.sequence.stream > limit:
+                self._resync_needed = True  # not ours to apply yet: fetched again later
+                break
             if meta.sequence.consumer != self._expect_cseq:
                 # A delivery went missing (lost in a reconnect): start over from the offset.
                 self._log.warning(
@@ -353,20 +484,27 @@ class ConsumerRunner:
             return
         if skipped:
             self._metrics.skipped.labels(*self._labels).inc(skipped)
+        if one_step:
+            self._exact.extend(fresh)
+            if not self._exact or self._exact[-1].seq < (limit or 0):
+                return  # the rest of the step is still to come (acknowledged with it)
+            fresh, self._exact = self._exact, []
         if fresh:
-            await self._commit(fresh)
+            await self._commit(fresh, one_step=one_step)
         await self._ack(last)
         self._metrics.lag.labels(*self._labels).set(last.metadata.num_pending)
         self._metrics.batch_size.labels(*self._labels).observe(len(msgs))
         self._metrics.latency.labels(*self._labels).observe(time.perf_counter() - started)
 
-    async def _commit(self, deliveries: list[Delivery]) -> None:
-        applied = await self._step.handle(deliveries)
+    async def _commit(self, deliveries: list[Delivery], *, one_step: bool = False) -> None:
+        applied = await self._step.handle(deliveries, one_step=one_step)
         if applied.handled:
             self._metrics.handled.labels(*self._labels).inc(applied.handled)
         if applied.failed:
             self._metrics.failed.labels(*self._labels).inc(applied.failed)
         for out, notes in applied.rounds:
+            if out and self._guard is not None:
+                self._guard()
             if out:
                 await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
             if notes:
@@ -426,19 +564,27 @@ class Committer:
         committed: Callable[[int], None] | None = None,
         *,
         max_step_bytes: int | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.consumer = consumer
+        self.guard = guard
+        """Runs right before each commit; raises to refuse it (rolled back)."""
         self.max_step_bytes = max_step_bytes
         self._committed = committed
         self.handler = handler
         self.db = db
         self.log = log or structlog.get_logger(consumer=consumer)
+        self.silent = False
+        """Apply and commit, but emit nothing (a standby's steps: its outbox stays empty
+        and it sends no notifications)."""
 
-    async def handle(self, deliveries: list[Delivery]) -> Applied:
+    async def handle(self, deliveries: list[Delivery], *, one_step: bool = False) -> Applied:
         """Apply `deliveries` in steps of at most `max_step_bytes` of payload (a step takes
-        at least one message), each step committed before the next, in order."""
+        at least one message), each step committed before the next, in order; `one_step`:
+        all of them as one step (a replay of a step someone else committed)."""
         applied = Applied([])
-        for step in split_steps(deliveries, self.max_step_bytes):
+        steps = [deliveries] if one_step else split_steps(deliveries, self.max_step_bytes)
+        for step in steps:
             await self._handle_step(step, applied)
         return applied
 
@@ -464,27 +610,31 @@ class Committer:
                     except Exception as exc:
                         self.log.exception("message failed")
                         error = f"{type(exc).__name__}: {exc}"
-                        await self._apply(applied, None, [(d, error)], d.seq)
+                        await self._apply(applied, None, [(d, error)], d.seq, d.seq)
                         continue
-                await self._apply(applied, single, [], d.seq)
+                await self._apply(applied, single, [], d.seq, d.seq)
             return
-        await self._apply(applied, batch, [], deliveries[-1].seq)
+        await self._apply(applied, batch, [], deliveries[0].seq, deliveries[-1].seq)
 
     async def _apply(
         self,
         applied: Applied,
         batch: Step | None,
         failed: list[tuple[Delivery, str]],
+        first_seq: int,
         last_seq: int,
     ) -> None:
         tx = Tx()
         out: list[Outgoing] = []
         if batch is not None:
             tx.extend(batch.tx)
+            ref = StepRef(self.consumer, first_seq, last_seq)
             out = [
-                Outgoing(f"{self.consumer}:{last_seq}:{i}", subject, payload)
+                Outgoing(ref.msg_id(i), subject, payload)
                 for i, (subject, payload) in enumerate(batch._out)
             ]
+            if self.silent:
+                out = []  # a standby: the active instance publishes these
         now = time.time()
         tx.add_many(_OUTBOX_INSERT, ((o.msg_id, o.subject, o.payload, now) for o in out))
         tx.add_many(
@@ -492,7 +642,7 @@ class Committer:
             ((self.consumer, d.seq, d.subject, d.data, err, now) for d, err in failed),
         )
         tx.add(_SET_OFFSET, (self.consumer, last_seq))
-        await apply(self.db, tx)
+        await apply(self.db, tx, before_commit=self.guard)
         if self._committed is not None:
             self._committed(last_seq)
         if batch is not None:
@@ -500,7 +650,8 @@ class Committer:
             for fn in batch._after:
                 fn()
         applied.failed += len(failed)
-        applied.rounds.append((out, list(batch._notes) if batch is not None else []))
+        notes = list(batch._notes) if batch is not None and not self.silent else []
+        applied.rounds.append((out, notes))
 
 
 async def send_notes(

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import ClassVar
 
 import aiosqlite
@@ -38,6 +38,7 @@ from shared.runtime.actor import (
     RUNTIME_MIGRATIONS,
     ConsumerRunner,
     ConsumerSpec,
+    StepRef,
     flush_outbox,
 )
 from shared.streams import missing_streams
@@ -90,6 +91,21 @@ class Service:
     # -- what subclasses provide ----------------------------------------------------
     def consumers(self) -> Sequence[ConsumerSpec]:
         return ()
+
+    def standby_of(self, spec: ConsumerSpec) -> Callable[[], Awaitable[StepRef | None]] | None:
+        """For a standby instance: where the active instance is on this consumer's input
+        (the last step it published), so that the runner follows it silently; none: the
+        consumer runs as usual. A standby becomes active with `take_over`."""
+        return None
+
+    standby_poll: ClassVar[float] = 0.2
+    """How often a standby that caught up asks again where the active instance is."""
+
+    async def take_over(self, spec_name: str, last: StepRef | None) -> None:
+        """Make the standby runner of consumer `spec_name` active (see ConsumerRunner)."""
+        for runner in self.runners:
+            if runner.spec.name == spec_name:
+                runner.take_over(last)
 
     async def on_start(self) -> None:
         """Called with NATS and SQLite ready, before the consumers start."""
@@ -158,6 +174,9 @@ class Service:
                 ack_wait=s.ack_wait,
                 step_max_bytes=s.step_max_bytes,
             )
+            follow = self.standby_of(spec)
+            if follow is not None:
+                runner.follow(follow, self.standby_poll)
             await runner.prepare()
             self.runners.append(runner)
         for runner in self.runners:
@@ -309,7 +328,7 @@ class Service:
             error = None
             if js is not None:
                 try:
-                    info = await js.consumer_info(spec.stream.name, spec.name, timeout=2)
+                    info = await js.consumer_info(spec.stream.name, spec.durable_name, timeout=2)
                     pending = int(info.num_pending or 0)
                     ack_pending = int(info.num_ack_pending or 0)
                 except Exception as exc:
@@ -356,9 +375,9 @@ class Service:
             if runner.fault is not None:
                 return runner.fault
             try:
-                await js.consumer_info(spec.stream.name, spec.name, timeout=1)
+                await js.consumer_info(spec.stream.name, spec.durable_name, timeout=1)
             except NotFoundError as exc:
-                return f"consumer {spec.stream.name}/{spec.name}: {type(exc).__name__}"
+                return f"consumer {spec.stream.name}/{spec.durable_name}: {type(exc).__name__}"
             except Exception as exc:
                 # Nobody answers for JetStream: it disables itself when it cannot write.
                 return f"nats: JetStream storage full or unavailable ({type(exc).__name__})"
