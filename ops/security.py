@@ -212,7 +212,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             consumes=((s.STREAM_CONFIG, "identity-namespaces"), (s.STREAM_RECORDS, "identity")),
             publishes=(f"{s.PROFILES_PREFIX}.*", _report("identity"), _PROBE_REPORTS),
             serves=(s.admin("identity", ">"),),
-            reads_last=(s.STREAM_PROFILES,),  # where a rebuild of its graph may start announcing
+            reads_last=(s.STREAM_PROFILES,),  # where a rebuild or a standby starts
         ),
         "profile": _Uses(
             consumes=(
@@ -252,6 +252,7 @@ def _uses(activation: Iterable[str]) -> dict[str, _Uses]:
             consumes=((s.STREAM_JOBS, "scheduler"),),  # the done events of jobs
             publishes=(s.JOBS_ALL, s.config("schedule", "*")),  # job requests, its schedules
             serves=(s.admin("scheduler", ">"),),
+            reads_last=(s.STREAM_CONFIG,),  # the schedules, when a standby takes over
         ),
         "destination": _Uses(
             consumes=(

@@ -696,3 +696,5 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     instance: str | None = None
     """The instance that answered (a partitioned service runs several)."""
     partitions: list[PartitionStatus] = []
+    role: str | None = None
+    """Its role among its service's instances (`writer`, `standby`, `active`), if it has one."""

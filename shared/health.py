@@ -31,8 +31,10 @@ class HealthServer:
         port: int,
         *,
         liveness: Callable[[], str | None] | None = None,
+        details: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.service = service
+        self._details = details or dict
         self.app = web.Application()
         self._metrics = metrics
         self._readiness = readiness
@@ -78,10 +80,11 @@ class HealthServer:
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         reason = await self._readiness()
+        extra = self._details()
         if reason is None:
-            return web.json_response({"service": self.service, "ready": True})
+            return web.json_response({"service": self.service, "ready": True, **extra})
         return web.json_response(
-            {"service": self.service, "ready": False, "reason": reason}, status=503
+            {"service": self.service, "ready": False, "reason": reason, **extra}, status=503
         )
 
     async def _metrics_view(self, _request: web.Request) -> web.Response:

@@ -304,7 +304,7 @@ class Lease:
             return False
         self.token = self._revision = revision
         self._deadline = sent + self.ttl - self.margin
-        self._log.info("lease acquired", token=revision)
+        self._log.info("lease acquired", fencing=revision)
         if self._auto_renew:
             self._task = asyncio.create_task(self._renewing(), name=f"lease:{self.key}")
         return True
@@ -366,7 +366,7 @@ class Lease:
     async def _lose(self, reason: str) -> None:
         if self.token is None:
             return
-        self._log.warning("lease lost", token=self.token, reason=reason)
+        self._log.warning("lease lost", fencing=self.token, reason=reason)
         self.token = None
         self._deadline = 0.0
         task, self._task = self._task, None

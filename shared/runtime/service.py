@@ -72,6 +72,7 @@ class Service:
             settings.bind,
             settings.port,
             liveness=self.liveness,
+            details=self.details,
         )
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -91,6 +92,24 @@ class Service:
     # -- what subclasses provide ----------------------------------------------------
     def consumers(self) -> Sequence[ConsumerSpec]:
         return ()
+
+    @property
+    def role(self) -> str | None:
+        """This instance's role among its service's instances, if it has one."""
+        return None
+
+    def details(self) -> dict[str, str]:
+        """What /readyz adds to its answer: the instance, and its role if it has one."""
+        out = {"instance": self.settings.instance_id}
+        if (role := self.role) is not None:
+            out["role"] = role
+        return out
+
+    async def on_connected(self) -> bool:
+        """Called with NATS and SQLite ready, before the outbox a previous run left is
+        published; False: this instance must not publish it (a standby: the active one
+        redoes those steps). Decide a role here."""
+        return True
 
     def standby_of(self, spec: ConsumerSpec) -> Callable[[], Awaitable[StepRef | None]] | None:
         """For a standby instance: where the active instance is on this consumer's input
@@ -158,7 +177,8 @@ class Service:
         await self._wait_streams()
         self._phase = "starting: opening SQLite"
         self._db = await open_db(s.db_path, RUNTIME_MIGRATIONS + self.migrations)
-        await flush_outbox(self._js, self._db, self.log, lambda: self._stopping)
+        if await self.on_connected():
+            await flush_outbox(self._js, self._db, self.log, lambda: self._stopping)
         self._phase = "starting: service"
         await self.on_start()
         self._phase = "starting: consumers"
@@ -254,6 +274,14 @@ class Service:
         exc = task.exception()
         self.log.error("consumer stopped unexpectedly", task=task.get_name(), error=repr(exc))
         self._fatal_reason = f"{task.get_name()} died: {type(exc).__name__}: {exc}"
+        self._ready = False
+        self.exit_code = 1
+        self._fatal.set()
+
+    def fail(self, reason: str) -> None:
+        """Stop the process with exit status 1 (it is restarted): it must not go on."""
+        self.log.error("stopping", reason=reason)
+        self._fatal_reason = reason
         self._ready = False
         self.exit_code = 1
         self._fatal.set()
@@ -356,6 +384,8 @@ class Service:
             consumers=consumers,
             outbox=outbox,
             failed=failed,
+            instance=self.settings.instance_id,
+            role=self.role,
         )
 
     async def readiness(self) -> str | None:
