@@ -169,6 +169,12 @@ def changes(partition: int) -> str:
     return f"{CHANGES_PREFIX}.{partition}"
 
 
+def profile_partition_lookup(partition: int) -> str:
+    """A lookup asked of the instance that holds a profile partition (request/reply, the
+    profile service's own: its instances route `cdp.profile.lookup` here)."""
+    return f"{PROFILE_LOOKUP}.partition.{partition}"
+
+
 def members(partition: int) -> str:
     """Membership changes of the profiles of `partition`, as batches (MembershipEnvelope)."""
     return f"{MEMBERS_PREFIX}.{partition}"
