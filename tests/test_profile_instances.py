@@ -35,7 +35,7 @@ from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
 from shared.subjects import LEASES_BUCKET
 from tests.helpers import eventually, running
-from tests.journeys import DeleteStep, Journey, RecordStep, big_journey
+from tests.journeys import SEGMENTS, DeleteStep, Journey, RecordStep, big_journey
 from tests.test_equivalence import Platform, assert_matches_model, batch_job, burst, landed
 
 pytestmark = [pytest.mark.asyncio]
@@ -45,10 +45,6 @@ PARTITIONS = 8
 TTL = 4.0
 NOW = time.time()
 OTHERS = (IngestService, IdentityService, SegmentationService, DestinationService)
-SEGMENTS = {
-    "viewed-today": 'event(type = "web.pageview") within 1 day',
-    "logged-in-today": 'event(type = "app.login") within 1 day',
-}
 
 
 class ProfileInstance:
@@ -159,17 +155,29 @@ async def _deliver_while_moving(
     await burst(nc, fourth)
 
 
+def without_deletes(journey: Journey) -> Journey:
+    """The journey without its privacy deletes: every merge, shared device and late row."""
+    steps = [s for s in journey.steps if not isinstance(s, DeleteStep)]
+    return Journey(journey.prefix, steps, journey.now)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "journey",
+    [
+        pytest.param(without_merges(big_journey("pi-", NOW, 120, seed=5)), id="no-merges"),
+        pytest.param(without_deletes(big_journey("pm-", NOW, 150, seed=7)), id="merges"),
+    ],
+)
 async def test_profile_instances_that_join_leave_and_die_hold_what_one_instance_holds(
-    nats_server: NatsServer, nc: Client, tmp_path: Path
+    nats_server: NatsServer, nc: Client, tmp_path: Path, journey: Journey
 ) -> None:
     js = nc.jetstream()
     await ensure_streams(js)
     await ensure_snapshot_buckets(js)
     await ensure_buckets(js, instance_ttl=TTL, lease_ttl=TTL)
     a, b, c = (ProfileInstance(n, nats_server.url, tmp_path) for n in ("a", "b", "c"))
-    journey = without_merges(big_journey("pi-", NOW, 120, seed=5))
     try:
         await a.start()
         await b.start()
@@ -191,6 +199,8 @@ async def test_profile_instances_that_join_leave_and_die_hold_what_one_instance_
             await landed(nc)
             await batch_job(nc)
             await assert_matches_model(Platform(nc, data), journey, "three profile instances")
+            handed = (await js.stream_info(subjects.STREAM_HANDOFFS.name)).state.messages
+            assert (handed > 0) == (journey.prefix == "pm-"), handed
     finally:
         for i in (a, b, c):
             await i.kill()

@@ -18,8 +18,10 @@ from services.identity.graph import Effects, Fold, IdentityGraph, Move, WorkingS
 from services.identity.store import IdentityStore
 from shared import subjects
 from shared.messages import (
+    Awaits,
     Deleted,
     Fragment,
+    HandOver,
     Identity,
     Merged,
     PrivacyDelete,
@@ -28,6 +30,8 @@ from shared.messages import (
     ProfileItem,
     Reassigned,
     Record,
+    fold_key,
+    move_key,
     msgpack_encoder,
     record_batch_decoder,
 )
@@ -189,11 +193,15 @@ class IdentityHandlers:
             match event:
                 case Fold(survivor=survivor, folded=folded):
                     parts = [self._part(f) for f in folded]
-                    out.add_across(
-                        parts[0],
-                        [self._part(survivor), *parts],
-                        Merged(survivor, list(folded), at),
-                    )
+                    home = self._part(survivor)
+                    out.add_across(parts[0], [home, *parts], Merged(survivor, list(folded), at))
+                    # For profile instances that each hold some partitions: every folded
+                    # profile's partition folds it, and the survivor's waits for its state.
+                    for f, part in zip(folded, parts, strict=True):
+                        if part != parts[0]:  # ends its message, as the merge does
+                            out.add_across(part, (), HandOver(survivor, f, at))
+                        if part != home:
+                            out.add(home, Awaits(survivor, f, fold_key(f)))
                     self.log.info("profiles merged", profile_id=survivor, folded=folded)
                 case Move(from_profile=source, to_profile=target, keys=keys):
                     identities = [Identity(*k.split(":", 1)) for k in keys]
@@ -202,6 +210,9 @@ class IdentityHandlers:
                         out.add(self._part(source), item)
                     else:
                         out.add_across(self._part(source), [self._part(target)], item)
+                        if self._part(source) != self._part(target):
+                            key = move_key(source, target, list(keys), at)
+                            out.add(self._part(target), Awaits(target, source, key))
                     self.log.info(
                         "identities reassigned",
                         profile_id=source,

@@ -47,14 +47,15 @@ from services.profile.api import ProfileAdmin
 from services.profile.config import ProfileConfig
 from services.profile.handlers import ProfileHandlers
 from services.profile.lookup import ProfileLookup, ProfileLookups, ProfileView
-from services.profile.store import LISTINGS, MIGRATIONS, ProfileStore
+from services.profile.store import LISTINGS, MIGRATIONS, PARTITION_MIGRATIONS, ProfileStore
 from shared import admin, subjects
 from shared.admin import AdminError, AdminFailure, ApplyMany, GetRequest
 from shared.db import close_reader, open_reader
 from shared.listing import MAX_PAGE, ListPage, ListRequest
 from shared.runtime import ConsumerSpec
 from shared.runtime.actor import RUNTIME_MIGRATIONS
-from shared.runtime.partition_state import PARTITION_MIGRATIONS, partition_path
+from shared.runtime.partition_state import PARTITION_MIGRATIONS as RUNTIME_PARTITION
+from shared.runtime.partition_state import partition_path
 from shared.runtime.partitions import PartitionedService, PartitionInput
 
 EXPIRY_EVERY_S = 600.0
@@ -142,7 +143,7 @@ class RoutedLookups(ProfileLookups):
 class PartitionedProfileService(PartitionedService):
     name = "profile"
     migrations = MIGRATIONS
-    partition_migrations = MIGRATIONS
+    partition_migrations = PARTITION_MIGRATIONS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -235,9 +236,12 @@ class PartitionedProfileService(PartitionedService):
             self.config,
             partitions=self.settings.partitions,
             log=self.log.bind(partition=partition),
+            held=(partition,),
         )
         path = partition_path(self.settings.data_dir, self.name, partition)
-        reader = await open_reader(path, RUNTIME_MIGRATIONS + PARTITION_MIGRATIONS + MIGRATIONS)
+        reader = await open_reader(
+            path, RUNTIME_MIGRATIONS + RUNTIME_PARTITION + PARTITION_MIGRATIONS
+        )
         local = ProfileLookups(ProfileStore(reader), self.config, None, self.log)
         try:
             sub = await self.nc.subscribe(
@@ -251,6 +255,13 @@ class PartitionedProfileService(PartitionedService):
     def partition_inputs(self, partition: int) -> Sequence[PartitionInput]:
         h = self.parts[partition].handlers
         return (
+            # First: the main input may wait for a handoff (`Blocked`), so it runs first.
+            PartitionInput(
+                subjects.STREAM_HANDOFFS,
+                subjects.handoffs(partition),
+                h.on_handoffs,
+                name="handoff",
+            ),
             PartitionInput(
                 subjects.STREAM_PROFILES,
                 subjects.profiles(partition),

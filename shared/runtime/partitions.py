@@ -54,6 +54,7 @@ from nats.js.errors import NotFoundError
 from shared import admin
 from shared.db import Migration
 from shared.runtime.actor import (
+    BLOCKED_RETRY_S,
     Committer,
     ConsumerRunner,
     ConsumerSpec,
@@ -211,8 +212,8 @@ class HeldPartition:
                 guard=self.guard,
             )
             await feed.runner.prepare()
-        for feed in self.feeds:
-            assert feed.runner is not None
+            # Started before the next input's catch-up: an input may wait for another
+            # (`Blocked`), listed before it.
             feed.runner.start()
             assert feed.runner.task is not None
             feed.runner.task.add_done_callback(self._runner_done)
@@ -221,7 +222,10 @@ class HeldPartition:
     @property
     def runner(self) -> ConsumerRunner | None:
         """The main input's runner."""
-        return self.feeds[0].runner if self.feeds else None
+        for feed in self.feeds:
+            if feed.consumer == self.consumer:
+                return feed.runner
+        return None
 
     def progress(self) -> int:
         """Messages applied so far over every input (offsets summed)."""
@@ -316,18 +320,14 @@ class HeldPartition:
                 continue
             before.append(d)
             if len(before) >= svc.settings.fetch_batch:
-                await silent.handle(before)
+                await self._apply_all(silent, before)
                 replayed += len(before)
                 before = []
         if before:
-            await silent.handle(before)
+            await self._apply_all(silent, before)
             replayed += len(before)
         if again:
-            done = await exact.handle(again, one_step=True)
-            for out, _notes in done.rounds:
-                if out:
-                    self.guard()
-                    await publish_outbox(svc.js, self.db, out, self.log, lambda: not self.valid())
+            await self._apply_all(exact, again, one_step=True)
         self.log.info(
             "caught up with published outputs",
             consumer=feed.consumer,
@@ -335,6 +335,25 @@ class HeldPartition:
             step=f"{step.first}-{step.last}",
             again=len(again),
         )
+
+    async def _apply_all(
+        self, committer: Committer, deliveries: list[Delivery], *, one_step: bool = False
+    ) -> None:
+        """Apply every delivery, publishing what is not silent; a message left for later
+        (`Blocked`: what it waits for comes through another input, already running) is
+        applied again shortly."""
+        svc = self.service
+        assert self.db is not None
+        while deliveries:
+            done = await committer.handle(deliveries, one_step=one_step)
+            for out, _notes in done.rounds:
+                if out:
+                    self.guard()
+                    await publish_outbox(svc.js, self.db, out, self.log, lambda: not self.valid())
+            if done.blocked is None:
+                return
+            deliveries = [d for d in deliveries if d.seq >= done.blocked]
+            await asyncio.sleep(BLOCKED_RETRY_S)
 
     # -- snapshots ------------------------------------------------------------------------
     async def snapshot(self) -> SnapshotEntry:
