@@ -157,7 +157,9 @@ async def _deliver_while_moving(
 
 def without_deletes(journey: Journey) -> Journey:
     """The journey without its privacy deletes: every merge, shared device and late row."""
-    steps = [s for s in journey.steps if not isinstance(s, DeleteStep)]
+    steps: list[RecordStep | DeleteStep] = [
+        s for s in journey.steps if not isinstance(s, DeleteStep)
+    ]
     return Journey(journey.prefix, steps, journey.now)
 
 
