@@ -185,9 +185,10 @@ async def test_a_merge_and_a_move_across_partitions_end_where_one_store_ends() -
         merged = [c for c in changes(out_q) if isinstance(c, ProfileMerged)]
         assert merged == [ProfileMerged(Y, [X], NOW + 10)]
         assert Y not in {c.profile_id for c in changes(out_q) if isinstance(c, ProfileChanged)}
-        assert await hq.db.execute_fetchall(
+        folds = await hq.db.execute_fetchall(
             "SELECT profile_id, folded_into FROM profiles WHERE profile_id = ?", (X,)
-        ) == [(X, Y)]
+        )
+        assert [tuple(r) for r in folds] == [(X, Y)]
         assert list(
             await hq.db.execute_fetchall(
                 "SELECT count(*) FROM events WHERE profile_id IN (?, ?)", (X, Y)

@@ -10,8 +10,10 @@ of its own with its own data folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
+from ops.cli import people
 from ops.natsd import NatsServer, free_port
 from services.destination.service import DestinationService
 from services.identity.service import IdentityService
@@ -30,10 +33,11 @@ from services.segmentation.service import SegmentationService
 from shared import admin, subjects
 from shared.admin import ApplyMany, ApplyManyResult, ConfigObject
 from shared.runtime.coordination import ensure_buckets
+from shared.runtime.partition_state import partition_path
 from shared.runtime.partitions import lease_key
 from shared.runtime.snapshots import ensure_snapshot_buckets
 from shared.streams import ensure_streams
-from shared.subjects import LEASES_BUCKET
+from shared.subjects import LEASES_BUCKET, partition_of
 from tests.helpers import eventually, running
 from tests.journeys import SEGMENTS, DeleteStep, Journey, RecordStep, big_journey
 from tests.test_equivalence import Platform, assert_matches_model, batch_job, burst, landed
@@ -163,6 +167,30 @@ def without_deletes(journey: Journey) -> Journey:
     return Journey(journey.prefix, steps, journey.now)
 
 
+async def _a_folded_id_leads_to_its_survivor(nc: Client, data: Path) -> None:
+    """A lookup by the id of a profile folded into one of another partition answers with
+    the survivor (the folded id's partition names it, the routing asks its partition)."""
+    folds: dict[str, str] = {}
+    for p in range(PARTITIONS):
+        path = partition_path(data, "profile", p)
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            folds.update(
+                db.execute(
+                    "SELECT profile_id, folded_into FROM profiles WHERE folded_into IS NOT NULL"
+                ).fetchall()
+            )
+    across = [
+        f for f, s in folds.items() if partition_of(f, PARTITIONS) != partition_of(s, PARTITIONS)
+    ]
+    assert across, "no merge crossed partitions"
+    folded = across[0]
+    survivor = folded
+    while survivor in folds:
+        survivor = folds[survivor]
+    view = await people.profile(nc, "", None, 1, profile_id=folded)
+    assert view["profile_id"] == survivor
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
@@ -203,6 +231,8 @@ async def test_profile_instances_that_join_leave_and_die_hold_what_one_instance_
             await assert_matches_model(Platform(nc, data), journey, "three profile instances")
             handed = (await js.stream_info(subjects.STREAM_HANDOFFS.name)).state.messages
             assert (handed > 0) == (journey.prefix == "pm-"), handed
+            if handed:
+                await _a_folded_id_leads_to_its_survivor(nc, tmp_path / "profile-c")
     finally:
         for i in (a, b, c):
             await i.kill()

@@ -84,6 +84,22 @@ class _Held:
         self.sub = sub
 
 
+MOVED = "moved"
+"""A partition's answer for a profile folded into one of another partition (`name`)."""
+
+
+class PartitionLookups(ProfileLookups):
+    """A held partition's lookups: a profile id folded into a profile of another
+    partition answers `moved`, naming it, and the routing asks that partition."""
+
+    async def lookup(self, request: ProfileLookup) -> ProfileView:
+        if request.profile_id is not None and await self.store.survivor(request.profile_id) is None:
+            elsewhere = await self.store.folded_elsewhere(request.profile_id)
+            if elsewhere is not None:
+                raise AdminFailure(MOVED, f"folded into {elsewhere}", name=elsewhere)
+        return await super().lookup(request)
+
+
 class RoutedLookups(ProfileLookups):
     """`cdp.profile.lookup` and HTTP lookups, answered by the partitions' owners."""
 
@@ -105,6 +121,19 @@ class RoutedLookups(ProfileLookups):
             targets = range(n)
         data = _encoder.encode(request)
         replies = await asyncio.gather(*(self._ask(p, data) for p in targets))
+        hops = 0
+        while (
+            request.profile_id is not None
+            and replies[0] is not None
+            and replies[0].error is not None
+            and replies[0].error.code == MOVED
+            and replies[0].error.name
+            and hops < 16
+        ):  # folded into a profile of another partition: ask that one
+            hops += 1
+            request = msgspec.structs.replace(request, profile_id=replies[0].error.name)
+            targets = (subjects.partition_of(replies[0].error.name, n),)
+            replies = [await self._ask(targets[0], _encoder.encode(request))]
         refusal: AdminError | None = None
         missing = []
         for p, reply in zip(targets, replies, strict=True):
@@ -242,7 +271,7 @@ class PartitionedProfileService(PartitionedService):
         reader = await open_reader(
             path, RUNTIME_MIGRATIONS + RUNTIME_PARTITION + PARTITION_MIGRATIONS
         )
-        local = ProfileLookups(ProfileStore(reader), self.config, None, self.log)
+        local = PartitionLookups(ProfileStore(reader), self.config, None, self.log)
         try:
             sub = await self.nc.subscribe(
                 subjects.profile_partition_lookup(partition), cb=local.on_request

@@ -664,6 +664,16 @@ class ProfileStore:
                 return f.profile_id
         return None
 
+    async def folded_elsewhere(self, profile_id: str) -> str | None:
+        """The profile `profile_id`'s fold chain leads to when that one has no row here
+        (it sits on another partition); None otherwise."""
+        chain = await self._select(_Fold, FOLLOW_FOLDS, (_ids([profile_id]),))
+        here = {f.profile_id for f in chain}
+        for f in chain:
+            if f.folded_into is not None and f.folded_into not in here:
+                return f.folded_into
+        return None
+
     async def holder(self, namespace: str, value: str) -> str | None:
         """The profile that holds the identity, if any."""
         rows = await self._select(
