@@ -150,7 +150,18 @@ class Awaits(msgspec.Struct, tag="awaits"):
     key: str
 
 
-ProfileItem = Fragment | Merged | Reassigned | Deleted | Probe | HandOver | Awaits
+class Sweep(msgspec.Struct, tag="sweep"):
+    """A privacy delete's half on every partition but its own (`Deleted`'s), at the same
+    point of the causal order: the instance that holds the partition removes there the
+    records that carry one of `person_keys` and those of `profile_ids` it holds. A profile
+    service that holds every partition applied the delete whole and ignores it."""
+
+    profile_ids: list[str]
+    request: PrivacyDelete
+    person_keys: list[str] = []
+
+
+ProfileItem = Fragment | Merged | Reassigned | Deleted | Probe | HandOver | Awaits | Sweep
 
 
 def fold_key(folded: str) -> str:

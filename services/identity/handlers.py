@@ -30,6 +30,7 @@ from shared.messages import (
     ProfileItem,
     Reassigned,
     Record,
+    Sweep,
     fold_key,
     move_key,
     msgpack_encoder,
@@ -238,6 +239,11 @@ class IdentityHandlers:
         # (a new graph for the same identity, a refusal met later) stays.
         self.store.forget(step.tx, gone)
         part = self._part(gone.profile_ids[0]) if gone.profile_ids else 0
+        # For profile instances that each hold some partitions: the delete's half on every
+        # other partition, at the same point (closed behind it by the delete just below).
+        for other in range(self.partitions):
+            if other != part:
+                out.add(other, Sweep(gone.profile_ids, req, gone.person_keys))
         # Behind everything before it on every partition: the records that carry one of
         # the person's identities may sit on any profile.
         out.add_across(

@@ -66,6 +66,7 @@ from shared.messages import (
     ProfileItem,
     ProfileMerged,
     Reassigned,
+    Sweep,
     fold_key,
     move_key,
     msgpack_encoder,
@@ -402,6 +403,12 @@ class _Apply:
                     self._delete(item)
                 case Probe():
                     self.probes.append(item)
+                case Sweep():
+                    if self.local is not None:
+                        self._delete(
+                            Deleted(item.profile_ids, item.request, item.person_keys),
+                            announce=False,
+                        )
                 case HandOver():
                     if self.local is not None:
                         self._merge(Merged(item.profile_id, [item.source], item.at))
@@ -571,8 +578,11 @@ class _Apply:
         self.carried += [(key, rid, target, kind) for key, rid, kind in handoff.carried]
         self.absorbed[target] += handoff.sources
 
-    def _delete(self, item: Deleted) -> None:
-        pids = sorted({self.resolve(p) for p in item.profile_ids})
+    def _delete(self, item: Deleted, *, announce: bool = True) -> None:
+        """A privacy delete; `announce`: the delete's own partition (or every partition in
+        one store), which tells segmentation and reports; a `Sweep` does neither."""
+        named = sorted({self.resolve(p) for p in item.profile_ids})
+        pids = [p for p in named if not self._far(p)] if self.local is not None else named
         gone_pids = set(pids)
         counts: dict[str, int] = defaultdict(int)
         for pid in pids:
@@ -631,9 +641,11 @@ class _Apply:
             del self.folded[f]
         # Stored data, in order.
         self.ordered.append(Forget([*pids, *folded_now], sorted(swept), sorted(persons)))
-        part = self._part(pids[0]) if pids else 0
-        self.out.add_across(part, range(self.partitions), ProfileDeleted(pids, item.request))
-        self.effects.forgotten.append(Forgotten(item.request, pids, dict(counts)))
+        if not announce:
+            return
+        part = self._part(named[0]) if named else 0
+        self.out.add_across(part, range(self.partitions), ProfileDeleted(named, item.request))
+        self.effects.forgotten.append(Forgotten(item.request, named, dict(counts)))
 
     # -- the end of the fetch ----------------------------------------------------------
     def _finish(self) -> None:

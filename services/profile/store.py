@@ -42,6 +42,7 @@ from shared.messages import (
     Merged,
     ProfileItem,
     Reassigned,
+    Sweep,
     msgpack_encoder,
 )
 from shared.resources import Dataset, MergePolicy, Namespace
@@ -439,6 +440,10 @@ class ProfileStore:
                         ids.add(item.to_profile)
                         moving.update(f"{i.namespace}:{i.value}" for i in item.identities)
                 case Deleted():
+                    ids.update(item.profile_ids)
+                    deleted.update(item.profile_ids)
+                    persons.update(item.person_keys)
+                case Sweep():
                     ids.update(item.profile_ids)
                     deleted.update(item.profile_ids)
                     persons.update(item.person_keys)
