@@ -650,6 +650,7 @@ class _Apply:
     # -- the end of the fetch ----------------------------------------------------------
     def _finish(self) -> None:
         now = self.now
+        split = self.local is not None  # some partitions only: state may leave (`outgoing`)
         # Where each event ends: new ones are inserted there; stored ones that moved or
         # went reach segmentation as removed from where it has them, added where they are.
         added: dict[str, list[ExperienceEvent]] = defaultdict(list)
@@ -671,7 +672,7 @@ class _Apply:
                     msgpack_encoder.encode(e.payload),
                     ev.anchor,
                 )
-                if self._far(end):
+                if split and self._far(end):
                     self._outgoing(end).events.append((row, ev.announce))
                     continue
                 new_rows.append(row)
@@ -712,7 +713,9 @@ class _Apply:
         fx = self.effects
         # A profile folded in the fetch that made it keeps a row too: its id still answers.
         fx.folds = [(f, self.resolve(f), self.created.get(f, now)) for f in self.folded]
-        live_touched = [pid for pid in self.touched if pid in self.live and not self._far(pid)]
+        live_touched = [
+            pid for pid in self.touched if pid in self.live and not (split and self._far(pid))
+        ]
         if self.local is not None:
             self._hand_over()
             fx.decided = set(self.events)
@@ -729,7 +732,7 @@ class _Apply:
                 fx.rows.extend((live, row) for k, row in held.items() if stored.get(k) is not row)
         for pair, pid in self.holder.items():
             final = self.resolve(pid) if pid is not None else None
-            if final is None or final in self.deleted or self._far(final):
+            if final is None or final in self.deleted or (split and self._far(final)):
                 fx.dropped_identities.append(pair)
             else:
                 fx.identities.append((pair[0], pair[1], final))
@@ -737,12 +740,16 @@ class _Apply:
         fx.carried = [
             (key, rid, self.resolve(pid), kind)
             for key, rid, pid, kind in self.carried
-            if self.resolve(pid) not in self.deleted and not self._far(self.resolve(pid))
+            if self.resolve(pid) not in self.deleted
         ]
-        for key, rid, pid, kind in self.carried:
-            end = self.resolve(pid)
-            if end not in self.deleted and self._far(end):
-                self._outgoing(end).carried.append((key, rid, kind))
+        if split:
+            kept = []
+            for key, rid, end, kind in fx.carried:
+                if self._far(end):
+                    self._outgoing(end).carried.append((key, rid, kind))
+                else:
+                    kept.append((key, rid, end, kind))
+            fx.carried = kept
         fx.capped = list(added)
         # What segmentation needs: one change per live profile touched (more if the events
         # it carries are many: a device that moves takes all its events along), then the
