@@ -7,6 +7,7 @@ decoders are built once, here.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -126,11 +127,96 @@ class Deleted(msgspec.Struct, tag="deleted"):
     person_keys: list[str] = []
 
 
-ProfileItem = Fragment | Merged | Reassigned | Deleted | Probe
+class HandOver(msgspec.Struct, tag="hand_over"):
+    """A merge's folded profile `source` that sits on another partition than the merge's
+    own item (the first folded profile's): on `source`'s partition, right behind the merge,
+    so that the instance holding it folds it into `profile_id`. A profile service that
+    holds every partition in one file applied the merge whole and ignores it."""
+
+    profile_id: str
+    source: str
+    at: float
+
+
+class Awaits(msgspec.Struct, tag="awaits"):
+    """On the partition of `profile_id`, when a merge folds `source` into it or identities
+    move from `source` to it and `source` sits on another partition: placed at the same
+    point of the causal order as the merge or the move, it holds `profile_id`'s partition
+    back until the owner of `source`'s partition has handed its state over (`Handoff`
+    `key`). A profile service that holds every partition in one file ignores it."""
+
+    profile_id: str
+    source: str
+    key: str
+
+
+class Sweep(msgspec.Struct, tag="sweep"):
+    """A privacy delete's half on every partition but its own (`Deleted`'s), at the same
+    point of the causal order: the instance that holds the partition removes there the
+    records that carry one of `person_keys` and those of `profile_ids` it holds. A profile
+    service that holds every partition applied the delete whole and ignores it."""
+
+    profile_ids: list[str]
+    request: PrivacyDelete
+    person_keys: list[str] = []
+
+
+ProfileItem = Fragment | Merged | Reassigned | Deleted | Probe | HandOver | Awaits | Sweep
+
+
+def fold_key(folded: str) -> str:
+    """The handoff key of a profile folded into one of another partition (once ever)."""
+    return f"fold:{folded}"
+
+
+def move_key(source: str, target: str, keys: list[str], at: float) -> str:
+    """The handoff key of identities that moved from `source` to `target`."""
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+    return f"move:{source}:{target}:{at!r}:{digest}"
 
 
 class ProfileEnvelope(msgspec.Struct, tag="profiles"):
     items: list[ProfileItem]
+
+
+# -- profile -> profile (cdp.x.handoff.<partition>) ---------------------------------
+class HandedRow(msgspec.Struct, array_like=True):
+    dataset: str
+    path: str
+    value: bytes
+    """msgpack, as stored"""
+    ts: float
+    record_id: str
+
+
+class HandedEvent(msgspec.Struct, array_like=True):
+    record_id: str
+    dataset: str
+    event_type: str | None
+    ts: float
+    identity_keys: bytes
+    payload: bytes
+    """msgpack, as stored"""
+    anchor: str | None
+    announce: bool
+    """Segmentation has not seen it on `profile_id` yet (new, or moved with its anchor);
+    the events of a folded profile reach it through the merge."""
+
+
+class Handoff(msgspec.Struct, tag="handoff"):
+    """What the owner of one partition held of profiles folded into `profile_id`, or of
+    identities that moved to it, handed to the owner of `profile_id`'s partition: the
+    attribute rows, identities, events and carried index rows. `keys` are the `Awaits`
+    it answers; `sources` the profiles it came from."""
+
+    profile_id: str
+    keys: list[str]
+    sources: list[str]
+    rows: list[HandedRow] = []
+    identities: list[Identity] = []
+    events: list[HandedEvent] = []
+    carried: list[tuple[str, str, str]] = []
+    """(person key, record id, kind)"""
 
 
 # -- profile -> segmentation (cdp.x.changes.<partition>) --------------------------
@@ -310,6 +396,7 @@ msgpack_encoder = msgspec.msgpack.Encoder()
 json_encoder = msgspec.json.Encoder()
 record_batch_decoder = msgspec.msgpack.Decoder(RecordEnvelope)
 profile_batch_decoder = msgspec.msgpack.Decoder(ProfileEnvelope)
+handoff_decoder = msgspec.msgpack.Decoder(Handoff)
 change_batch_decoder = msgspec.msgpack.Decoder(ChangeEnvelope)
 view_batch_decoder = msgspec.msgpack.Decoder(ViewEnvelope)
 membership_decoder = msgspec.json.Decoder(MembershipEvent)

@@ -54,6 +54,7 @@ RECORDS = "cdp.x.records"
 PROFILES_PREFIX = "cdp.x.profiles"
 CHANGES_PREFIX = "cdp.x.changes"
 MEMBERS_PREFIX = "cdp.x.members"
+HANDOFFS_PREFIX = "cdp.x.handoff"
 JOBS_PREFIX = "cdp.jobs"
 JOBS_ALL = f"{JOBS_PREFIX}.>"
 SEGMENTATION_JOB_RUN = f"{JOBS_PREFIX}.segmentation.run"
@@ -169,6 +170,17 @@ def changes(partition: int) -> str:
     return f"{CHANGES_PREFIX}.{partition}"
 
 
+def handoffs(partition: int) -> str:
+    """State handed from one profile partition to another (a merge or a move across)."""
+    return f"{HANDOFFS_PREFIX}.{partition}"
+
+
+def profile_partition_lookup(partition: int) -> str:
+    """A lookup asked of the instance that holds a profile partition (request/reply, the
+    profile service's own: its instances route `cdp.profile.lookup` here)."""
+    return f"{PROFILE_LOOKUP}.partition.{partition}"
+
+
 def members(partition: int) -> str:
     """Membership changes of the profiles of `partition`, as batches (MembershipEnvelope)."""
     return f"{MEMBERS_PREFIX}.{partition}"
@@ -230,6 +242,13 @@ STREAM_MEMBERS = StreamSpec(
     duplicate_window_s=600.0,
     partitioned=True,
 )
+STREAM_HANDOFFS = StreamSpec(
+    "CDP_HANDOFFS",
+    (f"{HANDOFFS_PREFIX}.*",),
+    "internal: profile state handed between partitions' owners, profile -> profile",
+    duplicate_window_s=600.0,
+    partitioned=True,
+)
 STREAM_JOBS = StreamSpec("CDP_JOBS", (JOBS_ALL,), "internal: job requests and job status events")
 STREAM_CONFIG = StreamSpec(
     "CDP_CONFIG",
@@ -253,6 +272,7 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (
     STREAM_CHANGES,
     STREAM_MEMBERSHIP,
     STREAM_MEMBERS,
+    STREAM_HANDOFFS,
     STREAM_JOBS,
     STREAM_CONFIG,
     STREAM_PRIVACY,

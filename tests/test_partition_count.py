@@ -37,7 +37,7 @@ async def test_a_set_up_records_the_count_and_another_is_refused(
     await ensure_streams(js, partitions=8)
     recorded = await _recorded(nc)
     partitioned = {s.name for s in subjects.ALL_STREAMS if s.partitioned}
-    assert partitioned == {"CDP_PROFILES", "CDP_CHANGES", "CDP_MEMBERS"}
+    assert partitioned == {"CDP_PROFILES", "CDP_CHANGES", "CDP_MEMBERS", "CDP_HANDOFFS"}
     assert {n: c for n, c in recorded.items() if c is not None} == dict.fromkeys(partitioned, 8)
 
     await ensure_streams(js, partitions=8)  # the same again: nothing to say

@@ -18,8 +18,10 @@ from services.identity.graph import Effects, Fold, IdentityGraph, Move, WorkingS
 from services.identity.store import IdentityStore
 from shared import subjects
 from shared.messages import (
+    Awaits,
     Deleted,
     Fragment,
+    HandOver,
     Identity,
     Merged,
     PrivacyDelete,
@@ -28,6 +30,9 @@ from shared.messages import (
     ProfileItem,
     Reassigned,
     Record,
+    Sweep,
+    fold_key,
+    move_key,
     msgpack_encoder,
     record_batch_decoder,
 )
@@ -189,11 +194,15 @@ class IdentityHandlers:
             match event:
                 case Fold(survivor=survivor, folded=folded):
                     parts = [self._part(f) for f in folded]
-                    out.add_across(
-                        parts[0],
-                        [self._part(survivor), *parts],
-                        Merged(survivor, list(folded), at),
-                    )
+                    home = self._part(survivor)
+                    out.add_across(parts[0], [home, *parts], Merged(survivor, list(folded), at))
+                    # For profile instances that each hold some partitions: every folded
+                    # profile's partition folds it, and the survivor's waits for its state.
+                    for f, part in zip(folded, parts, strict=True):
+                        if part != parts[0]:  # ends its message, as the merge does
+                            out.add_across(part, (), HandOver(survivor, f, at))
+                        if part != home:
+                            out.add(home, Awaits(survivor, f, fold_key(f)))
                     self.log.info("profiles merged", profile_id=survivor, folded=folded)
                 case Move(from_profile=source, to_profile=target, keys=keys):
                     identities = [Identity(*k.split(":", 1)) for k in keys]
@@ -202,6 +211,9 @@ class IdentityHandlers:
                         out.add(self._part(source), item)
                     else:
                         out.add_across(self._part(source), [self._part(target)], item)
+                        if self._part(source) != self._part(target):
+                            key = move_key(source, target, list(keys), at)
+                            out.add(self._part(target), Awaits(target, source, key))
                     self.log.info(
                         "identities reassigned",
                         profile_id=source,
@@ -227,6 +239,11 @@ class IdentityHandlers:
         # (a new graph for the same identity, a refusal met later) stays.
         self.store.forget(step.tx, gone)
         part = self._part(gone.profile_ids[0]) if gone.profile_ids else 0
+        # For profile instances that each hold some partitions: the delete's half on every
+        # other partition, at the same point (closed behind it by the delete just below).
+        for other in range(self.partitions):
+            if other != part:
+                out.add(other, Sweep(gone.profile_ids, req, gone.person_keys))
         # Behind everything before it on every partition: the records that carry one of
         # the person's identities may sit on any profile.
         out.add_across(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -49,11 +49,14 @@ from services.profile.merge import (
 )
 from shared import subjects
 from shared.messages import (
+    Awaits,
     ChangeEnvelope,
     ChangeItem,
     Deleted,
     ExperienceEvent,
     Fragment,
+    Handoff,
+    HandOver,
     Identity,
     Merged,
     PrivacyDelete,
@@ -63,6 +66,9 @@ from shared.messages import (
     ProfileItem,
     ProfileMerged,
     Reassigned,
+    Sweep,
+    fold_key,
+    move_key,
     msgpack_encoder,
 )
 from shared.resources import MergePolicy
@@ -70,6 +76,8 @@ from shared.runtime.partitioned import PartitionedOutput
 
 MAX_EVENTS_PER_PROFILE = 5000
 _keys_encoder = msgspec.json.Encoder()
+_keys_decoder = msgspec.json.Decoder(list[str])
+_value_decoder = msgspec.msgpack.Decoder()
 IdentityKey = tuple[str, str]
 """(namespace, value)"""
 
@@ -184,6 +192,26 @@ class Effects:
     """(subject, payload) for segmentation, in causal order per partition, probes last."""
     forgotten: list[Forgotten] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
+    decided: set[str] = field(default_factory=set)
+    """Record ids of the events this fetch placed (several instances only)."""
+    outgoing: dict[str, Outgoing] = field(default_factory=dict)
+    """Profile of another partition -> what this fetch hands over to it (several
+    instances, each holding some partitions): it is removed here."""
+
+
+@dataclass
+class Outgoing:
+    """State that ends on a profile of another partition, handed to that partition's owner.
+    `sources` are the profiles of this partition folded into it (their stored events and
+    carried rows go along); `keys` the `Awaits` it answers."""
+
+    keys: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    rows: list[AttributeValue] = field(default_factory=list)
+    identities: list[IdentityKey] = field(default_factory=list)
+    events: list[tuple[EventRow, bool]] = field(default_factory=list)
+    """(the event, whether segmentation has yet to see it on the profile)"""
+    carried: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def apply_items(
@@ -194,11 +222,27 @@ def apply_items(
     others: Sequence[MergePolicy] = (),
     partitions: int,
     now: float | None = None,
+    local: Callable[[str], bool] | None = None,
+    handed: Mapping[str, Handoff | None] | None = None,
 ) -> Effects:
     """Apply a fetch's `items` in order to the state they touch (`loaded`, which this
     takes over): the writes and messages that make it so. `policy` is the default merge
-    policy, `others` the other policies whose views segmentation receives."""
-    return _Apply(loaded, policy=policy, others=others, partitions=partitions, now=now).run(items)
+    policy, `others` the other policies whose views segmentation receives.
+
+    With `local` (this store holds some partitions only: whether a profile is in them),
+    a merge folds only this store's profiles, `HandOver` folds one, state that ends on a
+    profile of another partition leaves in `Effects.outgoing`, and `Awaits` applies the
+    state handed over (`handed`, by key; None: applied already). Without it (one store
+    holds every profile), `HandOver` and `Awaits` are ignored."""
+    return _Apply(
+        loaded,
+        policy=policy,
+        others=others,
+        partitions=partitions,
+        now=now,
+        local=local,
+        handed=handed or {},
+    ).run(items)
 
 
 @dataclass
@@ -238,7 +282,7 @@ class Loaded:
 class _Event:
     """An event the fetch inserts, moves or removes: where it started, where it is now."""
 
-    __slots__ = ("anchor", "event", "gone", "keys", "loc", "new", "start")
+    __slots__ = ("anchor", "announce", "event", "gone", "keys", "loc", "new", "start")
 
     def __init__(
         self,
@@ -256,6 +300,7 @@ class _Event:
         self.new = new
         self.keys = keys or []
         self.gone = False
+        self.announce = True
 
 
 class _Apply:
@@ -269,7 +314,15 @@ class _Apply:
         others: Sequence[MergePolicy],
         partitions: int,
         now: float | None = None,
+        local: Callable[[str], bool] | None = None,
+        handed: Mapping[str, Handoff | None] | None = None,
     ) -> None:
+        self.local = local
+        self.handed = handed or {}
+        self.far_keys: dict[str, list[str]] = defaultdict(list)
+        """Profile of another partition -> the handoff keys of this fetch's folds and moves
+        into it."""
+        self.far_sources: dict[str, list[str]] = defaultdict(list)
         self.loaded = loaded
         self.policy = policy
         self.others = list(others)
@@ -323,6 +376,10 @@ class _Apply:
     def _part(self, profile_id: str) -> int:
         return subjects.partition_of(profile_id, self.partitions)
 
+    def _far(self, pid: str) -> bool:
+        """Whether `pid` sits on a partition this store does not hold."""
+        return self.local is not None and not self.local(pid)
+
     def _touch(self, pid: str) -> list[str]:
         return self.touched.setdefault(pid, [])
 
@@ -346,6 +403,20 @@ class _Apply:
                     self._delete(item)
                 case Probe():
                     self.probes.append(item)
+                case Sweep():
+                    if self.local is not None:
+                        self._delete(
+                            Deleted(item.profile_ids, item.request, item.person_keys),
+                            announce=False,
+                        )
+                case HandOver():
+                    if self.local is not None:
+                        self._merge(Merged(item.profile_id, [item.source], item.at))
+                case Awaits():
+                    if self.local is not None:
+                        handoff = self.handed.get(item.key)
+                        if handoff is not None:
+                            self._receive(handoff)
         self._finish()
         self.effects.messages = self.out.messages()
         return self.effects
@@ -404,6 +475,11 @@ class _Apply:
             folded = self.resolve(raw)
             if folded == survivor or folded in self.deleted:
                 continue
+            if self._far(folded):  # its own partition folds it (`HandOver`)
+                continue
+            if self._far(survivor):
+                self.far_keys[survivor].append(fold_key(raw))
+                self.far_sources[survivor].append(folded)
             folded_now.append(folded)
             self._ensure(survivor, item.at)
             merged = fold_rows(
@@ -448,6 +524,9 @@ class _Apply:
                 self.ordered.append(PinAnchored(key))
             return
         target = self.resolve(item.to_profile)
+        if self._far(target):
+            keys = [key_text(pair) for pair in moved]
+            self.far_keys[target].append(move_key(item.profile_id, item.to_profile, keys, item.at))
         self._ensure(target, item.at)
         self._touch(target)
         self.reviewed.add(target)
@@ -459,8 +538,51 @@ class _Apply:
                 ev.loc = target
             self.ordered.append(MoveAnchored(target, key))
 
-    def _delete(self, item: Deleted) -> None:
-        pids = sorted({self.resolve(p) for p in item.profile_ids})
+    def _receive(self, handoff: Handoff) -> None:
+        """State handed over from another partition's owner: folded into its profile."""
+        target = self.resolve(handoff.profile_id)
+        if target in self.deleted:
+            return
+        self._ensure(target, self.now)
+        self._touch(target)
+        self.reviewed.add(target)
+        handed_rows = [
+            AttributeValue(r.dataset, r.path, _value_decoder.decode(r.value), r.ts, r.record_id)
+            for r in handoff.rows
+        ]
+        self.rows[target] = dict(fold_rows([*self.rows.get(target, {}).values(), *handed_rows]))
+        for ident in handoff.identities:
+            pair = (ident.namespace, ident.value)
+            self.identities[target].add(pair)
+            self.holder[pair] = target
+        for e in handoff.events:
+            if e.record_id in self.events:
+                continue
+            ev = _Event(
+                ExperienceEvent(
+                    record_id=e.record_id,
+                    dataset=e.dataset,
+                    event_type=e.event_type,
+                    timestamp=e.ts,
+                    payload=_value_decoder.decode(e.payload),
+                ),
+                target,
+                e.anchor,
+                new=True,
+                keys=_keys_decoder.decode(e.identity_keys),
+            )
+            ev.announce = e.announce
+            self.events[e.record_id] = ev
+            if e.anchor is not None:
+                self.by_anchor[e.anchor].append(ev)
+        self.carried += [(key, rid, target, kind) for key, rid, kind in handoff.carried]
+        self.absorbed[target] += handoff.sources
+
+    def _delete(self, item: Deleted, *, announce: bool = True) -> None:
+        """A privacy delete; `announce`: the delete's own partition (or every partition in
+        one store), which tells segmentation and reports; a `Sweep` does neither."""
+        named = sorted({self.resolve(p) for p in item.profile_ids})
+        pids = [p for p in named if not self._far(p)] if self.local is not None else named
         gone_pids = set(pids)
         counts: dict[str, int] = defaultdict(int)
         for pid in pids:
@@ -519,13 +641,16 @@ class _Apply:
             del self.folded[f]
         # Stored data, in order.
         self.ordered.append(Forget([*pids, *folded_now], sorted(swept), sorted(persons)))
-        part = self._part(pids[0]) if pids else 0
-        self.out.add_across(part, range(self.partitions), ProfileDeleted(pids, item.request))
-        self.effects.forgotten.append(Forgotten(item.request, pids, dict(counts)))
+        if not announce:
+            return
+        part = self._part(named[0]) if named else 0
+        self.out.add_across(part, range(self.partitions), ProfileDeleted(named, item.request))
+        self.effects.forgotten.append(Forgotten(item.request, named, dict(counts)))
 
     # -- the end of the fetch ----------------------------------------------------------
     def _finish(self) -> None:
         now = self.now
+        split = self.local is not None  # some partitions only: state may leave (`outgoing`)
         # Where each event ends: new ones are inserted there; stored ones that moved or
         # went reach segmentation as removed from where it has them, added where they are.
         added: dict[str, list[ExperienceEvent]] = defaultdict(list)
@@ -537,24 +662,44 @@ class _Apply:
                 if ev.gone or end in self.deleted:
                     continue
                 e = ev.event
-                new_rows.append(
-                    EventRow(
-                        e.record_id,
-                        end,
-                        e.dataset,
-                        e.event_type,
-                        e.timestamp,
-                        _keys_encoder.encode(ev.keys),
-                        msgpack_encoder.encode(e.payload),
-                        ev.anchor,
-                    )
+                row = EventRow(
+                    e.record_id,
+                    end,
+                    e.dataset,
+                    e.event_type,
+                    e.timestamp,
+                    _keys_encoder.encode(ev.keys),
+                    msgpack_encoder.encode(e.payload),
+                    ev.anchor,
                 )
-                added[end].append(e)
+                if split and self._far(end):
+                    self._outgoing(end).events.append((row, ev.announce))
+                    continue
+                new_rows.append(row)
+                if ev.announce:
+                    added[end].append(e)
                 self._touch(end)
                 continue
             if ev.gone:
                 if start not in self.deleted:
                     removed[start].append(ev.event.record_id)
+                    self._touch(start)
+                continue
+            if self._far(end) and end not in self.deleted:
+                e = ev.event
+                row = EventRow(
+                    e.record_id,
+                    end,
+                    e.dataset,
+                    e.event_type,
+                    e.timestamp,
+                    _keys_encoder.encode(ev.keys),
+                    msgpack_encoder.encode(e.payload),
+                    ev.anchor,
+                )
+                self._outgoing(end).events.append((row, start != end))
+                if start != end and start not in self.deleted:
+                    removed[start].append(e.record_id)
                     self._touch(start)
                 continue
             if start == end or end in self.deleted:
@@ -568,7 +713,12 @@ class _Apply:
         fx = self.effects
         # A profile folded in the fetch that made it keeps a row too: its id still answers.
         fx.folds = [(f, self.resolve(f), self.created.get(f, now)) for f in self.folded]
-        live_touched = [pid for pid in self.touched if pid in self.live]
+        live_touched = [
+            pid for pid in self.touched if pid in self.live and not (split and self._far(pid))
+        ]
+        if self.local is not None:
+            self._hand_over()
+            fx.decided = set(self.events)
         fx.profiles = [(pid, self.created.get(pid, now)) for pid in live_touched]
         fx.dropped_rows = sorted(d for d in self.dropped_rows if d[0] in self.live)
         for live in live_touched:
@@ -582,7 +732,7 @@ class _Apply:
                 fx.rows.extend((live, row) for k, row in held.items() if stored.get(k) is not row)
         for pair, pid in self.holder.items():
             final = self.resolve(pid) if pid is not None else None
-            if final is None or final in self.deleted:
+            if final is None or final in self.deleted or (split and self._far(final)):
                 fx.dropped_identities.append(pair)
             else:
                 fx.identities.append((pair[0], pair[1], final))
@@ -592,6 +742,14 @@ class _Apply:
             for key, rid, pid, kind in self.carried
             if self.resolve(pid) not in self.deleted
         ]
+        if split:
+            kept = []
+            for key, rid, end, kind in fx.carried:
+                if self._far(end):
+                    self._outgoing(end).carried.append((key, rid, kind))
+                else:
+                    kept.append((key, rid, end, kind))
+            fx.carried = kept
         fx.capped = list(added)
         # What segmentation needs: one change per live profile touched (more if the events
         # it carries are many: a device that moves takes all its events along), then the
@@ -618,6 +776,31 @@ class _Apply:
                 self.out.add(self._part(pid), change)
         for probe in self.probes:
             self.out.add(probe.partition % self.partitions, probe)
+
+    def _outgoing(self, pid: str) -> Outgoing:
+        out = self.effects.outgoing.get(pid)
+        if out is None:
+            out = self.effects.outgoing[pid] = Outgoing()
+        return out
+
+    def _hand_over(self) -> None:
+        """What ends on profiles of other partitions: their attribute rows and identities
+        (the events and carried rows are gathered where they are decided)."""
+        far = {
+            pid
+            for pid in (*self.far_keys, *self.rows, *self.identities)
+            if self._far(pid) and pid not in self.deleted
+        }
+        for pid in sorted(far):
+            rows = list(self.rows.get(pid, {}).values())
+            identities = sorted(self.identities.get(pid, ()))
+            if not (rows or identities or pid in self.far_keys):
+                continue
+            out = self._outgoing(pid)
+            out.keys += self.far_keys.get(pid, [])
+            out.sources += self.far_sources.get(pid, [])
+            out.rows += rows
+            out.identities += identities
 
     def _change(self, pid: str, removed_events: list[str]) -> ProfileChanged:
         """The profile's change for segmentation (its events are added by the caller): its

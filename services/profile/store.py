@@ -29,14 +29,20 @@ from services.profile.rules import (
 )
 from shared.db import Migration, Tx, apply
 from shared.messages import (
+    Awaits,
     Deleted,
     ExperienceEvent,
     Fragment,
+    HandedEvent,
+    HandedRow,
+    Handoff,
+    HandOver,
     Identity,
     MembershipEvent,
     Merged,
     ProfileItem,
     Reassigned,
+    Sweep,
     msgpack_encoder,
 )
 from shared.resources import Dataset, MergePolicy, Namespace
@@ -246,6 +252,25 @@ UPSERT_NAMESPACE = (
     "spec = excluded.spec"
 )
 
+INSERT_HANDOFF = "INSERT OR IGNORE INTO handoffs (key, body, applied) VALUES (?, ?, 0)"
+PARTITION_MIGRATIONS: tuple[Migration, ...] = (
+    *MIGRATIONS,
+    Migration(
+        "profile-partition",
+        1,
+        """
+        CREATE TABLE handoffs (
+            key TEXT PRIMARY KEY,
+            body BLOB NOT NULL,
+            applied INTEGER NOT NULL
+        )
+        """,
+    ),
+)
+"""A partition file (several instances): the profile tables and `handoffs`, the state
+handed over from other partitions (by the key of the `Awaits` it answers), kept until
+that point of the partition's items applies it."""
+
 LISTINGS: dict[str, str] = {
     "profiles": "SELECT rowid, profile_id FROM profiles WHERE folded_into IS NULL "
     "AND rowid > ? ORDER BY rowid LIMIT ?",
@@ -418,6 +443,15 @@ class ProfileStore:
                     ids.update(item.profile_ids)
                     deleted.update(item.profile_ids)
                     persons.update(item.person_keys)
+                case Sweep():
+                    ids.update(item.profile_ids)
+                    deleted.update(item.profile_ids)
+                    persons.update(item.person_keys)
+                case HandOver():
+                    ids.add(item.profile_id)
+                    ids.add(item.source)
+                case Awaits():
+                    ids.add(item.profile_id)
         if persons:
             for c in await self._select(
                 _Carried,
@@ -521,6 +555,98 @@ class ProfileStore:
         tx.add_many(INSERT_EVENT, fx.events)
         tx.add_many(INSERT_CARRIED, fx.carried)
         tx.add_many(CAP_EVENTS, [(pid, MAX_EVENTS_PER_PROFILE) for pid in fx.capped])
+        if fx.outgoing:  # handed over to another partition's owner: nothing of it stays
+            far = _ids(fx.outgoing)
+            sources = _ids(s for out in fx.outgoing.values() for s in out.sources)
+            tx.add(f"DELETE FROM events WHERE profile_id {_IN}", (far,))
+            tx.add(f"DELETE FROM events WHERE profile_id {_IN}", (sources,))
+            tx.add(f"DELETE FROM carried WHERE profile_id {_IN}", (sources,))
+            tx.add(f"DELETE FROM carried WHERE profile_id {_IN}", (far,))
+
+    async def handoffs(self, fx: Effects) -> list[Handoff]:
+        """What `fx` hands over, with the stored events and carried rows of the profiles
+        folded into another partition's (read before `fx` is committed)."""
+        out: list[Handoff] = []
+        for target, o in fx.outgoing.items():
+            events = [
+                HandedEvent(
+                    r.record_id,
+                    r.dataset,
+                    r.event_type,
+                    r.ts,
+                    r.identity_keys,
+                    r.payload,
+                    r.anchor,
+                    announce,
+                )
+                for r, announce in o.events
+            ]
+            carried = list(o.carried)
+            if o.sources:
+                seen = {e.record_id for e in events} | fx.decided
+                for row in await self.db.execute_fetchall(
+                    "SELECT record_id, dataset, event_type, ts, identity_keys, payload, anchor "
+                    f"FROM events WHERE profile_id {_IN}",
+                    (_ids(o.sources),),
+                ):
+                    if row[0] in seen:
+                        continue
+                    ik = row[4]
+                    events.append(
+                        HandedEvent(
+                            row[0],
+                            row[1],
+                            row[2],
+                            float(row[3]),
+                            ik.encode() if isinstance(ik, str) else bytes(ik),
+                            bytes(row[5]),
+                            row[6],
+                            False,
+                        )
+                    )
+                carried += [
+                    (str(r[0]), str(r[1]), str(r[2]))
+                    for r in await self.db.execute_fetchall(
+                        f"SELECT key, record_id, kind FROM carried WHERE profile_id {_IN}",
+                        (_ids(o.sources),),
+                    )
+                ]
+            out.append(
+                Handoff(
+                    target,
+                    keys=sorted(set(o.keys)),
+                    sources=sorted(set(o.sources)),
+                    rows=[
+                        HandedRow(
+                            r.dataset, r.path, msgpack_encoder.encode(r.value), r.ts, r.record_id
+                        )
+                        for r in o.rows
+                    ],
+                    identities=[Identity(ns, v) for ns, v in o.identities],
+                    events=events,
+                    carried=carried,
+                )
+            )
+        return out
+
+    async def handed(self, keys: Sequence[str]) -> dict[str, tuple[bytes, bool]]:
+        """The handoffs received for `keys`: key -> (the handoff, applied already)."""
+        if not keys:
+            return {}
+        return {
+            str(r[0]): (bytes(r[1]), bool(r[2]))
+            for r in await self.db.execute_fetchall(
+                f"SELECT key, body, applied FROM handoffs WHERE key {_IN}", (_ids(keys),)
+            )
+        }
+
+    @staticmethod
+    def put_handoff(tx: Tx, keys: Iterable[str], body: bytes) -> None:
+        tx.add_many(INSERT_HANDOFF, [(k, body) for k in keys])
+
+    @staticmethod
+    def applied_handoff(tx: Tx, keys: Iterable[str]) -> None:
+        tx.add_many("UPDATE handoffs SET applied = 1 WHERE key = ?", [(k,) for k in keys])
 
     @staticmethod
     def put_memberships(tx: Tx, events: Iterable[MembershipEvent]) -> None:
@@ -541,6 +667,16 @@ class ProfileStore:
         for f in await self._select(_Fold, FOLLOW_FOLDS, (_ids([profile_id]),)):
             if f.folded_into is None:
                 return f.profile_id
+        return None
+
+    async def folded_elsewhere(self, profile_id: str) -> str | None:
+        """The profile `profile_id`'s fold chain leads to when that one has no row here
+        (it sits on another partition); None otherwise."""
+        chain = await self._select(_Fold, FOLLOW_FOLDS, (_ids([profile_id]),))
+        here = {f.profile_id for f in chain}
+        for f in chain:
+            if f.folded_into is not None and f.folded_into not in here:
+                return f.folded_into
         return None
 
     async def holder(self, namespace: str, value: str) -> str | None:

@@ -508,14 +508,18 @@ class ConsumerRunner:
             if not self._exact or self._exact[-1].seq < (limit or 0):
                 return  # the rest of the step is still to come (acknowledged with it)
             fresh, self._exact = self._exact, []
-        if fresh:
-            await self._commit(fresh, one_step=one_step)
+        if fresh and await self._commit(fresh, one_step=one_step):
+            # Left for later: fetched again from the committed offset, shortly.
+            self._resync_needed = True
+            await asyncio.sleep(BLOCKED_RETRY_S)
+            return
         await self._ack(last)
         self._metrics.lag.labels(*self._labels).set(last.metadata.num_pending)
         self._metrics.batch_size.labels(*self._labels).observe(len(msgs))
         self._metrics.latency.labels(*self._labels).observe(time.perf_counter() - started)
 
-    async def _commit(self, deliveries: list[Delivery], *, one_step: bool = False) -> None:
+    async def _commit(self, deliveries: list[Delivery], *, one_step: bool = False) -> bool:
+        """Apply and publish; True if a message was left for later (`Blocked`)."""
         applied = await self._step.handle(deliveries, one_step=one_step)
         if applied.handled:
             self._metrics.handled.labels(*self._labels).inc(applied.handled)
@@ -528,6 +532,7 @@ class ConsumerRunner:
                 await publish_outbox(self._js, self._db, out, self._log, lambda: self._stopping)
             if notes:
                 await send_notes(self._nc, notes, self._log)
+        return applied.blocked is not None
 
     async def _ack(self, msg: Msg) -> None:
         try:
@@ -566,6 +571,19 @@ class Applied(msgspec.Struct):
     rounds: list[tuple[list[Outgoing], list[tuple[str, bytes]]]]
     handled: int = 0
     failed: int = 0
+    blocked: int | None = None
+    """The stream sequence of the first message left for later (`Blocked`), if any."""
+
+
+class Blocked(Exception):
+    """Raised by a handler: the step's message at stream sequence `seq` must wait for
+    something another input brings. The messages before it are applied and committed;
+    it and those after it are fetched again shortly (nothing of them committed)."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"message {seq} waits: {reason}")
+        self.seq = seq
+        self.reason = reason
 
 
 class Committer:
@@ -605,6 +623,8 @@ class Committer:
         steps = [deliveries] if one_step else split_steps(deliveries, self.max_step_bytes)
         for step in steps:
             await self._handle_step(step, applied)
+            if applied.blocked is not None:
+                break
         return applied
 
     async def _handle_step(self, deliveries: list[Delivery], applied: Applied) -> None:
@@ -617,6 +637,13 @@ class Committer:
                 consumer=self.consumer, first_seq=deliveries[0].seq, last_seq=deliveries[-1].seq
             ):
                 await self.handler(batch)
+        except Blocked as blocked:
+            before = [d for d in deliveries if d.seq < blocked.seq]
+            if before:
+                await self._handle_step(before, applied)
+            if applied.blocked is None:
+                applied.blocked = blocked.seq
+            return
         except Exception:
             self.log.warning("batch failed, retrying message by message", size=len(deliveries))
             for d in deliveries:
@@ -626,6 +653,9 @@ class Committer:
                 ):
                     try:
                         await self.handler(single)
+                    except Blocked:
+                        applied.blocked = d.seq
+                        return
                     except Exception as exc:
                         self.log.exception("message failed")
                         error = f"{type(exc).__name__}: {exc}"
@@ -701,6 +731,8 @@ def storage_fault(exc: BaseException) -> str | None:
 
 
 PUBLISH_ACK_TIMEOUT = 10.0
+BLOCKED_RETRY_S = 0.1
+"""How soon a consumer whose handler left a message for later (`Blocked`) fetches again."""
 """Seconds to wait for JetStream's acknowledgements of one outbox round."""
 
 

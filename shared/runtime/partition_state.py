@@ -32,11 +32,17 @@ PARTITION_MIGRATIONS: tuple[Migration, ...] = (
 )
 
 # The applied sequence follows the offset the runtime commits with the handler's writes,
-# in the same transaction (a trigger: the migration runner splits statements on ';').
+# in the same transaction (a trigger: the migration runner splits statements on ';'). Only
+# the partition's main consumer (`<service>-pNN`) counts: a partition's further inputs
+# (`<service>-pNN-<input>`) keep their own offsets in rt_offsets.
 _TRIGGERS = """
-CREATE TRIGGER IF NOT EXISTS rt_partition_applied_insert AFTER INSERT ON rt_offsets
+DROP TRIGGER IF EXISTS rt_partition_applied_insert;
+DROP TRIGGER IF EXISTS rt_partition_applied_update;
+CREATE TRIGGER IF NOT EXISTS rt_partition_main_insert AFTER INSERT ON rt_offsets
+WHEN NEW.consumer NOT GLOB '*-p[0-9]*-*'
 BEGIN UPDATE rt_partition SET applied_seq = NEW.stream_seq WHERE id = 1; END;
-CREATE TRIGGER IF NOT EXISTS rt_partition_applied_update AFTER UPDATE ON rt_offsets
+CREATE TRIGGER IF NOT EXISTS rt_partition_main_update AFTER UPDATE ON rt_offsets
+WHEN NEW.consumer NOT GLOB '*-p[0-9]*-*'
 BEGIN UPDATE rt_partition SET applied_seq = NEW.stream_seq WHERE id = 1; END;
 """
 
@@ -45,9 +51,11 @@ def partition_path(data_dir: Path, service: str, partition: int) -> Path:
     return data_dir / service / f"p{partition:02d}.db"
 
 
-def partition_consumer(service: str, partition: int) -> str:
-    """The partition's name: its offset row, its outgoing ids (whoever holds it)."""
-    return f"{service}-p{partition:02d}"
+def partition_consumer(service: str, partition: int, input_name: str = "") -> str:
+    """The partition's name: its offset row, its outgoing ids (whoever holds it); a
+    further input of the partition (`input_name`) is `<service>-pNN-<input>`."""
+    base = f"{service}-p{partition:02d}"
+    return f"{base}-{input_name}" if input_name else base
 
 
 class PartitionFileState(msgspec.Struct, frozen=True):

@@ -42,7 +42,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aiosqlite
@@ -53,6 +54,7 @@ from nats.js.errors import NotFoundError
 from shared import admin
 from shared.db import Migration
 from shared.runtime.actor import (
+    BLOCKED_RETRY_S,
     Committer,
     ConsumerRunner,
     ConsumerSpec,
@@ -90,6 +92,34 @@ def lease_key(service: str, partition: int) -> str:
     return f"{service}.p{partition:02d}"
 
 
+@dataclass(frozen=True)
+class PartitionInput:
+    """One input of a partition: its messages (`stream`, filtered on `subject`), the step
+    that applies them (bound to the partition) and, if the step publishes per partition,
+    where its outputs land (`output`, for the catch-up after a crash: only this input's
+    step ids may be last there). `name` is empty for the partition's main input (consumer
+    `<service>-pNN`, whose applied sequence the snapshots carry); a further input has a
+    name of its own (consumer `<service>-pNN-<name>`), its own durable consumer and its
+    own offset row in the partition's file."""
+
+    stream: StreamSpec
+    subject: str
+    handler: Callable[[Step], Awaitable[None]]
+    name: str = ""
+    output: tuple[StreamSpec, str] | None = None
+
+
+class _Feed:
+    """One input of a held partition: its consumer's names and its runner."""
+
+    def __init__(self, held: HeldPartition, spec: PartitionInput) -> None:
+        svc = held.service
+        self.spec = spec
+        self.consumer = partition_consumer(svc.name, held.partition, spec.name)
+        self.durable = f"{self.consumer}-{svc.instance}"
+        self.runner: ConsumerRunner | None = None
+
+
 class HeldPartition:
     """One partition this instance holds: its lease, file, consumer and snapshots."""
 
@@ -103,7 +133,8 @@ class HeldPartition:
         self.durable = f"{self.consumer}-{service.instance}"
         self.path = partition_path(service.settings.data_dir, service.name, partition)
         self.db: aiosqlite.Connection | None = None
-        self.runner: ConsumerRunner | None = None
+        self.feeds: list[_Feed] = []
+        self._bound = False
         self.last_snapshot: SnapshotEntry | None = None
         self._timer: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -146,44 +177,74 @@ class HeldPartition:
         self.log.info("partition acquired", applied_seq=seq, instance=svc.instance)
         self.guard()
         await flush_outbox(svc.js, self.db, self.log, lambda: not self.valid())
-        stream, subject = svc.partition_input(self.partition)
-        await self._delete_stale_consumers(stream)
-        last = await self._last_published(seq)
-        if last is not None:
-            await self._catch_up(stream, subject, seq, last)
-        spec = ConsumerSpec(
-            self.consumer,
-            stream,
-            self._handler,
-            filter_subjects=(subject,),
-            description=f"{svc.name} partition {self.partition}",
-            durable=self.durable,
-        )
+        await svc.partition_opened(self.partition, self.db)
+        self._bound = True
+        self.feeds = [_Feed(self, spec) for spec in svc.partition_inputs(self.partition)]
+        names = {f.consumer for f in self.feeds}
+        if len(names) != len(self.feeds) or self.consumer not in names:
+            raise PartitionError(svc.name, self.partition, "inputs need one main, unique names")
         s = svc.settings
-        self.runner = ConsumerRunner(
-            spec,
-            service=svc.name,
-            nc=svc.nc,
-            js=svc.js,
-            db=self.db,
-            metrics=svc.metrics,
-            fetch_batch=s.fetch_batch,
-            ack_wait=s.ack_wait,
-            step_max_bytes=s.step_max_bytes,
-            guard=self.guard,
-        )
-        await self.runner.prepare()
-        self.runner.start()
-        assert self.runner.task is not None
-        self.runner.task.add_done_callback(self._runner_done)
+        for feed in self.feeds:
+            spec = feed.spec
+            await self._delete_stale_consumers(feed)
+            applied = await self._offset(feed.consumer)
+            last = await self._last_published(feed, applied)
+            if last is not None:
+                await self._catch_up(feed, applied, last)
+            feed.runner = ConsumerRunner(
+                ConsumerSpec(
+                    feed.consumer,
+                    spec.stream,
+                    spec.handler,
+                    filter_subjects=(spec.subject,),
+                    description=f"{svc.name} partition {self.partition}"
+                    + (f" ({spec.name})" if spec.name else ""),
+                    durable=feed.durable,
+                ),
+                service=svc.name,
+                nc=svc.nc,
+                js=svc.js,
+                db=self.db,
+                metrics=svc.metrics,
+                fetch_batch=s.fetch_batch,
+                ack_wait=s.ack_wait,
+                step_max_bytes=s.step_max_bytes,
+                guard=self.guard,
+            )
+            await feed.runner.prepare()
+            # Started before the next input's catch-up: an input may wait for another
+            # (`Blocked`), listed before it.
+            feed.runner.start()
+            assert feed.runner.task is not None
+            feed.runner.task.add_done_callback(self._runner_done)
         self._timer = asyncio.create_task(self._snapshots(), name=f"snapshots:{self.consumer}")
 
-    async def _handler(self, step: Step) -> None:
-        await self.service.handle_partition(self.partition, step)
+    @property
+    def runner(self) -> ConsumerRunner | None:
+        """The main input's runner."""
+        for feed in self.feeds:
+            if feed.consumer == self.consumer:
+                return feed.runner
+        return None
 
-    async def _delete_stale_consumers(self, stream: StreamSpec) -> None:
-        """Consumers of this partition left by instances that died (named per instance)."""
+    def progress(self) -> int:
+        """Messages applied so far over every input (offsets summed)."""
+        return sum(f.runner.offset for f in self.feeds if f.runner is not None)
+
+    async def _offset(self, consumer: str) -> int:
+        assert self.db is not None
+        rows = list(
+            await self.db.execute_fetchall(
+                "SELECT stream_seq FROM rt_offsets WHERE consumer = ?", (consumer,)
+            )
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def _delete_stale_consumers(self, feed: _Feed) -> None:
+        """Consumers of this input left by instances that died (named per instance)."""
         js = self.service.js
+        stream = feed.spec.stream
+        others = [f"{f.consumer}-" for f in self.feeds if f is not feed]
         try:
             infos = await js.consumers_info(stream.name)
         except (TimeoutError, nats.errors.Error) as exc:
@@ -191,14 +252,18 @@ class HeldPartition:
             return
         for info in infos:
             name = info.name or ""
-            if name.startswith(f"{self.consumer}-") and name != self.durable:
+            if (
+                name.startswith(f"{feed.consumer}-")
+                and name != feed.durable
+                and not any(name.startswith(o) for o in others)
+            ):
                 with contextlib.suppress(NotFoundError):
                     await js.delete_consumer(stream.name, name)
 
-    async def _last_published(self, applied: int) -> StepRef | None:
-        """The step whose outputs were published last on the partition's output subject,
+    async def _last_published(self, feed: _Feed, applied: int) -> StepRef | None:
+        """The step whose outputs were published last on the input's output subject,
         if it lies past `applied` (see the module's description); else None."""
-        output = self.service.partition_output(self.partition)
+        output = feed.spec.output
         if output is None:
             return None
         out_stream, out_subject = output
@@ -207,7 +272,7 @@ class HeldPartition:
         except NotFoundError:
             return None
         step = step_of((msg.headers or {}).get("Nats-Msg-Id"))
-        if step is None or step.consumer != self.consumer or step.last <= applied:
+        if step is None or step.consumer != feed.consumer or step.last <= applied:
             return None
         if step.first <= applied:
             self.log.warning(
@@ -218,25 +283,24 @@ class HeldPartition:
             return None
         return step
 
-    async def _catch_up(
-        self, stream: StreamSpec, subject: str, applied: int, step: StepRef
-    ) -> None:
+    async def _catch_up(self, feed: _Feed, applied: int, step: StepRef) -> None:
         """Apply the partition's messages up to `step` silently (its predecessor published
         their outputs), then `step` itself as one step, publishing: the same ids as its
         predecessor's, which JetStream drops. The messages are read one by one by
         sequence (the partition's subject has gaps: it shares its stream with others)."""
         svc = self.service
         assert self.db is not None
+        stream, subject, handler = feed.spec.stream, feed.spec.subject, feed.spec.handler
         silent = Committer(
-            self.consumer,
-            self._handler,
+            feed.consumer,
+            handler,
             self.db,
             self.log,
             max_step_bytes=svc.settings.step_max_bytes,
             guard=self.guard,
         )
         silent.silent = True
-        exact = Committer(self.consumer, self._handler, self.db, self.log, guard=self.guard)
+        exact = Committer(feed.consumer, handler, self.db, self.log, guard=self.guard)
         before: list[Delivery] = []
         again: list[Delivery] = []
         replayed = 0
@@ -256,24 +320,40 @@ class HeldPartition:
                 continue
             before.append(d)
             if len(before) >= svc.settings.fetch_batch:
-                await silent.handle(before)
+                await self._apply_all(silent, before)
                 replayed += len(before)
                 before = []
         if before:
-            await silent.handle(before)
+            await self._apply_all(silent, before)
             replayed += len(before)
         if again:
-            done = await exact.handle(again, one_step=True)
-            for out, _notes in done.rounds:
-                if out:
-                    self.guard()
-                    await publish_outbox(svc.js, self.db, out, self.log, lambda: not self.valid())
+            await self._apply_all(exact, again, one_step=True)
         self.log.info(
             "caught up with published outputs",
+            consumer=feed.consumer,
             silent=replayed,
             step=f"{step.first}-{step.last}",
             again=len(again),
         )
+
+    async def _apply_all(
+        self, committer: Committer, deliveries: list[Delivery], *, one_step: bool = False
+    ) -> None:
+        """Apply every delivery, publishing what is not silent; a message left for later
+        (`Blocked`: what it waits for comes through another input, already running) is
+        applied again shortly."""
+        svc = self.service
+        assert self.db is not None
+        while deliveries:
+            done = await committer.handle(deliveries, one_step=one_step)
+            for out, _notes in done.rounds:
+                if out:
+                    self.guard()
+                    await publish_outbox(svc.js, self.db, out, self.log, lambda: not self.valid())
+            if done.blocked is None:
+                return
+            deliveries = [d for d in deliveries if d.seq >= done.blocked]
+            await asyncio.sleep(BLOCKED_RETRY_S)
 
     # -- snapshots ------------------------------------------------------------------------
     async def snapshot(self) -> SnapshotEntry:
@@ -286,6 +366,7 @@ class HeldPartition:
         s = self.service.settings
         check = min(1.0, s.snapshot_interval)
         taken_at = time.monotonic()
+        done = self.progress()
         # Ends when `_stop` is set, not only when cancelled: a cancellation that lands in
         # the NATS client's I/O may be swallowed there.
         while not self._stop.is_set():
@@ -295,16 +376,16 @@ class HeldPartition:
             if not self.valid():
                 self.service.lost(self.partition, "lease no longer valid")
                 return
-            runner = self.runner
-            base = self.last_snapshot.seq if self.last_snapshot is not None else 0
-            if runner is None or runner.offset <= base:
+            now = self.progress()
+            if now <= done:
                 continue
-            if runner.offset - base < s.snapshot_every and (
+            if now - done < s.snapshot_every and (
                 time.monotonic() - taken_at < s.snapshot_interval
             ):
                 continue
             try:
                 await self.snapshot()
+                done = now
             except (LeaseLost, SnapshotRefused) as exc:
                 self.log.warning("snapshot refused", error=str(exc))
                 self.service.lost(self.partition, str(exc))
@@ -330,8 +411,7 @@ class HeldPartition:
             return
         self._closed = True
         await self._stop_timer()
-        if self.runner is not None:
-            await self.runner.stop()
+        await self._stop_runners()
         try:
             if self.db is not None and self.valid():
                 await self.snapshot()
@@ -352,8 +432,7 @@ class HeldPartition:
         self._closed = True
         self.log.warning("partition dropped", reason=reason)
         await self._stop_timer()
-        if self.runner is not None:
-            await self.runner.stop()
+        await self._stop_runners()
         await self._close_db()
         await self.lease.release()  # only deletes the key if it is still this holding's
         await self._delete_consumer()
@@ -364,25 +443,38 @@ class HeldPartition:
         if timer is not None and timer is not asyncio.current_task():
             await cancel(timer)
 
+    async def _stop_runners(self) -> None:
+        for feed in self.feeds:
+            if feed.runner is not None:
+                await feed.runner.stop()
+
     async def _close_db(self) -> None:
+        if self._bound:
+            self._bound = False
+            try:
+                await self.service.partition_closed(self.partition)
+            except Exception as exc:
+                self.log.warning("partition close hook failed", error=repr(exc))
         db, self.db = self.db, None
         if db is not None:
             await db.close()
 
     async def _delete_consumer(self) -> None:
-        stream, _subject = self.service.partition_input(self.partition)
-        with contextlib.suppress(Exception):
-            await self.service.js.delete_consumer(stream.name, self.durable)
+        for feed in self.feeds:
+            with contextlib.suppress(Exception):
+                await self.service.js.delete_consumer(feed.spec.stream.name, feed.durable)
 
     async def status(self) -> admin.PartitionStatus:
         pending = 0
         error = None
-        stream, _subject = self.service.partition_input(self.partition)
-        try:
-            info = await self.service.js.consumer_info(stream.name, self.durable, timeout=2)
-            pending = int(info.num_pending or 0)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+        for feed in self.feeds:
+            try:
+                info = await self.service.js.consumer_info(
+                    feed.spec.stream.name, feed.durable, timeout=2
+                )
+                pending += int(info.num_pending or 0)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
         snap = self.last_snapshot
         return admin.PartitionStatus(
             partition=self.partition,
@@ -401,9 +493,15 @@ class PartitionedService(Service):
     one live instance at a time (see the module's description).
 
     Subclasses set `partition_migrations` (their tables, in every partition file) and
-    provide `partition_input` (the stream and the subject of a partition's messages),
+    provide either `partition_inputs` (every input of a partition, `PartitionInput`: the
+    main one first, then any further ones, each its own consumer and offset in the
+    partition's file and its own output subject for the catch-up) or, for one input,
+    `partition_input` (the stream and the subject of a partition's messages),
     `handle_partition` and, if they publish per partition, `partition_output` (the
     stream and subject where a partition's outputs land, for the catch-up after a crash).
+    `partition_opened`/`partition_closed` bracket a held partition's open file (to bind
+    per-partition objects to it). Service-wide inputs are ordinary `consumers()` on the
+    service's own SQLite file (`Service`), which every instance has.
     They call `super()` in `on_start`/`on_stop` if they override them."""
 
     partition_migrations: ClassVar[tuple[Migration, ...]] = ()
@@ -430,6 +528,22 @@ class PartitionedService(Service):
 
     async def handle_partition(self, partition: int, step: Step) -> None:
         raise NotImplementedError
+
+    def partition_inputs(self, partition: int) -> Sequence[PartitionInput]:
+        """Every input of `partition`, the main one first (called once its file is open,
+        after `partition_opened`)."""
+        stream, subject = self.partition_input(partition)
+
+        async def handle(step: Step) -> None:
+            await self.handle_partition(partition, step)
+
+        return (PartitionInput(stream, subject, handle, output=self.partition_output(partition)),)
+
+    async def partition_opened(self, partition: int, db: aiosqlite.Connection) -> None:
+        """A held partition's file is open (restored, migrated), before its inputs run."""
+
+    async def partition_closed(self, partition: int) -> None:
+        """A held partition's inputs have stopped; its file closes next."""
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
