@@ -13,8 +13,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
-from nats.js.errors import NotFoundError
-
 from services.identity import rebuild
 from services.identity.api import IdentityApi
 from services.identity.errors import WriterLeaseLost
@@ -23,7 +21,6 @@ from services.identity.store import LISTINGS, MIGRATIONS, IdentityStore
 from shared import subjects
 from shared.config import ConfigError
 from shared.db import write_lock
-from shared.errors import StartupError
 from shared.runtime import ConsumerSpec, Service
 from shared.runtime.actor import StepRef
 from shared.runtime.coordination import Lease
@@ -131,31 +128,7 @@ class IdentityService(Service):
         return guard
 
     async def on_connected(self) -> bool:
-        instance = self.settings.instance_id
-        if not self.settings.instance:
-            # No CDP_INSTANCE: the deployment's only identity, the writer as it always ran
-            # (standbys are named instances); a lease would only let a loop kept busy past
-            # its expiry by a large step stop the one writer there is.
-            self._role = WRITER
-            return True
-        self._lease = Lease(
-            self.js,
-            subjects.IDENTITY_WRITER_LEASE,
-            instance,
-            margin=self.settings.lease_margin,
-            on_lost=self._lost,
-        )
-        try:
-            acquired = await self._lease.try_acquire()
-        except NotFoundError:
-            if instance != self.name:
-                raise StartupError(
-                    self.name, "lease", f"no bucket {subjects.LEASES_BUCKET}: run `cdp setup`"
-                ) from None
-            # A single instance on a platform set up before leases existed: as it always ran.
-            self.log.warning("no lease bucket: running as the only writer; run `cdp setup`")
-            self._lease = None
-            acquired = True
+        self._lease, acquired = await self.role_lease(subjects.IDENTITY_WRITER_LEASE, self._lost)
         if acquired:
             self._role = WRITER
             return True

@@ -25,7 +25,6 @@ from services.scheduler.schedules import SEGMENTATION_SCHEDULE, check
 from services.scheduler.store import MIGRATIONS, SchedulerStore
 from shared import subjects
 from shared.db import Tx
-from shared.errors import StartupError
 from shared.resources import Schedule
 from shared.runtime import ConsumerSpec, Service
 from shared.runtime.actor import Outgoing, publish_outbox
@@ -90,29 +89,10 @@ class SchedulerService(Service):
         return await publish_outbox(self.js, self.db, out, self.log, lambda: self._stopping)
 
     async def on_connected(self) -> bool:
-        instance = self.settings.instance_id
-        if not self.settings.instance:
-            # No CDP_INSTANCE: the deployment's only scheduler, as it always ran; a lease
-            # would only let a busy event loop stop it.
-            self._role = ACTIVE
-            return True
-        self._lease = Lease(
-            self.js,
+        self._lease, acquired = await self.role_lease(
             subjects.SCHEDULER_ACTIVE_LEASE,
-            instance,
-            margin=self.settings.lease_margin,
-            on_lost=lambda: self.fail("scheduler: lost the lease of the active instance"),
+            lambda: self.fail("scheduler: lost the lease of the active instance"),
         )
-        try:
-            acquired = await self._lease.try_acquire()
-        except NotFoundError:
-            if instance != self.name:
-                raise StartupError(
-                    self.name, "lease", f"no bucket {subjects.LEASES_BUCKET}: run `cdp setup`"
-                ) from None
-            self.log.warning("no lease bucket: running as the only scheduler; run `cdp setup`")
-            self._lease = None
-            acquired = True
         self._role = ACTIVE if acquired else STANDBY
         return True  # its own job requests: ids per run, a repeat is dropped
 

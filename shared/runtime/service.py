@@ -42,6 +42,7 @@ from shared.runtime.actor import (
     flush_outbox,
 )
 from shared.runtime.competing import CompetingRunner
+from shared.runtime.coordination import Callback, Lease
 from shared.streams import PartitionCountFixed, missing_streams
 from shared.subjects import ALL_STREAMS, StreamSpec, inbox_prefix
 
@@ -293,6 +294,26 @@ class Service:
         self._ready = False
         self.exit_code = 1
         self._fatal.set()
+
+    async def role_lease(self, key: str, on_lost: Callback) -> tuple[Lease | None, bool]:
+        """The lease `key` that decides this instance's role, and whether it holds it now.
+        The deployment's only instance (no CDP_INSTANCE) takes none and acts: (None, True);
+        a lease would only let a loop kept busy past its expiry stop the one there is. A
+        named instance needs the lease bucket (`cdp setup`), unless it is named after its
+        service (set up before leases existed: it runs as it always ran)."""
+        if not self.settings.instance:
+            return None, True
+        instance = self.settings.instance_id
+        lease = Lease(self.js, key, instance, margin=self.settings.lease_margin, on_lost=on_lost)
+        try:
+            return lease, await lease.try_acquire()
+        except NotFoundError:
+            if instance != self.name:
+                raise StartupError(
+                    self.name, "lease", f"no bucket {subjects.LEASES_BUCKET}: run `cdp setup`"
+                ) from None
+            self.log.warning("no lease bucket: running as the only instance; run `cdp setup`")
+            return None, True
 
     def fail(self, reason: str) -> None:
         """Stop the process with exit status 1 (it is restarted): it must not go on."""
